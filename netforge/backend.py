@@ -1,0 +1,109 @@
+"""Array backends: numpy on the CPU, cupy on a GPU.
+
+Every layer computes with the array module of its blobs (``xp``), so one code path serves
+both (Chainer's ``get_array_module``). cupy is imported only when a GPU is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from netforge.errors import DeviceError
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a net's arrays live: ``xp`` is numpy or cupy; ``device_id`` is -1 on the CPU."""
+
+    xp: ModuleType
+    device_id: int = -1
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device_id >= 0
+
+    def asarray(self, array: Any, dtype: Any = None) -> Any:
+        """Move ``array`` onto this backend (a no-op when it is already there)."""
+        if self.is_gpu:
+            with self.xp.cuda.Device(self.device_id):
+                return self.xp.asarray(array, dtype=dtype)
+        return np.asarray(to_numpy(array), dtype=dtype)
+
+    def __str__(self) -> str:
+        return f"GPU {self.device_id}" if self.is_gpu else "CPU"
+
+
+CPU = Backend(np)
+
+
+def import_cupy() -> ModuleType:
+    """Import cupy, or raise a DeviceError saying how to get a working one."""
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError as exc:
+        raise DeviceError(
+            "GPU mode needs cupy, which is not installed: "
+            "pip install 'netforge[cuda12]' (or [cuda13] for CUDA 13)"
+        ) from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # cupy raises its own CUDA runtime error types
+        raise DeviceError(f"cupy is installed but no usable CUDA GPU was found: {exc}") from exc
+    if count == 0:
+        raise DeviceError("cupy is installed but no CUDA GPU is present")
+    return cupy
+
+
+def gpu(device_id: int = 0) -> Backend:
+    """The backend for CUDA device ``device_id``."""
+    cupy = import_cupy()
+    count = cupy.cuda.runtime.getDeviceCount()
+    if not 0 <= device_id < count:
+        raise DeviceError(f"GPU {device_id} does not exist: this machine has {count} GPU(s)")
+    return Backend(cupy, device_id)
+
+
+def get_array_module(*arrays: Any) -> ModuleType:
+    """numpy, or cupy if any of ``arrays`` is a cupy array."""
+    for array in arrays:
+        module = type(array).__module__
+        if module.startswith("cupy"):
+            return importlib.import_module("cupy")
+    return np
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """A numpy view or copy of ``array`` (copies from the GPU when needed)."""
+    if type(array).__module__.startswith("cupy"):
+        return array.get()
+    return np.asarray(array)
+
+
+# pycaffe-style process defaults (set_mode_cpu / set_mode_gpu / set_device). They only choose
+# the backend of nets and solvers created afterwards without an explicit one.
+_default_mode = {"gpu": False, "device_id": 0}
+
+
+def set_mode_cpu() -> None:
+    """Make new nets and solvers run on the CPU (pycaffe's ``caffe.set_mode_cpu``)."""
+    _default_mode["gpu"] = False
+
+
+def set_mode_gpu() -> None:
+    """Make new nets and solvers run on the GPU chosen by ``set_device``."""
+    _default_mode["gpu"] = True
+
+
+def set_device(device_id: int) -> None:
+    """Choose the GPU used in GPU mode (pycaffe's ``caffe.set_device``)."""
+    _default_mode["device_id"] = int(device_id)
+
+
+def default_backend() -> Backend:
+    """The backend chosen by the pycaffe-style setters (CPU unless set_mode_gpu was called)."""
+    return gpu(_default_mode["device_id"]) if _default_mode["gpu"] else CPU

@@ -1,0 +1,1 @@
+"""Layers: common (being written)."""

@@ -1,0 +1,1 @@
+"""Layers: data (being written)."""

@@ -1,0 +1,1 @@
+"""Layers: normalization (being written)."""

@@ -1,0 +1,1 @@
+"""Layers: recurrent (being written)."""

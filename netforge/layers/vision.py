@@ -1,0 +1,1 @@
+"""Layers: vision (being written)."""

@@ -1,0 +1,8 @@
+"""The generated protobuf schema (``protos/netforge.proto``), wire-compatible with Caffe's.
+
+Import messages as ``from netforge.proto import pb`` and use ``pb.NetParameter`` etc.
+"""
+
+from netforge.proto import netforge_pb2 as pb
+
+__all__ = ["pb"]
