@@ -1,0 +1,1 @@
+"""The ``netforge`` command line: thin click shells over the library."""
