@@ -1,0 +1,620 @@
+"""Net: a static graph of layers and blobs built from a NetParameter, as Caffe's Net.
+
+Construction follows Caffe's Net::Init: NetState filtering, Split insertion, layers set up in
+order with bottoms resolved against the blobs produced so far, in-place tops, loss weights,
+parameter sharing by ParamSpec name, then the backward-need analysis. Shapes are inferred for
+the whole net before any array is allocated (blobs allocate on first access).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from typing import Any
+
+import numpy as np
+
+from netforge.atomic import atomic_write
+from netforge.backend import Backend, default_backend, to_numpy
+from netforge.blob import Blob
+from netforge.errors import ConfigError, DataError, ShapeError
+from netforge.graph import filter_net, insert_splits
+from netforge.layer import Layer, create_layer
+from netforge.proto import pb
+from netforge.weights import WeightTable, array_to_proto, read_weight_table, write_hdf5_weights
+
+log = logging.getLogger("netforge")
+
+
+@dataclass
+class CopyReport:
+    """What ``Net.copy_from`` did, layer by layer."""
+
+    copied: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # net layers with params, none in the file
+    unused: list[str] = field(default_factory=list)  # file layers the net does not have
+
+    def lines(self) -> list[str]:
+        def show(names: list[str]) -> str:
+            return ", ".join(names) if names else "-"
+
+        return [
+            f"Copied layers: {show(self.copied)}",
+            f"Re-initialised layers: {show(self.reinitialised)}",
+            f"Layers missing from the weights (kept their fillers): {show(self.missing)}",
+            f"Weights not used by the net: {show(self.unused)}",
+        ]
+
+
+def _parse_pycaffe_args(args: tuple, phase: int | None, weights: Any) -> tuple[int, Any]:
+    """pycaffe accepts Net(model, phase) and Net(model, weights, phase)."""
+    if len(args) == 1:
+        phase = args[0]
+    elif len(args) == 2:
+        weights, phase = args
+    elif len(args) > 2:
+        raise TypeError("Net(model, [weights,] phase): too many positional arguments")
+    if phase is None:
+        phase = pb.TEST
+    if phase not in (pb.TRAIN, pb.TEST):
+        raise ConfigError(f"phase must be netforge.TRAIN or netforge.TEST, got {phase!r}")
+    return phase, weights
+
+
+class Net:
+    """A network built from a prototxt (path) or a NetParameter; pycaffe's ``caffe.Net``.
+
+    ``Net(model, phase=TEST, weights=None, stages=(), level=0, backend=None,
+    dtype=float32, rng=None, allow_python_layers=True)``; pycaffe's positional forms
+    ``Net(model, phase)`` and ``Net(model, weights, phase)`` work too.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | pb.NetParameter,
+        *args: Any,
+        phase: int | None = None,
+        weights: str | os.PathLike | None = None,
+        stages: Sequence[str] = (),
+        level: int = 0,
+        backend: Backend | None = None,
+        dtype: Any = np.float32,
+        rng: np.random.Generator | None = None,
+        allow_python_layers: bool = True,
+    ) -> None:
+        phase, weights = _parse_pycaffe_args(args, phase, weights)
+        if isinstance(model, pb.NetParameter):
+            from netforge.upgrade import upgrade_net
+
+            param = pb.NetParameter()
+            param.CopyFrom(model)
+            upgrade_net(param, "<NetParameter>")
+        else:
+            from netforge.prototxt import read_net
+
+            param = read_net(model)
+        # Caffe: the net file's own state, then the caller's phase, level and stages.
+        param.state.phase = phase
+        if level:
+            param.state.level = level
+        param.state.stage.extend(s for s in stages if s not in param.state.stage)
+
+        self.name = param.name
+        self.phase = phase
+        self.backend = backend if backend is not None else default_backend()
+        self.dtype = np.dtype(dtype)
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.force_backward = param.force_backward
+        self.debug_info = param.debug_info
+        self._allow_python = allow_python_layers
+        self._build(insert_splits(filter_net(param, param.state)))
+        if weights is not None:
+            from netforge.weights import resolve_weights
+
+            self.copy_from(resolve_weights(weights))
+
+    # -- construction --------------------------------------------------------------------
+    def _build(self, param: pb.NetParameter) -> None:
+        self.layers: list[Layer] = []
+        self.layer_names: list[str] = []
+        self.blobs: dict[str, Blob] = {}
+        self.bottom_names: list[list[str]] = []
+        self.top_names: list[list[str]] = []
+        self.loss_weights: dict[str, float] = {}
+        self.inputs: list[str] = []
+        self._layer_loss: list[list[tuple[Blob, float]]] = []
+        blob_needs_backward: dict[str, bool] = {}
+        self.bottom_need_backward: list[list[bool]] = []
+        self.layer_need_backward: list[bool] = []
+        available: dict[str, None] = {}  # produced and not yet consumed: the outputs
+        # parameter sharing: name -> (owner blob, layer name, lr_mult set?, decay_mult set?)
+        self.learnable_params: list[Blob] = []
+        self.params_lr: list[float] = []
+        self.params_weight_decay: list[float] = []
+        self.learnable_param_ids: list[tuple[str, int]] = []
+        owners: dict[str, tuple[int, str]] = {}
+        lr_set: list[bool] = []
+        decay_set: list[bool] = []
+
+        seen_names: set[str] = set()
+        for layer_param in param.layer:
+            if layer_param.name in seen_names:
+                raise ConfigError(f"two layers are named {layer_param.name!r}; names must be unique")
+            seen_names.add(layer_param.name)
+            if not layer_param.HasField("phase"):
+                layer_param.phase = self.phase
+            layer = create_layer(
+                layer_param, phase=self.phase, backend=self.backend, dtype=self.dtype,
+                rng=self.rng, allow_python=self._allow_python,
+            )
+            if layer_param.blobs:
+                self._load_layer_blobs(layer, layer_param)
+            bottom, top = [], []
+            needs_backward = False
+            if layer_param.propagate_down and len(layer_param.propagate_down) != len(
+                layer_param.bottom
+            ):
+                raise ConfigError(
+                    f"layer {layer.name!r}: propagate_down has {len(layer_param.propagate_down)} "
+                    f"entries for {len(layer_param.bottom)} bottoms; give one per bottom or none"
+                )
+            bottom_backward = []
+            for j, name in enumerate(layer_param.bottom):
+                if name not in self.blobs:
+                    raise ConfigError(
+                        f"layer {layer.name!r} ({layer.type}): unknown bottom blob {name!r}: "
+                        "no earlier layer produces it (check the name and the layer order)"
+                    )
+                available.pop(name, None)
+                bottom.append(self.blobs[name])
+                flag = blob_needs_backward[name]
+                if layer_param.propagate_down:
+                    flag = layer_param.propagate_down[j]
+                bottom_backward.append(flag)
+                needs_backward |= blob_needs_backward[name]
+            top_names = list(layer_param.top)
+            if not top_names and layer.is_loss:
+                top_names = ["(automatic)"]
+            for j, name in enumerate(top_names):
+                if j < len(layer_param.bottom) and layer_param.bottom[j] == name:
+                    blob = self.blobs[name]  # in place
+                elif name in self.blobs:
+                    raise ConfigError(
+                        f"layer {layer.name!r}: top blob {name!r} is produced by multiple sources"
+                        " (an in-place top must be the bottom at the same position)"
+                    )
+                else:
+                    blob = Blob((), self.dtype, self.backend, name=name)
+                    self.blobs[name] = blob
+                available[name] = None
+                top.append(blob)
+            if layer.type == "Input":
+                self.inputs.extend(top_names)
+            layer.check_blob_counts(bottom, top)
+            layer.setup(bottom, top)
+            layer.reshape(bottom, top)
+
+            weights = list(layer_param.loss_weight)
+            if not weights and layer.is_loss:
+                weights = [1.0] + [0.0] * (len(top) - 1)
+            if weights and len(weights) != len(top):
+                raise ConfigError(
+                    f"layer {layer.name!r}: {len(weights)} loss_weight values for "
+                    f"{len(top)} tops; give one per top or none"
+                )
+            layer_loss = [(t, w) for t, w in zip(top, weights) if w != 0]
+            for t, w in layer_loss:
+                self.loss_weights[t.name] = w
+
+            specs = layer.layer_param.param  # read after setup: layers may add specs
+            if len(specs) > len(layer.blobs):
+                raise ConfigError(
+                    f"layer {layer.name!r}: {len(specs)} param specs but the layer has "
+                    f"{len(layer.blobs)} parameter blob(s)"
+                )
+            layer.param_propagate_down = []
+            for i in range(len(layer.blobs)):
+                spec = specs[i] if i < len(specs) else pb.ParamSpec()
+                param_needs_backward = spec.lr_mult != 0
+                needs_backward |= param_needs_backward
+                layer.param_propagate_down.append(param_needs_backward)
+                self._append_param(layer, i, spec, owners, lr_set, decay_set)
+
+            self.layers.append(layer)
+            self.layer_names.append(layer.name)
+            self.bottom_names.append(list(layer_param.bottom))
+            self.top_names.append(top_names)
+            self._layer_loss.append(layer_loss)
+            self.layer_need_backward.append(needs_backward)
+            self.bottom_need_backward.append(bottom_backward)
+            for name in top_names:
+                blob_needs_backward[name] = needs_backward
+        self.outputs = sorted(available)
+        self._analyse_backward(blob_needs_backward)
+        self.layer_dict = dict(zip(self.layer_names, self.layers))
+        self.params = {l.name: list(l.blobs) for l in self.layers if l.blobs}
+
+    def _load_layer_blobs(self, layer: Layer, layer_param: pb.LayerParameter) -> None:
+        """Blobs stored in the prototxt itself become the layer's initial parameters."""
+        from netforge.weights import stored_blob
+
+        for i, proto in enumerate(layer_param.blobs):
+            stored = stored_blob(proto, f"layer {layer.name!r} blob {i}")
+            blob = layer.make_blob(stored.shape if not stored.legacy else stored.data.shape)
+            blob.data = self.backend.asarray(stored.data.astype(self.dtype))
+            layer.blobs.append(blob)
+        del layer_param.blobs[:]
+
+    def _append_param(
+        self,
+        layer: Layer,
+        index: int,
+        spec: pb.ParamSpec,
+        owners: dict[str, tuple[int, str]],
+        lr_set: list[bool],
+        decay_set: list[bool],
+    ) -> None:
+        """Caffe's AppendParam: owners become learnable; sharers join their owner's blob."""
+        blob = layer.blobs[index]
+        if not spec.name or spec.name not in owners:
+            if spec.name:
+                owners[spec.name] = (len(self.learnable_params), layer.name)
+            self.learnable_params.append(blob)
+            self.learnable_param_ids.append((layer.name, index))
+            self.params_lr.append(spec.lr_mult)
+            self.params_weight_decay.append(spec.decay_mult)
+            lr_set.append(spec.HasField("lr_mult"))
+            decay_set.append(spec.HasField("decay_mult"))
+            return
+        owner_index, owner_layer = owners[spec.name]
+        owner = self.learnable_params[owner_index]
+        permissive = spec.share_mode == pb.ParamSpec.PERMISSIVE
+        if permissive and owner.count != blob.count:
+            raise ShapeError(
+                f"layer {layer.name!r} shares param {spec.name!r} with layer {owner_layer!r} but "
+                f"their counts differ: {blob.count} vs {owner.count} (shapes {blob.shape} and "
+                f"{owner.shape})"
+            )
+        if not permissive and owner.shape != blob.shape:
+            raise ShapeError(
+                f"layer {layer.name!r} shares param {spec.name!r} with layer {owner_layer!r} but "
+                f"their shapes differ: {blob.shape} vs {owner.shape} (use share_mode: PERMISSIVE "
+                "to share by count)"
+            )
+        if owner.shape == blob.shape:
+            layer.blobs[index] = owner
+        else:
+            blob.share(owner)
+        for what, values, was_set, wanted in (
+            ("lr_mult", self.params_lr, lr_set, spec.lr_mult),
+            ("decay_mult", self.params_weight_decay, decay_set, spec.decay_mult),
+        ):
+            if not spec.HasField(what):
+                continue
+            if was_set[owner_index] and values[owner_index] != wanted:
+                raise ConfigError(
+                    f"layer {layer.name!r} shares param {spec.name!r} with {owner_layer!r} but "
+                    f"sets {what} {wanted} where the owner sets {values[owner_index]}"
+                )
+            values[owner_index] = wanted
+            was_set[owner_index] = True
+
+    def _analyse_backward(self, blob_needs_backward: dict[str, bool]) -> None:
+        """Caffe's reverse pass: layers that do not feed a loss skip backward."""
+        under_loss: set[str] = set()
+        skip_backprop: set[str] = set()
+        for i in reversed(range(len(self.layers))):
+            layer_loss_tops = {t.name for t, _ in self._layer_loss[i]}
+            contributes = any(
+                name in layer_loss_tops or name in under_loss for name in self.top_names[i]
+            )
+            skip = all(name in skip_backprop for name in self.top_names[i])
+            if self.layer_need_backward[i] and skip:
+                self.layer_need_backward[i] = False
+                self.bottom_need_backward[i] = [False] * len(self.bottom_need_backward[i])
+            if not contributes:
+                self.layer_need_backward[i] = False
+            for j, name in enumerate(self.bottom_names[i]):
+                if contributes:
+                    under_loss.add(name)
+                else:
+                    self.bottom_need_backward[i][j] = False
+                if not self.bottom_need_backward[i][j]:
+                    skip_backprop.add(name)
+        if self.force_backward:
+            for i, layer in enumerate(self.layers):
+                self.layer_need_backward[i] = True
+                self.bottom_need_backward[i] = [
+                    need or layer.allow_force_backward(j)
+                    for j, need in enumerate(self.bottom_need_backward[i])
+                ]
+                layer.param_propagate_down = [True] * len(layer.blobs)
+
+    # -- pycaffe-style accessors ---------------------------------------------------------
+    @property
+    def _layer_names(self) -> list[str]:
+        return self.layer_names
+
+    @property
+    def _blob_names(self) -> list[str]:
+        return list(self.blobs)
+
+    def _blobs_of(self, names: Iterable[str]) -> list[Blob]:
+        return [self.blobs[n] for n in names]
+
+    def _index(self, name: str | None, default: int) -> int:
+        if name is None:
+            return default
+        try:
+            return self.layer_names.index(name)
+        except ValueError:
+            raise ConfigError(f"net {self.name!r} has no layer named {name!r}") from None
+
+    # -- running -------------------------------------------------------------------------
+    def reshape(self) -> None:
+        """Propagate shapes through every layer (after an input changed size)."""
+        for layer, bottoms, tops in zip(self.layers, self.bottom_names, self.top_names):
+            layer.reshape(self._blobs_of(bottoms), self._blobs_of(tops))
+
+    def forward_from_to(self, start: int = 0, end: int | None = None) -> float:
+        """Run layers ``start..end`` (inclusive); returns their weighted loss."""
+        end = len(self.layers) - 1 if end is None else end
+        loss = 0.0
+        for i in range(start, end + 1):
+            layer = self.layers[i]
+            bottom, top = self._blobs_of(self.bottom_names[i]), self._blobs_of(self.top_names[i])
+            layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+            for blob, weight in self._layer_loss[i]:
+                loss += weight * float(blob.data.sum())
+            if self.debug_info:
+                self._log_forward(i)
+        return loss
+
+    def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
+        """Backpropagate from layer ``start`` down to ``end`` (inclusive)."""
+        start = len(self.layers) - 1 if start is None else start
+        for i in range(start, end - 1, -1):
+            for blob, weight in self._layer_loss[i]:
+                blob.diff = self.backend.xp.full(blob.shape, weight, dtype=self.dtype)
+            if not self.layer_need_backward[i]:
+                continue
+            self.layers[i].backward(
+                self._blobs_of(self.top_names[i]),
+                self.bottom_need_backward[i],
+                self._blobs_of(self.bottom_names[i]),
+            )
+            if self.debug_info:
+                self._log_backward(i)
+
+    def forward_loss(self) -> float:
+        """Caffe's ``Net::Forward(&loss)``: run every layer, return the total loss."""
+        return self.forward_from_to()
+
+    def forward_backward(self) -> float:
+        """One forward and backward pass; parameter gradients accumulate. Returns the loss."""
+        loss = self.forward_from_to()
+        self.backward_from_to()
+        return loss
+
+    def forward(
+        self,
+        blobs: Sequence[str] | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        **inputs: Any,
+    ) -> dict[str, Any]:
+        """pycaffe's ``net.forward``: set ``inputs``, run, return the outputs (and ``blobs``)."""
+        resized = False
+        for name, value in inputs.items():
+            if name not in self.blobs:
+                raise ConfigError(f"net {self.name!r} has no blob {name!r} to take an input")
+            blob = self.blobs[name]
+            value = self.backend.asarray(value, dtype=self.dtype)
+            if value.shape != blob.shape:
+                blob.reshape(value.shape)
+                resized = True
+            blob.data = value
+        if resized:
+            self.reshape()
+        start_index = self._index(start, 0)
+        end_index = self._index(end, len(self.layers) - 1)
+        self.forward_from_to(start_index, end_index)
+        names = self.top_names[end_index] if end is not None else self.outputs
+        return {n: self.blobs[n].data for n in [*names, *(blobs or ())]}
+
+    def backward(
+        self,
+        diffs: Sequence[str] | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        **top_diffs: Any,
+    ) -> dict[str, Any]:
+        """pycaffe's ``net.backward``: set top ``diffs``, backpropagate, return input diffs."""
+        for name, value in top_diffs.items():
+            self.blobs[name].diff = self.backend.asarray(value, dtype=self.dtype)
+        start_index = self._index(start, len(self.layers) - 1)
+        end_index = self._index(end, 0)
+        self.backward_from_to(start_index, end_index)
+        names = self.bottom_names[end_index] if end is not None else self.inputs
+        return {n: self.blobs[n].diff for n in [*names, *(diffs or ())]}
+
+    # -- weights -------------------------------------------------------------------------
+    def copy_from(
+        self, source: str | os.PathLike | pb.NetParameter, *, exclude: Iterable[str] = ()
+    ) -> CopyReport:
+        """Copy trained parameters by layer name (Caffe's CopyTrainedLayersFrom).
+
+        Layers of the file the net lacks are ignored; a layer in ``exclude`` keeps its fresh
+        initialisation; a blob count or shape mismatch is a ShapeError naming the layer and
+        both shapes.
+        """
+        table: WeightTable = read_weight_table(source)
+        excluded = set(exclude)
+        unknown = [name for name in excluded if name not in self.layer_dict]
+        if unknown:
+            raise ConfigError(f"cannot re-initialise {', '.join(unknown)}: no such layer in the net")
+        where = source if not isinstance(source, pb.NetParameter) else "the weights"
+        report = CopyReport()
+        shared = self._non_owner_params()
+        for name, stored in table.items():
+            layer = self.layer_dict.get(name)
+            if layer is None:
+                report.unused.append(name)
+                continue
+            if name in excluded:
+                report.reinitialised.append(name)
+                continue
+            if not stored and not layer.blobs:
+                continue
+            if max(stored, default=-1) >= len(layer.blobs):
+                raise ShapeError(
+                    f"{where}: layer {name!r} has {len(stored)} blob(s) but the net's layer has "
+                    f"{len(layer.blobs)}; rename the layer in your prototxt to re-initialise it "
+                    "(or use --reinit)"
+                )
+            for i, blob in enumerate(layer.blobs):
+                if i not in stored:
+                    if (name, i) in shared:
+                        continue
+                    raise DataError(f"{where}: layer {name!r} has no blob {i}")
+                values = stored[i]
+                if not values.fits(blob.shape):
+                    raise ShapeError(
+                        f"{where}: layer {name!r} blob {i} has shape {values.shape} but the net "
+                        f"needs {blob.shape}; to re-initialise this layer instead, rename it in "
+                        "your prototxt (Caffe's idiom) or pass --reinit " + name
+                    )
+                blob.data[...] = self.backend.asarray(values.data.reshape(blob.shape), self.dtype)
+            report.copied.append(name)
+        copied = set(report.copied) | excluded
+        report.missing = [l.name for l in self.layers if l.blobs and l.name not in copied]
+        report.reinitialised += [n for n in excluded if n not in report.reinitialised]
+        return report
+
+    def _non_owner_params(self) -> set[tuple[str, int]]:
+        owners = {id(b) for b in self.learnable_params}
+        owner_ids = set(self.learnable_param_ids)
+        return {
+            (layer.name, i)
+            for layer in self.layers
+            for i, blob in enumerate(layer.blobs)
+            if (layer.name, i) not in owner_ids and id(blob) in owners
+        }
+
+    def share_weights_from(self, other: Net) -> None:
+        """Use ``other``'s parameter arrays for layers of the same name (test nets)."""
+        for layer in self.layers:
+            source = other.layer_dict.get(layer.name)
+            if source is None or not layer.blobs:
+                continue
+            for i, (mine, theirs) in enumerate(zip(layer.blobs, source.blobs)):
+                if mine.shape != theirs.shape:
+                    raise ShapeError(
+                        f"layer {layer.name!r} blob {i}: shape {mine.shape} cannot share "
+                        f"{theirs.shape} from net {other.name!r}"
+                    )
+                mine.share_data(theirs)
+
+    def to_proto(self, write_diff: bool = False) -> pb.NetParameter:
+        """The net as Caffe's Net::ToProto writes it: every layer with its parameters."""
+        net = pb.NetParameter(name=self.name)
+        for layer in self.layers:
+            proto = net.layer.add()
+            proto.CopyFrom(layer.layer_param)
+            del proto.blobs[:]
+            for blob in layer.blobs:
+                diff = to_numpy(blob.diff) if write_diff else None
+                proto.blobs.append(array_to_proto(to_numpy(blob.data), diff))
+        return net
+
+    def save(self, path: str | os.PathLike, write_diff: bool = False) -> None:
+        """Write a binary ``.caffemodel`` (atomically)."""
+        with atomic_write(path, "wb") as handle:
+            handle.write(self.to_proto(write_diff).SerializeToString())
+
+    def save_hdf5(self, path: str | os.PathLike, write_diff: bool = False) -> None:
+        """Write Caffe's ``.caffemodel.h5``: owners' data (and every param's diff)."""
+        shared = self._non_owner_params()
+        layers = []
+        for layer in self.layers:
+            blobs = [
+                (i, to_numpy(b.data), to_numpy(b.diff) if write_diff else None)
+                for i, b in enumerate(layer.blobs)
+                if (layer.name, i) not in shared
+            ]
+            if layer.blobs:
+                layers.append((layer.name, blobs))
+        write_hdf5_weights(path, layers)
+
+    def freeze(self, pattern: str) -> list[str]:
+        """Set lr_mult 0 on the parameters of layers whose name matches the glob ``pattern``
+        (Caffe users did this by editing ParamSpecs); returns the frozen layers' names."""
+        frozen = [layer for layer in self.layers if layer.blobs and fnmatch(layer.name, pattern)]
+        frozen_ids = {id(blob) for layer in frozen for blob in layer.blobs}
+        for k, blob in enumerate(self.learnable_params):
+            if id(blob) in frozen_ids:
+                self.params_lr[k] = 0.0
+        for layer in frozen:
+            layer.param_propagate_down = [False] * len(layer.blobs)
+        return [layer.name for layer in frozen]
+
+    # -- diagnostics and state -----------------------------------------------------------
+    def first_nonfinite(self) -> tuple[str, str, str] | None:
+        """The first (layer, blob, "data"|"diff") holding a NaN or infinity, in the order the
+        values were computed: forward tops first, then backward diffs from the top down."""
+        xp = self.backend.xp
+        for name, tops in zip(self.layer_names, self.top_names):
+            for top in tops:
+                if not bool(xp.isfinite(self.blobs[top].data).all()):
+                    return name, top, "data"
+        for i in reversed(range(len(self.layers))):
+            if not self.layer_need_backward[i]:
+                continue
+            layer = self.layers[i]
+            for j, blob in enumerate(layer.blobs):
+                if not bool(xp.isfinite(blob.diff).all()):
+                    return layer.name, f"param {j}", "diff"
+            for bottom, needed in zip(self.bottom_names[i], self.bottom_need_backward[i]):
+                if needed and not bool(xp.isfinite(self.blobs[bottom].diff).all()):
+                    return layer.name, bottom, "diff"
+        return None
+
+    def layer_states(self) -> list[tuple[str, bytes]]:
+        """Each stateful layer's resumable state (data layers' cursors)."""
+        states = [(layer.name, layer.get_state()) for layer in self.layers]
+        return [(name, state) for name, state in states if state is not None]
+
+    def set_layer_states(self, states: Iterable[tuple[str, bytes]]) -> None:
+        for name, state in states:
+            if name not in self.layer_dict:
+                raise DataError(f"saved state for layer {name!r}, which this net does not have")
+            self.layer_dict[name].set_state(state)
+
+    def _log_forward(self, i: int) -> None:
+        layer = self.layers[i]
+        for name in self.top_names[i]:
+            log.info("    [Forward] Layer %s, top blob %s data: %.6g", layer.name, name,
+                     _mean_abs(self.blobs[name].data))
+        for j, blob in enumerate(layer.blobs):
+            log.info("    [Forward] Layer %s, param blob %d data: %.6g", layer.name, j,
+                     _mean_abs(blob.data))
+
+    def _log_backward(self, i: int) -> None:
+        layer = self.layers[i]
+        for name, needed in zip(self.bottom_names[i], self.bottom_need_backward[i]):
+            if needed:
+                log.info("    [Backward] Layer %s, bottom blob %s diff: %.6g", layer.name, name,
+                         _mean_abs(self.blobs[name].diff))
+        for j, blob in enumerate(layer.blobs):
+            if layer.param_propagate_down[j]:
+                log.info("    [Backward] Layer %s, param blob %d diff: %.6g", layer.name, j,
+                         _mean_abs(blob.diff))
+
+
+def _mean_abs(array: Any) -> float:
+    return float(abs(array).mean()) if array.size else 0.0

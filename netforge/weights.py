@@ -1,0 +1,200 @@
+"""Weights and means on disk: BlobProto <-> arrays, ``.caffemodel`` (binary NetParameter),
+``.caffemodel.h5`` (Caffe's HDF5 layout) and mean ``.binaryproto`` files.
+
+Reading follows Caffe's Blob::FromProto: legacy num/channels/height/width dims win over
+``shape`` when present, ``double_data`` over ``data``, and the value count must equal the
+shape's product (a truncated file is an error, never zeros). Writing uses ``shape`` and
+float ``data``, as Caffe's ToProto does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from netforge.atomic import atomic_path, atomic_write
+from netforge.errors import DataError, ShapeError
+from netforge.proto import pb
+
+_LEGACY_DIMS = ("num", "channels", "height", "width")
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """One parameter blob as a file stores it: its values and the shape recorded with them."""
+
+    data: np.ndarray
+    shape: tuple[int, ...]
+    legacy: bool  # shape came from the 4-D num/channels/height/width fields
+
+    def fits(self, target: tuple[int, ...]) -> bool:
+        """Caffe's ShapeEquals: legacy 4-D shapes match targets right-aligned, 1-padded."""
+        if self.legacy:
+            return len(target) <= 4 and (1,) * (4 - len(target)) + tuple(target) == self.shape
+        return tuple(target) == self.shape
+
+
+def proto_shape(blob: pb.BlobProto) -> tuple[tuple[int, ...], bool]:
+    """The shape a BlobProto records, and whether it is the legacy 4-D form."""
+    if any(blob.HasField(d) for d in _LEGACY_DIMS):
+        return tuple(int(getattr(blob, d)) for d in _LEGACY_DIMS), True
+    return tuple(int(d) for d in blob.shape.dim), False
+
+
+def stored_blob(blob: pb.BlobProto, where: str = "blob") -> StoredBlob:
+    """Decode a BlobProto, checking that its value count matches its shape."""
+    shape, legacy = proto_shape(blob)
+    if len(blob.double_data):
+        data = np.asarray(blob.double_data, dtype=np.float64)
+    else:
+        data = np.asarray(blob.data, dtype=np.float32)
+    if data.size != math.prod(shape):
+        raise DataError(
+            f"{where}: holds {data.size} values but its shape {shape} needs {math.prod(shape)} "
+            "(the file is truncated or corrupt)"
+        )
+    return StoredBlob(data.reshape(shape), shape, legacy)
+
+
+def array_from_proto(blob: pb.BlobProto) -> np.ndarray:
+    """The array a BlobProto holds, shaped as it records."""
+    return stored_blob(blob).data
+
+
+def array_to_proto(data: np.ndarray, diff: np.ndarray | None = None) -> pb.BlobProto:
+    """A BlobProto with ``shape`` and float (or double, for float64 arrays) values."""
+    blob = pb.BlobProto()
+    data = np.asarray(data)
+    blob.shape.dim.extend(data.shape)
+    if data.dtype == np.float64:
+        blob.double_data.extend(data.ravel())
+        if diff is not None:
+            blob.double_diff.extend(np.asarray(diff, dtype=np.float64).ravel())
+    else:
+        blob.data.extend(data.astype(np.float32, copy=False).ravel())
+        if diff is not None:
+            blob.diff.extend(np.asarray(diff, dtype=np.float32).ravel())
+    return blob
+
+
+# -- trained weights -----------------------------------------------------------------------
+WeightTable = dict[str, dict[int, StoredBlob]]
+
+
+def is_hdf5(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an HDF5 file (by its signature, as Caffe's H5Fis_hdf5)."""
+    with open(path, "rb") as handle:
+        return handle.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+def load_weights(path: str | os.PathLike) -> pb.NetParameter:
+    """A binary ``.caffemodel`` as a NetParameter, upgraded from V0/V1 as Caffe does."""
+    from netforge.prototxt import _read_bytes, parse_binary
+    from netforge.upgrade import upgrade_net
+
+    net = parse_binary(_read_bytes(path), pb.NetParameter, str(path))
+    if not net.layer and not net.layers:
+        raise DataError(f"{path}: holds no layers; is it a caffemodel?")
+    upgrade_net(net, str(path))
+    return net
+
+
+def read_weight_table(source: str | os.PathLike | pb.NetParameter) -> WeightTable:
+    """Layer name -> {param index: StoredBlob} from a caffemodel, its HDF5 form or a message."""
+    if isinstance(source, pb.NetParameter):
+        return _table_from_net(source, "<NetParameter>")
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{path}: no such weights file")
+    if is_hdf5(path):
+        return _table_from_hdf5(path)
+    return _table_from_net(load_weights(path), str(path))
+
+
+def _table_from_net(net: pb.NetParameter, where: str) -> WeightTable:
+    return {
+        layer.name: {
+            i: stored_blob(blob, f"{where}: layer {layer.name!r} blob {i}")
+            for i, blob in enumerate(layer.blobs)
+        }
+        for layer in net.layer
+    }
+
+
+def _table_from_hdf5(path: Path) -> WeightTable:
+    import h5py
+
+    table: WeightTable = {}
+    try:
+        with h5py.File(path, "r") as handle:
+            group = handle.get("data")
+            if group is None:
+                raise DataError(f"{path}: no /data group; not a Caffe HDF5 weights file")
+            for layer_name, layer_group in group.items():
+                table[layer_name] = {}
+                for key, dataset in layer_group.items():
+                    array = np.asarray(dataset[()])
+                    table[layer_name][int(key)] = StoredBlob(array, array.shape, False)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read HDF5 weights ({exc})") from None
+    return table
+
+
+def write_hdf5_weights(
+    path: str | os.PathLike,
+    layers: list[tuple[str, list[tuple[int, np.ndarray, np.ndarray | None]]]],
+) -> None:
+    """Caffe's HDF5 layout: ``/data/<layer>/<i>`` (and ``/diff/<layer>/<i>`` when given)."""
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        data, diff = handle.create_group("data"), None
+        for layer_name, blobs in layers:
+            layer_group = data.create_group(layer_name)
+            for index, values, gradient in blobs:
+                layer_group.create_dataset(str(index), data=values)
+                if gradient is not None:
+                    diff = diff if diff is not None else handle.create_group("diff")
+                    diff.require_group(layer_name).create_dataset(str(index), data=gradient)
+
+
+def resolve_weights(spec: str | os.PathLike) -> Path:
+    """A weights file path; ``zoo:NAME`` downloads (once) the model zoo's weights for NAME."""
+    text = os.fspath(spec)
+    if text.startswith("zoo:"):
+        from netforge.zoo import fetch_weights
+
+        return fetch_weights(text[len("zoo:"):])
+    path = Path(text)
+    if not path.is_file():
+        raise DataError(f"{path}: no such weights file")
+    return path
+
+
+# -- means -----------------------------------------------------------------------------------
+def read_mean(path: str | os.PathLike) -> np.ndarray:
+    """A mean ``.binaryproto`` as a float32 (C, H, W) array (the first image if num > 1)."""
+    from netforge.prototxt import _read_bytes, parse_binary
+
+    blob = parse_binary(_read_bytes(path), pb.BlobProto, str(path))
+    array = stored_blob(blob, str(path)).data.astype(np.float32)
+    if array.ndim == 4:
+        array = array[0]
+    if array.ndim != 3:
+        raise ShapeError(f"{path}: a mean must be (1,) C×H×W, got shape {array.shape}")
+    return array
+
+
+def write_mean(path: str | os.PathLike, mean: np.ndarray) -> None:
+    """Write a (C, H, W) mean as compute_image_mean does: legacy dims (1, C, H, W) + data."""
+    mean = np.asarray(mean, dtype=np.float32)
+    if mean.ndim != 3:
+        raise ShapeError(f"a mean image must be C×H×W, got shape {mean.shape}")
+    blob = pb.BlobProto(num=1, channels=mean.shape[0], height=mean.shape[1], width=mean.shape[2])
+    blob.data.extend(mean.ravel())
+    with atomic_write(path, "wb") as handle:
+        handle.write(blob.SerializeToString())
