@@ -79,7 +79,9 @@ class Blob:
         """Caffe's CanonicalAxisIndex: a negative axis counts from the end."""
         n = self.num_axes
         if not -n <= axis < max(n, 1):
-            raise ShapeError(f"blob {self.name!r}: axis {axis} out of range for shape {self._shape}")
+            raise ShapeError(
+                f"blob {self.name!r}: axis {axis} out of range for shape {self._shape}"
+            )
         return axis % n if n else 0
 
     # -- arrays --------------------------------------------------------------------------

@@ -143,13 +143,19 @@ class Net:
         seen_names: set[str] = set()
         for layer_param in param.layer:
             if layer_param.name in seen_names:
-                raise ConfigError(f"two layers are named {layer_param.name!r}; names must be unique")
+                raise ConfigError(
+                    f"two layers are named {layer_param.name!r}; names must be unique"
+                )
             seen_names.add(layer_param.name)
             if not layer_param.HasField("phase"):
                 layer_param.phase = self.phase
             layer = create_layer(
-                layer_param, phase=self.phase, backend=self.backend, dtype=self.dtype,
-                rng=self.rng, allow_python=self._allow_python,
+                layer_param,
+                phase=self.phase,
+                backend=self.backend,
+                dtype=self.dtype,
+                rng=self.rng,
+                allow_python=self._allow_python,
             )
             if layer_param.blobs:
                 self._load_layer_blobs(layer, layer_param)
@@ -236,7 +242,7 @@ class Net:
         self.outputs = sorted(available)
         self._analyse_backward(blob_needs_backward)
         self.layer_dict = dict(zip(self.layer_names, self.layers))
-        self.params = {l.name: list(l.blobs) for l in self.layers if l.blobs}
+        self.params = {ly.name: list(ly.blobs) for ly in self.layers if ly.blobs}
 
     def _load_layer_blobs(self, layer: Layer, layer_param: pb.LayerParameter) -> None:
         """Blobs stored in the prototxt itself become the layer's initial parameters."""
@@ -457,7 +463,9 @@ class Net:
         excluded = set(exclude)
         unknown = [name for name in excluded if name not in self.layer_dict]
         if unknown:
-            raise ConfigError(f"cannot re-initialise {', '.join(unknown)}: no such layer in the net")
+            raise ConfigError(
+                f"cannot re-initialise {', '.join(unknown)}: no such layer in the net"
+            )
         where = source if not isinstance(source, pb.NetParameter) else "the weights"
         report = CopyReport()
         shared = self._non_owner_params()
@@ -492,7 +500,7 @@ class Net:
                 blob.data[...] = self.backend.asarray(values.data.reshape(blob.shape), self.dtype)
             report.copied.append(name)
         copied = set(report.copied) | excluded
-        report.missing = [l.name for l in self.layers if l.blobs and l.name not in copied]
+        report.missing = [ly.name for ly in self.layers if ly.blobs and ly.name not in copied]
         report.reinitialised += [n for n in excluded if n not in report.reinitialised]
         return report
 
@@ -598,22 +606,38 @@ class Net:
     def _log_forward(self, i: int) -> None:
         layer = self.layers[i]
         for name in self.top_names[i]:
-            log.info("    [Forward] Layer %s, top blob %s data: %.6g", layer.name, name,
-                     _mean_abs(self.blobs[name].data))
+            log.info(
+                "    [Forward] Layer %s, top blob %s data: %.6g",
+                layer.name,
+                name,
+                _mean_abs(self.blobs[name].data),
+            )
         for j, blob in enumerate(layer.blobs):
-            log.info("    [Forward] Layer %s, param blob %d data: %.6g", layer.name, j,
-                     _mean_abs(blob.data))
+            log.info(
+                "    [Forward] Layer %s, param blob %d data: %.6g",
+                layer.name,
+                j,
+                _mean_abs(blob.data),
+            )
 
     def _log_backward(self, i: int) -> None:
         layer = self.layers[i]
         for name, needed in zip(self.bottom_names[i], self.bottom_need_backward[i]):
             if needed:
-                log.info("    [Backward] Layer %s, bottom blob %s diff: %.6g", layer.name, name,
-                         _mean_abs(self.blobs[name].diff))
+                log.info(
+                    "    [Backward] Layer %s, bottom blob %s diff: %.6g",
+                    layer.name,
+                    name,
+                    _mean_abs(self.blobs[name].diff),
+                )
         for j, blob in enumerate(layer.blobs):
             if layer.param_propagate_down[j]:
-                log.info("    [Backward] Layer %s, param blob %d diff: %.6g", layer.name, j,
-                         _mean_abs(blob.diff))
+                log.info(
+                    "    [Backward] Layer %s, param blob %d diff: %.6g",
+                    layer.name,
+                    j,
+                    _mean_abs(blob.diff),
+                )
 
 
 def _mean_abs(array: Any) -> float:

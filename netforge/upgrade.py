@@ -19,36 +19,82 @@ V1 = pb.V1LayerParameter
 
 #: V1 LayerType enum name -> current type string
 V1_TYPE_NAMES = {
-    "NONE": "", "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax",
-    "BNLL": "BNLL", "CONCAT": "Concat", "CONTRASTIVE_LOSS": "ContrastiveLoss",
-    "CONVOLUTION": "Convolution", "DATA": "Data", "DECONVOLUTION": "Deconvolution",
-    "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData", "EUCLIDEAN_LOSS": "EuclideanLoss",
-    "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten", "HDF5_DATA": "HDF5Data",
-    "HDF5_OUTPUT": "HDF5Output", "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col",
-    "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss",
-    "INNER_PRODUCT": "InnerProduct", "LRN": "LRN", "MEMORY_DATA": "MemoryData",
-    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss", "MVN": "MVN",
-    "POOLING": "Pooling", "POWER": "Power", "RELU": "ReLU", "SIGMOID": "Sigmoid",
-    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence",
-    "SOFTMAX": "Softmax", "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split",
-    "SLICE": "Slice", "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+    "NONE": "",
+    "ABSVAL": "AbsVal",
+    "ACCURACY": "Accuracy",
+    "ARGMAX": "ArgMax",
+    "BNLL": "BNLL",
+    "CONCAT": "Concat",
+    "CONTRASTIVE_LOSS": "ContrastiveLoss",
+    "CONVOLUTION": "Convolution",
+    "DATA": "Data",
+    "DECONVOLUTION": "Deconvolution",
+    "DROPOUT": "Dropout",
+    "DUMMY_DATA": "DummyData",
+    "EUCLIDEAN_LOSS": "EuclideanLoss",
+    "ELTWISE": "Eltwise",
+    "EXP": "Exp",
+    "FLATTEN": "Flatten",
+    "HDF5_DATA": "HDF5Data",
+    "HDF5_OUTPUT": "HDF5Output",
+    "HINGE_LOSS": "HingeLoss",
+    "IM2COL": "Im2col",
+    "IMAGE_DATA": "ImageData",
+    "INFOGAIN_LOSS": "InfogainLoss",
+    "INNER_PRODUCT": "InnerProduct",
+    "LRN": "LRN",
+    "MEMORY_DATA": "MemoryData",
+    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss",
+    "MVN": "MVN",
+    "POOLING": "Pooling",
+    "POWER": "Power",
+    "RELU": "ReLU",
+    "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss",
+    "SILENCE": "Silence",
+    "SOFTMAX": "Softmax",
+    "SOFTMAX_LOSS": "SoftmaxWithLoss",
+    "SPLIT": "Split",
+    "SLICE": "Slice",
+    "TANH": "TanH",
+    "WINDOW_DATA": "WindowData",
+    "THRESHOLD": "Threshold",
 }
 
 #: V0 type string -> V1 LayerType enum name
 V0_TYPES = {
-    "accuracy": "ACCURACY", "bnll": "BNLL", "concat": "CONCAT", "conv": "CONVOLUTION",
-    "data": "DATA", "dropout": "DROPOUT", "euclidean_loss": "EUCLIDEAN_LOSS",
-    "flatten": "FLATTEN", "hdf5_data": "HDF5_DATA", "hdf5_output": "HDF5_OUTPUT",
-    "im2col": "IM2COL", "images": "IMAGE_DATA", "infogain_loss": "INFOGAIN_LOSS",
-    "innerproduct": "INNER_PRODUCT", "lrn": "LRN",
-    "multinomial_logistic_loss": "MULTINOMIAL_LOGISTIC_LOSS", "pool": "POOLING",
-    "relu": "RELU", "sigmoid": "SIGMOID", "softmax": "SOFTMAX", "softmax_loss": "SOFTMAX_LOSS",
-    "split": "SPLIT", "tanh": "TANH", "window_data": "WINDOW_DATA",
+    "accuracy": "ACCURACY",
+    "bnll": "BNLL",
+    "concat": "CONCAT",
+    "conv": "CONVOLUTION",
+    "data": "DATA",
+    "dropout": "DROPOUT",
+    "euclidean_loss": "EUCLIDEAN_LOSS",
+    "flatten": "FLATTEN",
+    "hdf5_data": "HDF5_DATA",
+    "hdf5_output": "HDF5_OUTPUT",
+    "im2col": "IM2COL",
+    "images": "IMAGE_DATA",
+    "infogain_loss": "INFOGAIN_LOSS",
+    "innerproduct": "INNER_PRODUCT",
+    "lrn": "LRN",
+    "multinomial_logistic_loss": "MULTINOMIAL_LOGISTIC_LOSS",
+    "pool": "POOLING",
+    "relu": "RELU",
+    "sigmoid": "SIGMOID",
+    "softmax": "SOFTMAX",
+    "softmax_loss": "SOFTMAX_LOSS",
+    "split": "SPLIT",
+    "tanh": "TANH",
+    "window_data": "WINDOW_DATA",
 }
 
 _SOURCE_PARAMS = {  # V1 type -> the typed param that holds `source` (and batch settings)
-    "DATA": "data_param", "HDF5_DATA": "hdf5_data_param", "IMAGE_DATA": "image_data_param",
-    "WINDOW_DATA": "window_data_param", "INFOGAIN_LOSS": "infogain_loss_param",
+    "DATA": "data_param",
+    "HDF5_DATA": "hdf5_data_param",
+    "IMAGE_DATA": "image_data_param",
+    "WINDOW_DATA": "window_data_param",
+    "INFOGAIN_LOSS": "infogain_loss_param",
 }
 _TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 
@@ -161,8 +207,12 @@ def _v0_layer_to_v1(v0: pb.V0LayerParameter, layer: pb.V1LayerParameter, source:
         needs(tuple(_SOURCE_PARAMS), "source")
         getattr(layer, _SOURCE_PARAMS[kind]).source = v0.source
     data_kinds = ("DATA", "IMAGE_DATA", "WINDOW_DATA")
-    for v0_field, name in (("scale", "scale"), ("meanfile", "mean_file"),
-                           ("cropsize", "crop_size"), ("mirror", "mirror")):
+    for v0_field, name in (
+        ("scale", "scale"),
+        ("meanfile", "mean_file"),
+        ("cropsize", "crop_size"),
+        ("mirror", "mirror"),
+    ):
         if v0.HasField(v0_field):
             needs(data_kinds, v0_field)
             setattr(getattr(layer, _SOURCE_PARAMS[kind]), name, getattr(v0, v0_field))
@@ -182,11 +232,13 @@ def _v0_layer_to_v1(v0: pb.V0LayerParameter, layer: pb.V1LayerParameter, source:
     if v0.HasField("concat_dim"):
         needs(("CONCAT",), "concat_dim")
         layer.concat_param.concat_dim = v0.concat_dim
-    for v0_field, name in (("det_fg_threshold", "fg_threshold"),
-                           ("det_bg_threshold", "bg_threshold"),
-                           ("det_fg_fraction", "fg_fraction"),
-                           ("det_context_pad", "context_pad"),
-                           ("det_crop_mode", "crop_mode")):
+    for v0_field, name in (
+        ("det_fg_threshold", "fg_threshold"),
+        ("det_bg_threshold", "bg_threshold"),
+        ("det_fg_fraction", "fg_fraction"),
+        ("det_context_pad", "context_pad"),
+        ("det_crop_mode", "crop_mode"),
+    ):
         if v0.HasField(v0_field):
             needs(("WINDOW_DATA",), v0_field)
             setattr(layer.window_data_param, name, getattr(v0, v0_field))
@@ -224,7 +276,8 @@ _V1_COPIED = ("bottom", "top", "blobs", "include", "exclude", "loss_weight")
 def _v1_to_current(net: pb.NetParameter, source: str) -> None:
     """Caffe's UpgradeV1Net: enum types to strings, blobs_lr/weight_decay/param to ParamSpecs."""
     typed = [
-        f.name for f in V1.DESCRIPTOR.fields
+        f.name
+        for f in V1.DESCRIPTOR.fields
         if f.name.endswith("_param") and f.message_type is not None
     ]
     for old in net.layers:
@@ -239,8 +292,9 @@ def _v1_to_current(net: pb.NetParameter, source: str) -> None:
         for field in typed:
             if old.HasField(field):
                 getattr(layer, field).CopyFrom(getattr(old, field))
-        counts = max(len(old.blobs_lr), len(old.weight_decay), len(old.param),
-                     len(old.blob_share_mode))
+        counts = max(
+            len(old.blobs_lr), len(old.weight_decay), len(old.param), len(old.blob_share_mode)
+        )
         for i in range(counts):
             spec = layer.param.add()
             if i < len(old.param):
@@ -262,8 +316,7 @@ def _inputs_to_layer(net: pb.NetParameter, source: str) -> None:
     if dims:
         if len(dims) != 4 * len(names):
             raise ConfigError(
-                f"{source}: {len(dims)} input_dim values for {len(names)} inputs; "
-                "give 4 per input"
+                f"{source}: {len(dims)} input_dim values for {len(names)} inputs; give 4 per input"
             )
         shapes = [dims[4 * i : 4 * i + 4] for i in range(len(names))]
     if shapes:
@@ -283,9 +336,12 @@ def _inputs_to_layer(net: pb.NetParameter, source: str) -> None:
 
 
 _SOLVER_TYPES = {
-    pb.SolverParameter.SGD: "SGD", pb.SolverParameter.NESTEROV: "Nesterov",
-    pb.SolverParameter.ADAGRAD: "AdaGrad", pb.SolverParameter.RMSPROP: "RMSProp",
-    pb.SolverParameter.ADADELTA: "AdaDelta", pb.SolverParameter.ADAM: "Adam",
+    pb.SolverParameter.SGD: "SGD",
+    pb.SolverParameter.NESTEROV: "Nesterov",
+    pb.SolverParameter.ADAGRAD: "AdaGrad",
+    pb.SolverParameter.RMSPROP: "RMSProp",
+    pb.SolverParameter.ADADELTA: "AdaDelta",
+    pb.SolverParameter.ADAM: "Adam",
 }
 
 

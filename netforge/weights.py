@@ -168,7 +168,7 @@ def resolve_weights(spec: str | os.PathLike) -> Path:
     if text.startswith("zoo:"):
         from netforge.zoo import fetch_weights
 
-        return fetch_weights(text[len("zoo:"):])
+        return fetch_weights(text[len("zoo:") :])
     path = Path(text)
     if not path.is_file():
         raise DataError(f"{path}: no such weights file")

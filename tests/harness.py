@@ -42,7 +42,10 @@ def build(
 ) -> tuple[Layer, list[Blob], list[Blob]]:
     """A set-up, reshaped layer with ``bottoms`` loaded into its bottom blobs."""
     layer = create_layer(
-        layer_param(text), phase=phase, backend=backend, dtype=dtype,
+        layer_param(text),
+        phase=phase,
+        backend=backend,
+        dtype=dtype,
         rng=np.random.default_rng(seed),
     )
     bottom = []
@@ -58,7 +61,9 @@ def build(
     return layer, bottom, top
 
 
-def forward(layer: Layer, bottom: list[Blob], top: list[Blob], seed: int = SEED) -> list[np.ndarray]:
+def forward(
+    layer: Layer, bottom: list[Blob], top: list[Blob], seed: int = SEED
+) -> list[np.ndarray]:
     layer.rng = np.random.default_rng(seed)
     layer.reshape(bottom, top)
     layer.forward(bottom, top)
@@ -92,8 +97,9 @@ def check_gradient(
     ``check_bottoms`` lists the bottoms to differentiate (default: all); ``top_weights``
     replaces ½·Σ top² by Σ w·top (for losses whose top is a scalar, or to weight elements).
     """
-    layer, bottom, top = build(text, bottoms, num_tops=num_tops, phase=phase,
-                               backend=backend, seed=seed)
+    layer, bottom, top = build(
+        text, bottoms, num_tops=num_tops, phase=phase, backend=backend, seed=seed
+    )
     checked = list(range(len(bottom))) if check_bottoms is None else list(check_bottoms)
 
     def objective() -> float:

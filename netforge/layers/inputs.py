@@ -58,8 +58,10 @@ class DummyDataLayer(Layer):
         if p.shape:
             shapes = [_dims(s) for s in per_top(p.shape, len(top), "shape", self)]
         else:
-            columns = [per_top(values, len(top), name, self) for values, name in
-                       zip(legacy, ("num", "channels", "height", "width"))]
+            columns = [
+                per_top(values, len(top), name, self)
+                for values, name in zip(legacy, ("num", "channels", "height", "width"))
+            ]
             shapes = [tuple(int(v) for v in dims) for dims in zip(*columns)]
         fillers = list(p.data_filler) or [pb.FillerParameter(type="constant", value=0)]
         self.fillers = per_top(fillers, len(top), "data_filler", self)
