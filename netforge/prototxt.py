@@ -42,12 +42,17 @@ def _enclosing_layer(text: str, line: int) -> str | None:
     depth = 0
     name = None
     in_layer = False
+    name_pattern = re.compile(r"(?:^|[\s{])name\s*:\s*[\"'](.*?)[\"']")
     for number, raw in enumerate(text.splitlines(), start=1):
         code = raw.split("#", 1)[0]
-        if depth == 0 and re.match(r"\s*layers?\s*:?\s*\{", code):
+        opening = re.match(r"\s*layers?\s*:?\s*\{", code) if depth == 0 else None
+        if opening:
             in_layer, name = True, None
-        if in_layer and depth == 1 and name is None:
-            found = re.match(r"\s*name\s*:\s*[\"'](.*?)[\"']", code)
+            own_level = code[opening.end() :].split("{", 1)[0]
+        else:
+            own_level = code.split("{", 1)[0] if depth == 1 else ""
+        if in_layer and name is None:
+            found = name_pattern.search(own_level)
             if found:
                 name = found.group(1)
         if number == line:
