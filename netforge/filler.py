@@ -73,7 +73,9 @@ def fill(
             f"unknown filler type {kind!r}; expected one of constant, uniform, gaussian, "
             "positive_unitball, xavier, msra, bilinear"
         )
-    return np.ascontiguousarray(out, dtype=dtype)
+    # asarray, not ascontiguousarray: the latter turns a 0-axis blob (PReLU channel_shared,
+    # a scalar Scale) into shape (1,).
+    return np.asarray(out, dtype=dtype, order="C")
 
 
 def _bilinear(shape: tuple[int, ...]) -> np.ndarray:
