@@ -55,7 +55,9 @@ def test_filter_net_keeps_layers_by_rules() -> None:
     assert names(filter_net(net, state("phase: TRAIN"))) == ["train_only", "not_deploy", "either"]
     assert names(filter_net(net, state('phase: TEST stage: "deploy"'))) == ["test_only"]
     assert names(filter_net(net, state('phase: TEST stage: "x"'))) == [
-        "test_only", "not_deploy", "either",
+        "test_only",
+        "not_deploy",
+        "either",
     ]
 
 
@@ -80,7 +82,12 @@ def test_splits_are_named_as_caffe_names_them() -> None:
     )
     split = insert_splits(net)
     assert names(split) == [
-        "data", "label_data_1_split", "ip", "ip_ip_0_split", "acc", "loss",
+        "data",
+        "label_data_1_split",
+        "ip",
+        "ip_ip_0_split",
+        "acc",
+        "loss",
     ]
     assert list(split.layer[1].top) == ["label_data_1_split_0", "label_data_1_split_1"]
     assert list(split.layer[4].bottom) == ["ip_ip_0_split_0", "label_data_1_split_0"]

@@ -112,7 +112,12 @@ def test_v1_net_upgrades_as_caffe_does() -> None:
     steps = upgrade_net(net)
     assert len(steps) == 3
     assert not net.layers and not net.input and not net.input_dim
-    assert [layer.type for layer in net.layer] == ["Input", "Convolution", "SoftmaxWithLoss", "Data"]
+    assert [layer.type for layer in net.layer] == [
+        "Input",
+        "Convolution",
+        "SoftmaxWithLoss",
+        "Data",
+    ]
     assert list(net.layer[0].top) == ["data"]
     assert list(net.layer[0].input_param.shape[0].dim) == [1, 2, 5, 5]
     conv = net.layer[1]

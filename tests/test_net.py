@@ -1,0 +1,260 @@
+"""The static Net: construction rules, loss weights, backward analysis, sharing, weights I/O
+and the pycaffe-compatible API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import netforge
+from netforge.errors import ConfigError, DataError, ShapeError
+from netforge.net import Net
+from netforge.proto import pb
+from netforge.prototxt import parse_text
+
+
+def net_from(text: str, phase: int = pb.TRAIN, **kwargs) -> Net:
+    return Net(
+        parse_text(text, pb.NetParameter), phase=phase, rng=np.random.default_rng(0), **kwargs
+    )
+
+
+MLP = """
+name: "mlp"
+layer { name: "data" type: "Input" top: "data" top: "target"
+        input_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "h"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.5 }
+                              bias_filler { type: "uniform" min: -0.5 max: 0.5 } } }
+layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }
+layer { name: "ip2" type: "InnerProduct" bottom: "h" top: "out"
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "out" bottom: "target" top: "loss" }
+"""
+
+
+def feed(net: Net, seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+    for name in net.inputs:
+        net.blobs[name].data[...] = rng.normal(size=net.blobs[name].shape)
+
+
+def test_mlp_structure_and_shapes() -> None:
+    net = net_from(MLP)
+    assert net.layer_names == ["data", "ip1", "relu", "ip2", "loss"]
+    assert net.inputs == ["data", "target"]
+    assert net.outputs == ["loss"]
+    assert net.blobs["h"].shape == (4, 5) and net.blobs["out"].shape == (4, 2)
+    assert [b.shape for b in net.params["ip1"]] == [(5, 3), (5,)]
+    assert len(net.learnable_params) == 4
+    assert net.loss_weights == {"loss": 1.0}
+    assert net.layer_need_backward == [False, True, True, True, True]
+    assert net.bottom_need_backward[1] == [False]
+
+
+def test_forward_backward_matches_numeric_gradient() -> None:
+    net = net_from(MLP, dtype=np.float64)
+    feed(net)
+    for p in net.learnable_params:
+        p.diff[...] = 0
+    net.forward_backward()
+    step = 1e-6
+    for blob in net.learnable_params:
+        analytic = blob.diff.copy()
+        for index in np.ndindex(blob.shape):
+            saved = blob.data[index]
+            blob.data[index] = saved + step
+            plus = net.forward_loss()
+            blob.data[index] = saved - step
+            minus = net.forward_loss()
+            blob.data[index] = saved
+            assert analytic[index] == pytest.approx((plus - minus) / (2 * step), abs=1e-6)
+
+
+def test_loss_weight_scales_objective_and_gradient() -> None:
+    weighted = MLP.replace('top: "loss" }', 'top: "loss" loss_weight: 3 }')
+    a, b = net_from(MLP, dtype=np.float64), net_from(weighted, dtype=np.float64)
+    feed(a), feed(b)
+    loss_a, loss_b = a.forward_backward(), b.forward_backward()
+    assert loss_b == pytest.approx(3 * loss_a)
+    np.testing.assert_allclose(b.params["ip1"][0].diff, 3 * a.params["ip1"][0].diff)
+
+
+def test_non_loss_top_with_loss_weight_counts() -> None:
+    net = net_from(
+        """
+        layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+        layer { name: "p" type: "Parameter" top: "w" parameter_param { shape { dim: 2 dim: 3 } } }
+        layer { name: "prod" type: "Python" bottom: "x" top: "y" loss_weight: 0.5
+                python_param { module: "pylayers" layer: "ScaleByParamStr" param_str: "2" } }
+        """,
+        dtype=np.float64,
+    )
+    net.blobs["x"].data[...] = np.arange(6).reshape(2, 3)
+    assert net.forward_loss() == pytest.approx(0.5 * 2 * 15)
+    assert net.outputs == ["w", "y"]
+
+
+def test_layer_not_feeding_a_loss_skips_backward() -> None:
+    text = (
+        MLP + 'layer { name: "side" type: "InnerProduct" bottom: "h" top: "side" '
+        "inner_product_param { num_output: 1 } }"
+    )
+    net = net_from(text)
+    assert net.layer_need_backward[net.layer_names.index("side")] is False
+
+
+def test_propagate_down_and_force_backward() -> None:
+    stopped = MLP.replace('top: "out"\n', 'top: "out" propagate_down: false\n')
+    net = net_from(stopped)
+    i = net.layer_names.index("ip2")
+    assert net.bottom_need_backward[i] == [False]
+    assert net.layer_need_backward[net.layer_names.index("ip1")] is False
+    forced = net_from("force_backward: true\n" + MLP)
+    assert forced.bottom_need_backward[1] == [True]
+    # the label bottom of a loss refuses force_backward only where the layer says so
+    assert forced.layer_need_backward == [True] * 5
+
+
+def test_lr_mult_zero_turns_off_param_gradients() -> None:
+    frozen = MLP.replace(
+        'top: "h"\n        inner_product_param',
+        'top: "h" param { lr_mult: 0 } param { lr_mult: 0 }\n        inner_product_param',
+    )
+    net = net_from(frozen)
+    assert net.layers[1].param_propagate_down == [False, False]
+    assert net.params_lr[:2] == [0.0, 0.0]
+    assert net.layer_need_backward[1] is False
+
+
+SHARED = """
+layer { name: "data" type: "Input" top: "a" top: "b"
+        input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip_a" type: "InnerProduct" bottom: "a" top: "fa"
+        param { name: "w" lr_mult: 1 } param { name: "bias" }
+        inner_product_param { num_output: 4 weight_filler { type: "gaussian" } } }
+layer { name: "ip_b" type: "InnerProduct" bottom: "b" top: "fb"
+        param { name: "w" %s } param { name: "bias" }
+        inner_product_param { num_output: %d weight_filler { type: "gaussian" } } }
+"""
+
+
+def test_shared_params_are_one_blob() -> None:
+    net = net_from(SHARED % ("", 4))
+    assert net.params["ip_a"][0] is net.params["ip_b"][0]
+    assert len(net.learnable_params) == 2
+    conflict = SHARED % ("lr_mult: 2", 4)
+    with pytest.raises(ConfigError, match="lr_mult"):
+        net_from(conflict)
+    with pytest.raises(ShapeError, match=r"\(5, 3\) vs \(4, 3\)"):
+        net_from(SHARED % ("", 5))
+
+
+def test_sharer_sets_lr_mult_for_owner() -> None:
+    text = SHARED.replace('param { name: "w" lr_mult: 1 }', 'param { name: "w" }')
+    net = net_from(text % ("lr_mult: 3", 4))
+    assert net.params_lr[0] == 3
+
+
+def test_construction_errors_name_the_layer() -> None:
+    with pytest.raises(ConfigError, match=r"layer 'r'.*'missing'"):
+        net_from('layer { name: "r" type: "ReLU" bottom: "missing" top: "y" }')
+    with pytest.raises(ConfigError, match="multiple sources"):
+        net_from(
+            'layer { name: "a" type: "Input" top: "x" input_param { shape { dim: 1 } } }\n'
+            'layer { name: "b" type: "Input" top: "x" input_param { shape { dim: 1 } } }'
+        )
+    with pytest.raises(ConfigError, match="did you mean 'SoftmaxWithLoss'"):
+        net_from('layer { name: "c" type: "SoftmaxWithLos" }')
+
+
+def test_python_layers_load_and_can_be_refused() -> None:
+    text = """
+    layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 3 } } }
+    layer { name: "py" type: "Python" bottom: "x" top: "y"
+            python_param { module: "pylayers" layer: "ScaleByParamStr" param_str: "1.5" } }
+    """
+    net = net_from(text)
+    out = net.forward(x=np.array([1.0, 2.0, 4.0]))
+    np.testing.assert_allclose(out["y"], [1.5, 3.0, 6.0])
+    with pytest.raises(ConfigError, match="Python layer"):
+        net_from(text, allow_python_layers=False)
+
+
+def test_pycaffe_forward_and_reshape_on_new_input_size() -> None:
+    net = net_from(MLP, phase=pb.TEST)
+    out = net.forward(data=np.ones((7, 3)), target=np.zeros((7, 2)))
+    assert set(out) == {"loss"}
+    assert net.blobs["h"].shape == (7, 5)
+    h = net.forward(blobs=["h"], end="relu")
+    assert set(h) == {"h"} and (h["h"] >= 0).all()
+
+
+def test_save_and_copy_round_trip(tmp_path: Path) -> None:
+    a, b = net_from(MLP), net_from(MLP)
+    a.save(tmp_path / "w.caffemodel")
+    a.save_hdf5(tmp_path / "w.caffemodel.h5")
+    for source in ("w.caffemodel", "w.caffemodel.h5"):
+        b.params["ip1"][0].data[...] = 0
+        report = b.copy_from(tmp_path / source)
+        assert report.copied == ["ip1", "ip2"] and not report.missing
+        for name in ("ip1", "ip2"):
+            for mine, theirs in zip(b.params[name], a.params[name]):
+                np.testing.assert_array_equal(mine.data, theirs.data)
+    (tmp_path / "m.prototxt").write_text(MLP)
+    # pycaffe's positional form: Net(model, weights, phase)
+    c = Net(str(tmp_path / "m.prototxt"), str(tmp_path / "w.caffemodel"), netforge.TEST)
+    assert c.phase == netforge.TEST
+    np.testing.assert_array_equal(c.params["ip2"][0].data, a.params["ip2"][0].data)
+
+
+def test_copy_report_and_errors(tmp_path: Path) -> None:
+    a = net_from(MLP)
+    a.save(tmp_path / "w.caffemodel")
+    renamed = MLP.replace('name: "ip2"', 'name: "head"')
+    report = net_from(renamed).copy_from(tmp_path / "w.caffemodel", exclude=["ip1"])
+    assert report.copied == [] and report.reinitialised == ["ip1"]
+    assert report.missing == ["head"] and report.unused == ["ip2"]
+    wider = MLP.replace("num_output: 5", "num_output: 6")
+    with pytest.raises(ShapeError, match=r"layer 'ip1' blob 0 has shape \(5, 3\).*\(6, 3\)"):
+        net_from(wider).copy_from(tmp_path / "w.caffemodel")
+    data = (tmp_path / "w.caffemodel").read_bytes()
+    (tmp_path / "cut.caffemodel").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        net_from(MLP).copy_from(tmp_path / "cut.caffemodel")
+    with pytest.raises(DataError, match="no such weights file"):
+        net_from(MLP).copy_from(tmp_path / "absent.caffemodel")
+
+
+def test_legacy_4d_blob_shapes_load_into_nd_params() -> None:
+    source = pb.NetParameter()
+    layer = source.layer.add(name="ip1")
+    weight = layer.blobs.add(num=1, channels=1, height=5, width=3)
+    weight.data.extend(np.arange(15, dtype=np.float32))
+    bias = layer.blobs.add(num=1, channels=1, height=1, width=5)
+    bias.data.extend(np.ones(5, dtype=np.float32))
+    net = net_from(MLP)
+    net.copy_from(source)
+    np.testing.assert_array_equal(net.params["ip1"][0].data, np.arange(15).reshape(5, 3))
+
+
+def test_debug_info_and_first_nonfinite(caplog) -> None:
+    net = net_from(MLP)
+    feed(net)
+    net.debug_info = True
+    with caplog.at_level("INFO", logger="netforge"):
+        net.forward_backward()
+    assert "[Forward] Layer ip1, top blob h data:" in caplog.text
+    assert "[Backward] Layer ip2, param blob 0 diff:" in caplog.text
+    assert net.first_nonfinite() is None
+    net.params["ip2"][0].data[0, 0] = np.nan
+    net.forward_backward()
+    assert net.first_nonfinite() == ("ip2", "out", "data")
+
+
+def test_pycaffe_module_surface() -> None:
+    assert netforge.TRAIN == 0 and netforge.TEST == 1
+    netforge.set_mode_cpu()
+    netforge.set_device(0)
