@@ -1,0 +1,150 @@
+"""Key-value databases of Datum records: LMDB, as Caffe's ``db_lmdb``.
+
+Readers open the database read-only and iterate in key order (byte-lexicographic, which is
+why converters write zero-padded keys). Writers commit in batches, so a conversion that is
+interrupted leaves a valid database holding every committed batch, and the memory map
+doubles when it is full instead of failing (Caffe's MDB_MAP_FULL handling).
+
+LevelDB, Caffe's other backend, is not supported: its Python bindings need a compiled
+libleveldb, which netforge does not require; such databases are refused with a message
+saying how to convert them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+
+from netforge.errors import DataError
+from netforge.proto import pb
+
+#: initial map size of a new database; it doubles whenever a commit finds it full.
+INITIAL_MAP_SIZE = 1 << 26
+
+
+def check_backend(backend: int | str, source: str) -> None:
+    """Refuse LevelDB with a clear message (the DataParameter default is LEVELDB, as Caffe)."""
+    name = backend if isinstance(backend, str) else pb.DataParameter.DB.Name(backend)
+    if name.upper() == "LMDB":
+        return
+    if name.upper() == "LEVELDB":
+        raise DataError(
+            f"{source}: LevelDB databases are not supported; set 'backend: LMDB' in the "
+            "data_param, and convert the data to LMDB (netforge convert imageset, or with "
+            "Caffe: convert_imageset --backend lmdb)"
+        )
+    raise DataError(f"{source}: unknown database backend {name!r}; use lmdb")
+
+
+class Reader:
+    """Read-only LMDB access in key order, with a resumable position (the next key)."""
+
+    def __init__(self, source: str | os.PathLike) -> None:
+        self.source = str(source)
+        path = Path(source)
+        if not (path / "data.mdb").is_file():
+            raise DataError(
+                f"cannot open LMDB database {self.source}: "
+                + ("no such directory" if not path.exists() else "no data.mdb inside")
+            )
+        try:
+            self.env = lmdb.open(self.source, readonly=True, lock=True, readahead=False)
+        except lmdb.Error:
+            # A read-only copy (no write access to lock.mdb): Caffe falls back to no locking.
+            try:
+                self.env = lmdb.open(self.source, readonly=True, lock=False, readahead=False)
+            except lmdb.Error as exc:
+                raise DataError(f"cannot open LMDB database {self.source}: {exc}") from None
+        self.size = self.env.stat()["entries"]
+        if self.size == 0:
+            raise DataError(f"LMDB database {self.source} is empty")
+
+    def first_key(self) -> bytes:
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            cursor.first()
+            return cursor.key()
+
+    def read(self, start: bytes, count: int) -> tuple[list[tuple[bytes, bytes]], bytes, int]:
+        """``count`` records from key ``start`` on, wrapping to the first key at the end.
+
+        Returns the records, the key to start from next time and how many wraps happened.
+        """
+        records: list[tuple[bytes, bytes]] = []
+        wraps = 0
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            found = cursor.set_range(start)
+            while len(records) < count:
+                if not found:
+                    wraps += 1
+                    found = cursor.first()
+                records.append((cursor.key(), cursor.value()))
+                found = cursor.next()
+            if not found:
+                wraps += 1
+                cursor.first()
+            return records, cursor.key(), wraps
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value) once, in key order."""
+        with self.env.begin() as txn:
+            yield from txn.cursor()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class Writer:
+    """Create an LMDB database and add records, committing every ``batch`` puts.
+
+    The directory must not exist yet or be empty (Caffe refuses to overwrite a database).
+    Use as a context manager: leaving the block commits what is pending and closes.
+    """
+
+    def __init__(self, path: str | os.PathLike, batch: int = 1000) -> None:
+        self.path = Path(path)
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise DataError(f"{self.path} already exists; remove it or choose another name")
+        self.batch = batch
+        self.pending: list[tuple[bytes, bytes]] = []
+        self.committed = 0
+        try:
+            self.env = lmdb.open(str(self.path), map_size=INITIAL_MAP_SIZE, subdir=True)
+        except lmdb.Error as exc:
+            raise DataError(f"cannot create LMDB database {self.path}: {exc}") from None
+
+    def put(self, key: bytes | str, value: bytes) -> None:
+        self.pending.append((key.encode() if isinstance(key, str) else key, value))
+        if len(self.pending) >= self.batch:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the pending records in one transaction, growing the map until they fit."""
+        while self.pending:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for key, value in self.pending:
+                        txn.put(key, value)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                continue
+            self.committed += len(self.pending)
+            self.pending = []
+
+    def close(self) -> None:
+        self.commit()
+        self.env.close()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        # An interrupted conversion keeps what was committed; pending records are dropped
+        # with the exception, so the database stays consistent.
+        if kind is None:
+            self.commit()
+        self.env.close()
