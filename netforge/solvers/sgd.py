@@ -1,0 +1,45 @@
+"""The momentum solvers: SGD and Nesterov (Caffe's sgd_solver.cpp, nesterov_solver.cpp).
+
+Both fold the learning rate into the momentum history (``h = momentum·h + local_rate·g``),
+as Caffe does and PyTorch does not: changing the rate mid-run rescales only new steps.
+Each update is a few whole-array in-place operations per parameter blob.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from netforge.solvers.base import Solver, register_solver
+
+
+@register_solver
+class SGDSolver(Solver):
+    """Caffe's "SGD": ``h ← momentum·h + local_rate·g``; the step is ``h``."""
+
+    type = "SGD"
+
+    def compute_update_value(self, index: int, grad: Any, local_rate: float) -> None:
+        history = self.history[index]
+        history *= self.param.momentum
+        grad *= local_rate
+        history += grad
+        grad[...] = history
+
+
+@register_solver
+class NesterovSolver(Solver):
+    """Caffe's "Nesterov": the history as SGD; the step is
+    ``(1 + momentum)·h − momentum·h_prev`` (step back, then over-step)."""
+
+    type = "Nesterov"
+
+    def compute_update_value(self, index: int, grad: Any, local_rate: float) -> None:
+        momentum = self.param.momentum
+        history, previous = self.history[index], self.scratch[index]
+        previous[...] = history
+        history *= momentum
+        grad *= local_rate
+        history += grad
+        self.xp.multiply(history, 1.0 + momentum, out=grad)
+        previous *= momentum
+        grad -= previous

@@ -1,0 +1,151 @@
+"""Solver snapshots: ``.solverstate`` (binary SolverState) and ``.solverstate.h5``.
+
+The layouts are Caffe's (SGDSolver::SnapshotSolverStateTo{BinaryProto,HDF5}): ``iter``,
+``learned_net`` (the caffemodel's path as written), ``current_step`` and the history blobs
+(for AdaDelta and Adam: first every param's first buffer, then every param's second).
+netforge adds what Caffe forgets, so a resumed run repeats the uninterrupted one exactly:
+the random generator's state and each data layer's cursor. In the binary file they are the
+SolverState fields 1000 and 1001; in the HDF5 file the datasets ``rng_state`` and
+``layer_state/names`` + ``layer_state/<i>``. Caffe ignores both when it reads these files.
+Every file is written through a temporary file and a rename (``netforge.atomic``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from netforge.atomic import atomic_path
+from netforge.errors import ConfigError, DataError
+from netforge.proto import pb
+from netforge.prototxt import parse_binary, write_binary
+from netforge.weights import array_from_proto, array_to_proto
+
+MODEL_SUFFIXES = (".caffemodel", ".caffemodel.h5")
+
+
+@dataclass
+class SolverSnapshot:
+    """What a solverstate file holds, format-independent."""
+
+    iter: int
+    current_step: int = 0
+    learned_net: str | None = None
+    history: list[np.ndarray] = field(default_factory=list)
+    #: JSON of the numpy Generator's ``bit_generator.state``; None in Caffe's own files.
+    rng_state: bytes | None = None
+    #: (layer name, opaque state) per resumable layer; test nets' names carry a prefix.
+    layer_states: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def snapshot_filename(prefix: str, iteration: int, extension: str) -> str:
+    """Caffe's ``<prefix>_iter_<it><extension>`` (no zero padding)."""
+    return f"{prefix}_iter_{iteration}{extension}"
+
+
+def write_state(path: str | os.PathLike, state: SolverSnapshot) -> None:
+    """Write ``state`` in the format its suffix names (``.h5``: HDF5, else binary proto)."""
+    if os.fspath(path).endswith(".h5"):
+        _write_hdf5(path, state)
+    else:
+        write_binary(_to_proto(state), path)
+
+
+def read_state(path: str | os.PathLike) -> SolverSnapshot:
+    """Read a solverstate written by Caffe or netforge, choosing the reader by suffix as
+    Caffe's Solver::Restore does (``.h5`` → HDF5)."""
+    text = os.fspath(path)
+    if text.endswith(MODEL_SUFFIXES):
+        raise ConfigError(
+            f"{text}: this is a caffemodel (trained weights), not a solver state; resume from "
+            "the .solverstate written beside it, or fine-tune from these weights with --weights"
+        )
+    if not Path(text).is_file():
+        raise DataError(f"{text}: no such solver state file")
+    if text.endswith(".h5"):
+        return _read_hdf5(text)
+    return _from_proto(parse_binary(Path(text).read_bytes(), pb.SolverState, text))
+
+
+def _to_proto(state: SolverSnapshot) -> pb.SolverState:
+    message = pb.SolverState(iter=state.iter, current_step=state.current_step)
+    if state.learned_net is not None:
+        message.learned_net = state.learned_net
+    message.history.extend(array_to_proto(h) for h in state.history)
+    if state.rng_state is not None:
+        message.rng_state = state.rng_state
+    message.layer_state.extend(pb.LayerState(layer=n, state=s) for n, s in state.layer_states)
+    return message
+
+
+def _from_proto(message: pb.SolverState) -> SolverSnapshot:
+    return SolverSnapshot(
+        iter=message.iter,
+        current_step=message.current_step,
+        learned_net=message.learned_net if message.HasField("learned_net") else None,
+        history=[array_from_proto(blob) for blob in message.history],
+        rng_state=message.rng_state if message.HasField("rng_state") else None,
+        layer_states=[(entry.layer, entry.state) for entry in message.layer_state],
+    )
+
+
+def _write_hdf5(path: str | os.PathLike, state: SolverSnapshot) -> None:
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        # Caffe's hdf5_save_int writes a one-element int32 dataset; its string helper a
+        # fixed-length string, which an np.bytes_ scalar gives.
+        handle.create_dataset("iter", data=np.array([state.iter], dtype=np.int32))
+        if state.learned_net is not None:
+            handle.create_dataset("learned_net", data=np.bytes_(state.learned_net.encode()))
+        handle.create_dataset("current_step", data=np.array([state.current_step], np.int32))
+        history = handle.create_group("history")
+        for index, values in enumerate(state.history):
+            history.create_dataset(str(index), data=values)
+        if state.rng_state is not None:
+            handle.create_dataset("rng_state", data=np.bytes_(state.rng_state))
+        if state.layer_states:
+            group = handle.create_group("layer_state")
+            names = [name.encode() for name, _ in state.layer_states]
+            group.create_dataset(
+                "names", data=np.array(names, dtype=object), dtype=h5py.string_dtype("utf-8")
+            )
+            for index, (_, blob) in enumerate(state.layer_states):
+                group.create_dataset(str(index), data=np.frombuffer(blob, dtype=np.uint8))
+
+
+def _read_hdf5(path: str) -> SolverSnapshot:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            if "iter" not in handle or "history" not in handle:
+                raise DataError(f"{path}: not a solver state (no 'iter' or 'history' in it)")
+            history_group = handle["history"]
+            # Caffe names the history datasets 0..n-1; read them in numeric order.
+            keys = sorted(history_group, key=int)
+            state = SolverSnapshot(
+                iter=int(np.asarray(handle["iter"][()]).ravel()[0]),
+                current_step=int(np.asarray(handle["current_step"][()]).ravel()[0])
+                if "current_step" in handle
+                else 0,
+                learned_net=_string(handle["learned_net"][()]) if "learned_net" in handle else None,
+                history=[np.asarray(history_group[key][()]) for key in keys],
+                rng_state=bytes(handle["rng_state"][()]) if "rng_state" in handle else None,
+            )
+            if "layer_state" in handle:
+                group = handle["layer_state"]
+                names = [_string(name) for name in group["names"][()]]
+                state.layer_states = [
+                    (name, group[str(i)][()].tobytes()) for i, name in enumerate(names)
+                ]
+            return state
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the HDF5 solver state ({exc})") from None
+
+
+def _string(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
