@@ -1,0 +1,28 @@
+"""``netforge upgrade net|solver IN OUT``: write a legacy Caffe file in the current format."""
+
+from __future__ import annotations
+
+import click
+
+from netforge.proto import pb
+from netforge.prototxt import read_message, write_text
+from netforge.upgrade import upgrade_net, upgrade_solver
+
+
+@click.command()
+@click.argument("kind", type=click.Choice(["net", "solver"]))
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("destination", type=click.Path(dir_okay=False))
+def upgrade(kind: str, source: str, destination: str) -> None:
+    """Upgrade a V0/V1 net (text or binary) or a legacy solver; write it as text."""
+    if kind == "net":
+        message = read_message(source, pb.NetParameter)
+        steps = upgrade_net(message, source)
+    else:
+        message = read_message(source, pb.SolverParameter)
+        steps = upgrade_solver(message, source)
+    write_text(message, destination)
+    if steps:
+        click.echo(f"{source}: {'; '.join(steps)}; wrote {destination}")
+    else:
+        click.echo(f"{source}: already in the latest format; wrote {destination}")
