@@ -1,1 +1,624 @@
-"""Layers: vision (being written)."""
+"""Vision layers: Convolution, Deconvolution, Im2col, Pooling, SPP, LRN and Crop.
+
+Each computes what Caffe's layer of the same type computes (src/caffe/layers/
+{base_conv,conv,deconv,im2col,pooling,spp,lrn,crop}_layer.cpp), with the same parameters,
+defaults, output sizes and parameter blob shapes. The work is whole-array: convolution is
+im2col + one batched GEMM over the groups per batch chunk (``conv_ops``); pooling and LRN
+loop at most over kernel or window offsets, never over items, channels or pixels.
+
+Deliberate differences from Caffe, all on inputs Caffe mishandles: an input smaller than
+the (dilated) kernel is a ShapeError instead of C++ integer-division output sizes, and a
+Pooling output with no window is a ShapeError instead of a zero-sized blob.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from netforge.blob import Blob
+from netforge.filler import filler_or
+from netforge.layer import Layer, register
+from netforge.layers.conv_ops import (
+    Geometry,
+    Workspace,
+    batch_chunks,
+    col2im,
+    im2col,
+    interior,
+    offset_slices,
+    padded,
+    windows,
+)
+from netforge.proto import pb
+
+#: Most elements one column buffer holds (64 MiB of float32); larger batches run in chunks.
+COLUMN_LIMIT = 1 << 24
+
+#: Caffe's FLT_MIN, which keeps stochastic pooling's test-time division defined.
+FLT_MIN = float(np.finfo(np.float32).tiny)
+
+
+# -- convolution geometry ------------------------------------------------------------------
+def _per_axis(
+    layer: Layer,
+    param: pb.ConvolutionParameter,
+    name: str,
+    axes: int,
+    default: int | None,
+    hw: tuple[str, str] | None = None,
+) -> tuple[int, ...]:
+    """A repeated ConvolutionParameter field (one value for all axes or one per axis), or
+    its 2-D ``_h``/``_w`` alternative, as Caffe's BaseConvolutionLayer reads them."""
+    values = list(getattr(param, name))
+    if hw is not None and (param.HasField(hw[0]) or param.HasField(hw[1])):
+        if axes != 2:
+            raise layer.config_error(
+                f"{hw[0]}/{hw[1]} apply to 2-D convolution only, but the input has {axes} "
+                f"spatial axes: use the repeated '{name}' field"
+            )
+        if values:
+            raise layer.config_error(f"give either '{name}' or {hw[0]}/{hw[1]}, not both")
+        return (getattr(param, hw[0]), getattr(param, hw[1]))
+    if not values and default is not None:
+        return (default,) * axes
+    if len(values) == 1:
+        return (values[0],) * axes
+    if len(values) == axes:
+        return tuple(values)
+    raise layer.config_error(
+        f"'{name}' must be given once or once per spatial axis ({axes}); got {len(values)}"
+    )
+
+
+def _conv_geometry(layer: Layer, param: pb.ConvolutionParameter, shape: Sequence[int]):
+    """(channel axis, Geometry) for a ConvolutionParameter applied to a bottom of ``shape``."""
+    if not -len(shape) <= param.axis < max(len(shape), 1):
+        raise layer.shape_error(f"axis {param.axis} is out of range for bottom shape {shape}")
+    axis = param.axis % len(shape)
+    axes = len(shape) - axis - 1
+    geom = Geometry(
+        kernel=_per_axis(layer, param, "kernel_size", axes, None, ("kernel_h", "kernel_w")),
+        stride=_per_axis(layer, param, "stride", axes, 1, ("stride_h", "stride_w")),
+        pad=_per_axis(layer, param, "pad", axes, 0, ("pad_h", "pad_w")),
+        dilation=_per_axis(layer, param, "dilation", axes, 1),
+    )
+    for what, values in (
+        ("kernel", geom.kernel),
+        ("stride", geom.stride),
+        ("dilation", geom.dilation),
+    ):
+        if any(v <= 0 for v in values):
+            raise layer.config_error(f"{what} sizes must be positive, got {values}")
+    return axis, geom
+
+
+def _conv_output(layer: Layer, geom: Geometry, spatial: Sequence[int]) -> tuple[int, ...]:
+    """The convolution output size, refusing inputs smaller than the dilated kernel."""
+    extent = tuple(d * (k - 1) + 1 for k, d in zip(geom.kernel, geom.dilation))
+    if any(h + 2 * p < e for h, p, e in zip(spatial, geom.pad, extent)):
+        raise layer.shape_error(
+            f"input spatial size {tuple(spatial)} (padded by {geom.pad}) is smaller than the "
+            f"kernel extent {extent}"
+        )
+    return geom.conv_out(spatial)
+
+
+class _ConvolutionBase(Layer):
+    """Convolution and its transpose (Caffe's BaseConvolutionLayer).
+
+    The "image side" is what im2col reads and col2im writes: the bottom for Convolution, the
+    top for Deconvolution. The "rows side" is the other blob, viewed per group as a
+    ``(channels/group, N·pixels)`` matrix. Weights are ``(rows channels, image channels /
+    group, *kernel)``, i.e. a ``(group, rows/group, K)`` stack of GEMM operands.
+    """
+
+    bottoms = (1, None)
+    tops = (1, None)
+    transposed: ClassVar[bool] = False
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        if len(top) != len(bottom):
+            raise self.config_error(
+                f"needs one top per bottom (each bottom is filtered alike), got {len(bottom)} "
+                f"bottoms and {len(top)} tops"
+            )
+        param = self.layer_param.convolution_param
+        self.axis, self.geom = _conv_geometry(self, param, bottom[0].shape)
+        self.channels = bottom[0].shape[self.axis]
+        self.num_output = param.num_output
+        self.group = param.group
+        if self.num_output <= 0:
+            raise self.config_error("convolution_param.num_output must be set and positive")
+        if self.group <= 0 or self.channels % self.group or self.num_output % self.group:
+            raise self.config_error(
+                f"group {self.group} must divide both the input channels ({self.channels}) and "
+                f"num_output ({self.num_output})"
+            )
+        rows, image = (
+            (self.channels, self.num_output)
+            if self.transposed
+            else (self.num_output, self.channels)
+        )
+        shapes = [(rows, image // self.group, *self.geom.kernel)]
+        self.bias_term = param.bias_term
+        if self.bias_term:
+            shapes.append((self.num_output,))
+        if self.blobs:
+            got = [b.shape for b in self.blobs]
+            if got != shapes:
+                raise self.shape_error(f"parameter blobs have shapes {got}; expected {shapes}")
+        else:
+            self.blobs.append(
+                self.make_blob(shapes[0], filler_or(param, "weight_filler", type="constant"))
+            )
+            if self.bias_term:
+                self.blobs.append(
+                    self.make_blob(shapes[1], filler_or(param, "bias_filler", type="constant"))
+                )
+        self.rows_channels = rows
+        self.image_channels = image
+        self.ws = Workspace()
+        self._cached: int | None = None
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        shape = bottom[0].shape
+        if len(shape) != self.axis + 1 + len(self.geom.kernel):
+            raise self.shape_error(
+                f"bottom shape {shape} has a different number of axes than at setup"
+            )
+        if shape[self.axis] != self.channels:
+            raise self.shape_error(
+                f"bottom has {shape[self.axis]} channels; the filters expect {self.channels}"
+            )
+        for b in bottom[1:]:
+            if b.shape != shape:
+                raise self.shape_error(f"all bottoms must share one shape: {shape} vs {b.shape}")
+        spatial = shape[self.axis + 1 :]
+        if self.transposed:
+            out = self.geom.deconv_out(spatial)
+            if any(o <= 0 for o in out):
+                raise self.shape_error(f"output spatial size {out} is not positive")
+            self.image_spatial, self.col_spatial = out, spatial
+        else:
+            out = _conv_output(self, self.geom, spatial)
+            self.image_spatial, self.col_spatial = spatial, out
+        self.num = math.prod(shape[: self.axis])
+        self.in_spatial, self.out_spatial = spatial, out
+        for t in top:
+            t.reshape(shape[: self.axis] + (self.num_output,) + out)
+        per_item = self.image_channels * math.prod(self.geom.kernel) * math.prod(self.col_spatial)
+        self.chunks = batch_chunks(self.num, per_item, COLUMN_LIMIT)
+        self._cached = None
+
+    # -- pieces of the GEMM formulation ---------------------------------------------------
+    def _weights(self, array: Any) -> Any:
+        """A weight-shaped array as the (group, rows/group, K) stack."""
+        return array.reshape(self.group, self.rows_channels // self.group, -1)
+
+    def _image(self, array: Any) -> Any:
+        return array.reshape((self.num, self.image_channels) + tuple(self.image_spatial))
+
+    def _rows_view(self, array: Any) -> Any:
+        """A rows-side blob array as (N, channels, pixels)."""
+        return array.reshape(self.num, self.rows_channels, -1)
+
+    def _columns(self, image: Any) -> Any:
+        """im2col of an image-side chunk, as the (group, K, n·pixels) GEMM operand."""
+        n = image.shape[0]
+        col = self.ws.get(
+            "col",
+            (self.image_channels, *self.geom.kernel, n, *self.col_spatial),
+            image.dtype,
+            self.xp,
+        )
+        im2col(image, self.geom, self.col_spatial, col, self.ws)
+        return col.reshape(self.group, -1, n * math.prod(self.col_spatial))
+
+    def _uncolumns(self, col: Any, image: Any) -> None:
+        """col2im of a (group, K, n·pixels) stack into an image-side chunk (overwritten)."""
+        n, nk = image.shape[0], len(self.geom.kernel)
+        col = col.reshape((self.image_channels, *self.geom.kernel, n, *self.col_spatial))
+        order = (nk + 1, 0) + tuple(range(1, nk + 1)) + tuple(range(nk + 2, 2 * nk + 2))
+        col2im(col.transpose(order), self.geom, self.col_spatial, image, self.ws)
+
+    def _to_rows(self, chunk: Any, key: str) -> Any:
+        """(n, channels, pixels) -> the (group, channels/group, n·pixels) GEMM operand."""
+        n, c, p = chunk.shape
+        rows = self.ws.get(key, (c, n, p), chunk.dtype, self.xp)
+        self.xp.copyto(rows, chunk.transpose(1, 0, 2))
+        return rows.reshape(self.group, c // self.group, n * p)
+
+    def _from_rows(self, rows: Any, chunk: Any, bias: Any = None) -> None:
+        """Write a (group, channels/group, n·pixels) stack into (n, channels, pixels)."""
+        n, c, p = chunk.shape
+        view = rows.reshape(c, n, p).transpose(1, 0, 2)
+        if bias is None:
+            self.xp.copyto(chunk, view)
+        else:
+            self.xp.add(view, bias.reshape(1, c, 1), out=chunk)
+
+    def _gemm_out(self, key: str, shape: Sequence[int], dtype: Any) -> Any:
+        return self.ws.get(key, shape, dtype, self.xp)
+
+    # -- forward / backward ---------------------------------------------------------------
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        xp = self.xp
+        weights = self._weights(self.blobs[0].data)
+        bias = self.blobs[1].data if self.bias_term else None
+        single = len(self.chunks) == 1
+        for i, (b, t) in enumerate(zip(bottom, top)):
+            for start, stop in self.chunks:
+                if self.transposed:
+                    rows = self._to_rows(self._rows_view(b.data)[start:stop], "rows")
+                    col = xp.matmul(
+                        weights.transpose(0, 2, 1),
+                        rows,
+                        out=self._gemm_out(
+                            "colgemm", (self.group, weights.shape[2], rows.shape[2]), rows.dtype
+                        ),
+                    )
+                    self._uncolumns(col, self._image(t.data)[start:stop])
+                else:
+                    col = self._columns(self._image(b.data)[start:stop])
+                    rows = xp.matmul(
+                        weights,
+                        col,
+                        out=self._gemm_out(
+                            "rowsgemm", (self.group, weights.shape[1], col.shape[2]), col.dtype
+                        ),
+                    )
+                    self._from_rows(rows, self._rows_view(t.data)[start:stop], bias)
+            if self.transposed and bias is not None:
+                out = t.data.reshape(self.num, self.num_output, -1)
+                xp.add(out, bias.reshape(1, -1, 1), out=out)
+            # With the whole batch in one chunk, the columns stay valid for backward.
+            self._cached = i if single and not self.transposed else None
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        want_w = bool(self.param_propagate_down and self.param_propagate_down[0])
+        want_b = (
+            self.bias_term and len(self.param_propagate_down) > 1 and self.param_propagate_down[1]
+        )
+        weights = self._weights(self.blobs[0].data)
+        for i, (b, t) in enumerate(zip(bottom, top)):
+            if want_b:
+                dy = t.diff.reshape(self.num, self.num_output, -1)
+                self.blobs[1].diff += dy.sum(axis=(0, 2), dtype=dy.dtype)
+            if not (want_w or propagate_down[i]):
+                continue
+            for start, stop in self.chunks:
+                if self.transposed:
+                    self._backward_transposed(b, t, start, stop, weights, want_w, propagate_down[i])
+                else:
+                    self._backward_direct(i, b, t, start, stop, weights, want_w, propagate_down[i])
+
+    def _backward_direct(self, i, b, t, start, stop, weights, want_w, want_x) -> None:
+        xp = self.xp
+        dy = self._to_rows(self._rows_view(t.diff)[start:stop], "rows")
+        if want_w:
+            if self._cached == i:
+                n = stop - start
+                col = self.ws.get(
+                    "col",
+                    (self.image_channels, *self.geom.kernel, n, *self.col_spatial),
+                    dy.dtype,
+                    xp,
+                ).reshape(self.group, -1, dy.shape[2])
+            else:
+                col = self._columns(self._image(b.data)[start:stop])
+            dw = self._weights(self.blobs[0].diff)
+            dw += xp.matmul(dy, col.transpose(0, 2, 1))
+        if want_x:
+            dcol = xp.matmul(
+                weights.transpose(0, 2, 1),
+                dy,
+                out=self._gemm_out(
+                    "colgemm", (self.group, weights.shape[2], dy.shape[2]), dy.dtype
+                ),
+            )
+            self._uncolumns(dcol, self._image(b.diff)[start:stop])
+
+    def _backward_transposed(self, b, t, start, stop, weights, want_w, want_x) -> None:
+        xp = self.xp
+        col = self._columns(self._image(t.diff)[start:stop])
+        if want_w:
+            x = self._to_rows(self._rows_view(b.data)[start:stop], "rows")
+            dw = self._weights(self.blobs[0].diff)
+            dw += xp.matmul(x, col.transpose(0, 2, 1))
+        if want_x:
+            dx = xp.matmul(
+                weights,
+                col,
+                out=self._gemm_out(
+                    "rowsgemm", (self.group, weights.shape[1], col.shape[2]), col.dtype
+                ),
+            )
+            self._from_rows(dx, self._rows_view(b.diff)[start:stop])
+
+
+@register("Convolution")
+class ConvolutionLayer(_ConvolutionBase):
+    """Caffe's Convolution: N-D, grouped, dilated, strided, padded cross-correlation plus
+    an optional bias; weights (num_output, channels/group, *kernel), bias (num_output),
+    both constant-0 filled unless a filler is given; output (H + 2p − (d(k−1)+1))/s + 1."""
+
+
+@register("Deconvolution")
+class DeconvolutionLayer(_ConvolutionBase):
+    """Caffe's Deconvolution, the transpose of Convolution (its forward is Convolution's
+    data gradient): weights (channels, num_output/group, *kernel), bias (num_output);
+    output s(H − 1) + d(k − 1) + 1 − 2p."""
+
+    transposed = True
+
+
+@register("Im2col")
+class Im2colLayer(Layer):
+    """Caffe's Im2col: the columns a Convolution with this ConvolutionParameter multiplies,
+    top (…, C·prod(kernel), *out) with channel-major, then kernel-offset order."""
+
+    bottoms = (1, 1)
+    tops = (1, 1)
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        self.axis, self.geom = _conv_geometry(
+            self, self.layer_param.convolution_param, bottom[0].shape
+        )
+        if not self.geom.kernel:
+            raise self.config_error("needs at least one spatial axis after the channel axis")
+        self.ws = Workspace()
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        shape = bottom[0].shape
+        if len(shape) != self.axis + 1 + len(self.geom.kernel):
+            raise self.shape_error(
+                f"bottom shape {shape} has a different number of axes than at setup"
+            )
+        self.spatial = shape[self.axis + 1 :]
+        self.out = _conv_output(self, self.geom, self.spatial)
+        channels = shape[self.axis]
+        self.image_shape = (math.prod(shape[: self.axis]), channels) + self.spatial
+        self.col_shape = self.image_shape[:2] + self.geom.kernel + self.out
+        top[0].reshape(shape[: self.axis] + (channels * math.prod(self.geom.kernel),) + self.out)
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        x = padded(bottom[0].data.reshape(self.image_shape), self.geom.pad, self.ws, "pad")
+        self.xp.copyto(top[0].data.reshape(self.col_shape), windows(x, self.geom, self.out))
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        if propagate_down[0]:
+            col2im(
+                top[0].diff.reshape(self.col_shape),
+                self.geom,
+                self.out,
+                bottom[0].diff.reshape(self.image_shape),
+                self.ws,
+            )
+
+
+# -- pooling -------------------------------------------------------------------------------
+def _pool_extent(layer: Layer, size: int, kernel: int, stride: int, pad: int, ceil: bool) -> int:
+    """Caffe's pooled size: ceil (CEIL) or floor (FLOOR) of (H + 2p − k)/s, plus one."""
+    span = size + 2 * pad - kernel
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    if out <= 0:
+        raise layer.shape_error(
+            f"input size {size} with pad {pad} leaves no room for a {kernel}-wide window"
+        )
+    return out
+
+
+@register("Pooling")
+class PoolingLayer(Layer):
+    """Caffe's Pooling over the last two axes of an (N, C, H, W) bottom.
+
+    MAX keeps the first maximum in window scan order, and its optional second top holds
+    the argmax as Caffe stores it, the flat index h·W + w into the input plane. AVE
+    divides by the window clipped to the padded extent (padding counts, but not what lies
+    beyond the far padded border). STOCHASTIC (no padding) samples, in TRAIN, one element
+    per window with probability activation / window sum from ``self.rng`` (Caffe's GPU
+    kernel; its CPU path has none), and in TEST returns Σx² / (FLT_MIN + Σx); its TEST
+    backward is that formula's exact gradient, where Caffe has none. Output sizes follow
+    ``round_mode`` (CEIL by default); with padding, a last window starting in the padding
+    is dropped.
+    """
+
+    bottoms = (1, 1)
+    tops = (1, 2)
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        p = self.layer_param.pooling_param
+        self.method = p.pool
+        if len(top) > 1 and self.method != pb.PoolingParameter.MAX:
+            raise self.config_error("only MAX pooling has a second top (the argmax mask)")
+        has = p.HasField
+        if p.global_pooling:
+            if has("kernel_size") or has("kernel_h") or has("kernel_w"):
+                raise self.config_error("global_pooling takes the whole plane: give no kernel")
+        elif has("kernel_size") == (has("kernel_h") and has("kernel_w")):
+            raise self.config_error("give kernel_size, or both kernel_h and kernel_w")
+        if not (has("pad_h") == has("pad_w") and not (has("pad") and has("pad_h"))):
+            raise self.config_error("give pad, or both pad_h and pad_w")
+        if not (has("stride_h") == has("stride_w") and not (has("stride") and has("stride_h"))):
+            raise self.config_error("give stride, or both stride_h and stride_w")
+        self.kernel = (
+            (p.kernel_size, p.kernel_size) if has("kernel_size") else (p.kernel_h, p.kernel_w)
+        )
+        self.stride = (p.stride_h, p.stride_w) if has("stride_h") else (p.stride, p.stride)
+        self.pad = (p.pad_h, p.pad_w) if has("pad_h") else (p.pad, p.pad)
+        self.ceil = p.round_mode == pb.PoolingParameter.CEIL
+        if p.global_pooling and (any(self.pad) or self.stride != (1, 1)):
+            raise self.config_error("global_pooling needs pad 0 and stride 1")
+        if not p.global_pooling and min(self.kernel) <= 0:
+            raise self.config_error(f"kernel sizes must be positive, got {self.kernel}")
+        if min(self.stride) <= 0:
+            raise self.config_error(f"strides must be positive, got {self.stride}")
+        if any(self.pad):
+            if self.method == pb.PoolingParameter.STOCHASTIC:
+                raise self.config_error("padding works only with MAX and AVE pooling")
+            if self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]:
+                raise self.config_error(f"pad {self.pad} must be smaller than kernel {self.kernel}")
+        self.ws = Workspace()
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        shape = bottom[0].shape
+        if len(shape) != 4:
+            raise self.shape_error(f"bottom must be (num, channels, height, width), got {shape}")
+        if self.layer_param.pooling_param.global_pooling:
+            self.kernel = shape[2:]
+        out = [
+            _pool_extent(self, h, k, s, p, self.ceil)
+            for h, k, s, p in zip(shape[2:], self.kernel, self.stride, self.pad)
+        ]
+        if any(self.pad):
+            # The last window must start inside the image or its near padding.
+            for d in range(2):
+                if (out[d] - 1) * self.stride[d] >= shape[2 + d] + self.pad[d]:
+                    out[d] -= 1
+        self.out = tuple(out)
+        self.geom = Geometry(tuple(self.kernel), self.stride, self.pad, (1, 1))
+        for t in top:
+            t.reshape(shape[:2] + self.out)
+
+    def _padded_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """A buffer padded by ``pad`` before and, after, as far as the last window reaches
+        (CEIL windows may overhang the padded extent)."""
+        return tuple(shape[:2]) + tuple(
+            max(p + h, (o - 1) * s + k)
+            for h, k, s, p, o in zip(shape[2:], self.kernel, self.stride, self.pad, self.out)
+        )
+
+    def _padded(self, x: Any, fill: float) -> Any:
+        buf = self.ws.get("in", self._padded_shape(x.shape), x.dtype, self.xp, fill=fill)
+        buf[interior(self.pad, x.shape[2:])] = x
+        return buf
+
+    def _zeroed_grad(self, shape: Sequence[int], dtype: Any) -> Any:
+        buf = self.ws.get("grad", self._padded_shape(shape), dtype, self.xp)
+        buf.fill(0)
+        return buf
+
+    def _windows(self, padded_x: Any):
+        """(offset number, input view) for each kernel offset, in Caffe's scan order."""
+        for number, (_, index) in enumerate(offset_slices(self.geom, self.out)):
+            yield number, padded_x[index]
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        x = bottom[0].data
+        if self.method == pb.PoolingParameter.MAX:
+            self._forward_max(x, top)
+        elif self.method == pb.PoolingParameter.AVE:
+            self._forward_ave(x, top[0].data)
+        elif self.phase == pb.TRAIN:
+            self._forward_sample(x, top[0].data)
+        else:
+            self._forward_weighted(x, top[0].data)
+
+    def _forward_max(self, x: Any, top: Sequence[Blob]) -> None:
+        xp = self.xp
+        # Caffe starts each window at -FLT_MAX; padding with the dtype's lowest value keeps
+        # padding from ever winning, and gives Caffe's value for a window with no input.
+        xpad = self._padded(x, float(np.finfo(x.dtype).min))
+        kernel_count = math.prod(self.kernel)
+        dtype = np.uint8 if kernel_count <= 256 else np.int32
+        best = top[0].data
+        self.argmax = self.ws.get("argmax", best.shape, dtype, xp)
+        greater = self.ws.get("greater", best.shape, np.bool_, xp)
+        for number, view in self._windows(xpad):
+            if number == 0:
+                best[...] = view
+                self.argmax.fill(0)
+                continue
+            # Strictly greater: the first maximum in scan order wins, as in Caffe.
+            xp.greater(view, best, out=greater)
+            xp.copyto(self.argmax, xp.asarray(number, dtype=dtype), where=greater)
+            xp.copyto(best, view, where=greater)
+        if len(top) > 1:
+            top[1].data[...] = self._flat_index(self.argmax, x.shape[3])
+
+    def _flat_index(self, offsets: Any, width: int) -> Any:
+        """Offset numbers within windows -> Caffe's mask, h·W + w into the input plane."""
+        xp = self.xp
+        kh, kw = self.kernel
+        rows = xp.arange(self.out[0]).reshape(-1, 1) * self.stride[0] - self.pad[0]
+        cols = xp.arange(self.out[1]) * self.stride[1] - self.pad[1]
+        offsets = offsets.astype(np.int64)
+        return (rows + offsets // kw) * width + cols + offsets % kw
+
+    def _divisor(self, shape: Sequence[int]) -> Any:
+        """Caffe's AVE window sizes: each window clipped to the padded extent H + 2p."""
+        sizes = []
+        for h, k, s, p, o in zip(shape[2:], self.kernel, self.stride, self.pad, self.out):
+            start = np.arange(o) * s - p
+            sizes.append(np.minimum(start + k, h + p) - start)
+        return self.xp.asarray(1.0 / np.outer(sizes[0], sizes[1]), dtype=self.dtype)
+
+    def _forward_ave(self, x: Any, out: Any) -> None:
+        xp = self.xp
+        for number, view in self._windows(self._padded(x, 0.0)):
+            if number == 0:
+                out[...] = view
+            else:
+                xp.add(out, view, out=out)
+        xp.multiply(out, self._divisor(x.shape), out=out)
+
+    def _forward_sample(self, x: Any, out: Any) -> None:
+        """Pick, per window, the first element whose running sum reaches u·Σ, u ~ U[0, 1)."""
+        xp = self.xp
+        xpad = self._padded(x, 0.0)
+        total = xp.zeros(out.shape, dtype=x.dtype)
+        for _, view in self._windows(xpad):
+            xp.add(total, view, out=total)
+        threshold = total * xp.asarray(self.rng.random(out.shape), dtype=x.dtype)
+        count = math.prod(self.kernel)
+        self.argmax = xp.full(out.shape, count, dtype=np.int32)
+        running = xp.zeros_like(total)
+        for number, view in self._windows(xpad):
+            xp.add(running, view, out=running)
+            chosen = (running >= threshold) & (self.argmax == count)
+            xp.copyto(self.argmax, xp.asarray(number, dtype=np.int32), where=chosen)
+            xp.copyto(out, view, where=chosen)
+
+    def _forward_weighted(self, x: Any, out: Any) -> None:
+        xp = self.xp
+        self.total = xp.full(out.shape, FLT_MIN, dtype=x.dtype)
+        squares = xp.zeros_like(self.total)
+        for _, view in self._windows(self._padded(x, 0.0)):
+            xp.add(self.total, view, out=self.total)
+            squares += view * view
+        xp.divide(squares, self.total, out=out)
+
+    # -- backward -----------------------------------------------------------------------
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        dy = top[0].diff
+        grad = self._zeroed_grad(bottom[0].shape, dy.dtype)
+        views = self._windows(grad)
+        if self.method == pb.PoolingParameter.AVE:
+            scaled = dy * self._divisor(bottom[0].shape)
+            for _, view in views:
+                xp.add(view, scaled, out=view)
+        elif self.method == pb.PoolingParameter.STOCHASTIC and self.phase != pb.TRAIN:
+            # d/dx of Σx²/(FLT_MIN + Σx) is (2x − y)/(FLT_MIN + Σx) for every x in the window.
+            ratio = dy / self.total
+            y = top[0].data
+            xpad = self._padded(bottom[0].data, 0.0)
+            for (_, view), (_, x) in zip(views, self._windows(xpad)):
+                view += ratio * (2 * x - y)
+        else:
+            for number, view in views:
+                view += xp.where(self.argmax == number, dy, 0)
+        bottom[0].diff[...] = grad[interior(self.pad, bottom[0].shape[2:])]

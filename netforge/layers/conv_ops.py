@@ -1,0 +1,155 @@
+"""im2col / col2im as strided views: the data movement behind Convolution, Deconvolution,
+Im2col and Pooling.
+
+An image batch is ``(N, C, *spatial)``. ``windows`` views a padded batch as
+``(N, C, *kernel, *out)`` without copying (Caffe's im2col layout per image is
+``(C·prod(kernel), *out)``, the same element order). The convolution layers copy that view
+once into a column buffer laid out ``(C, *kernel, N, *out)``, so that each group's columns
+are one contiguous ``(K, N·prod(out))`` matrix and a whole batch chunk is one GEMM (Chainer's
+``utils/conv.py`` idea, with the batch folded into the GEMM's long axis). ``col2im`` is the
+adjoint: a scatter-add over the kernel offsets (one whole-array add per offset, never a loop
+over pixels). Everything works on numpy and cupy arrays alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+from netforge.backend import get_array_module
+
+
+class Geometry(NamedTuple):
+    """Kernel, stride, pad and dilation per spatial axis."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    pad: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    def conv_out(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Caffe's convolution output size (H + 2p − (d(k−1)+1)) / s + 1 per axis."""
+        return tuple(
+            (h + 2 * p - (d * (k - 1) + 1)) // s + 1
+            for h, k, s, p, d in zip(spatial, self.kernel, self.stride, self.pad, self.dilation)
+        )
+
+    def deconv_out(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Caffe's deconvolution output size s(H − 1) + d(k − 1) + 1 − 2p per axis."""
+        return tuple(
+            s * (h - 1) + d * (k - 1) + 1 - 2 * p
+            for h, k, s, p, d in zip(spatial, self.kernel, self.stride, self.pad, self.dilation)
+        )
+
+
+class Workspace:
+    """Buffers a layer reuses from one pass to the next, keyed by purpose.
+
+    A buffer is reallocated only when the requested shape or dtype changes. A new buffer
+    is set to ``fill`` when one is given, which padded copies rely on: their border is
+    written once and only their interior is rewritten on every pass.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] = {}
+
+    def get(
+        self, key: str, shape: Sequence[int], dtype: Any, xp: Any, fill: float | None = None
+    ) -> Any:
+        shape = tuple(shape)
+        buf = self._buffers.get(key)
+        stale = buf is None or buf.shape != shape or buf.dtype != dtype
+        if stale or get_array_module(buf) is not xp:
+            buf = xp.empty(shape, dtype=dtype)
+            if fill is not None:
+                buf.fill(fill)
+            self._buffers[key] = buf
+        return buf
+
+
+def interior(pad_before: Sequence[int], spatial: Sequence[int]) -> tuple[slice, ...]:
+    """The index of the unpadded image inside a padded ``(N, C, *padded)`` array."""
+    return (slice(None), slice(None)) + tuple(slice(p, p + h) for p, h in zip(pad_before, spatial))
+
+
+def padded(x: Any, pad: Sequence[int], ws: Workspace, key: str) -> Any:
+    """``x`` (N, C, *spatial) with ``pad`` zeros on both sides of every spatial axis.
+
+    The zero border is written once: the workspace buffer keeps it, and each call copies
+    only the interior.
+    """
+    if not any(pad):
+        return x
+    xp = get_array_module(x)
+    shape = x.shape[:2] + tuple(h + 2 * p for h, p in zip(x.shape[2:], pad))
+    buf = ws.get(key, shape, x.dtype, xp, fill=0)
+    buf[interior(pad, x.shape[2:])] = x
+    return buf
+
+
+def windows(xpad: Any, geom: Geometry, out: Sequence[int]) -> Any:
+    """A read-only ``(N, C, *kernel, *out)`` view of the padded batch ``xpad``."""
+    xp = get_array_module(xpad)
+    strides = xpad.strides
+    spatial = strides[2:]
+    view_strides = (
+        strides[:2]
+        + tuple(s * d for s, d in zip(spatial, geom.dilation))
+        + tuple(s * t for s, t in zip(spatial, geom.stride))
+    )
+    shape = xpad.shape[:2] + geom.kernel + tuple(out)
+    return xp.lib.stride_tricks.as_strided(xpad, shape, view_strides)
+
+
+def offset_slices(geom: Geometry, out: Sequence[int]) -> Iterator[tuple[tuple[int, ...], tuple]]:
+    """Each kernel offset (row-major, Caffe's scan order) with the index, into a padded
+    ``(N, C, *padded)`` array, of the input elements that offset touches for every output."""
+    for offset in itertools.product(*(range(k) for k in geom.kernel)):
+        index = tuple(
+            slice(o * d, o * d + s * (m - 1) + 1, s)
+            for o, d, s, m in zip(offset, geom.dilation, geom.stride, out)
+        )
+        yield offset, (slice(None), slice(None)) + index
+
+
+def im2col(x: Any, geom: Geometry, out: Sequence[int], col: Any, ws: Workspace) -> Any:
+    """Write the columns of ``x`` (N, C, *spatial) into ``col``, shaped (C, *kernel, N, *out)."""
+    view = windows(padded(x, geom.pad, ws, "im2col_pad"), geom, out)
+    nk = len(geom.kernel)
+    order = (1,) + tuple(range(2, 2 + nk)) + (0,) + tuple(range(2 + nk, 2 + 2 * nk))
+    xp = get_array_module(x)
+    xp.copyto(col, view.transpose(order))
+    return col
+
+
+def col2im(cols: Any, geom: Geometry, out: Sequence[int], image: Any, ws: Workspace) -> Any:
+    """Sum columns back into ``image`` (N, C, *spatial), overwriting it (Caffe's col2im).
+
+    ``cols`` is any view shaped ``(N, C, *kernel, *out)``; each input element receives the
+    sum of the column entries that copied it, which makes this the adjoint of ``im2col``.
+    """
+    xp = get_array_module(image)
+    pad = geom.pad
+    if any(pad):
+        shape = image.shape[:2] + tuple(h + 2 * p for h, p in zip(image.shape[2:], pad))
+        acc = ws.get("col2im_acc", shape, image.dtype, xp)
+    else:
+        acc = image
+    acc.fill(0)
+    lead = (slice(None), slice(None))
+    for offset, index in offset_slices(geom, out):
+        target = acc[index]
+        xp.add(target, cols[lead + offset], out=target)
+    if any(pad):
+        image[...] = acc[interior(pad, image.shape[2:])]
+    return image
+
+
+def batch_chunks(num: int, per_item: int, limit: int) -> list[tuple[int, int]]:
+    """Split ``num`` batch items into runs whose buffers hold at most ``limit`` elements
+    (at least one item per run), so that column buffers stay bounded on large batches."""
+    step = max(1, min(num, limit // max(per_item, 1)))
+    count = math.ceil(num / step) if num else 0
+    return [(i * step, min(num, (i + 1) * step)) for i in range(count)]
