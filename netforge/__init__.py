@@ -15,11 +15,27 @@ from netforge.blob import Blob  # noqa: E402
 from netforge.errors import NetforgeError  # noqa: E402
 from netforge.layer import Layer, register  # noqa: E402
 from netforge.proto import pb  # noqa: E402
+from netforge.solvers import (  # noqa: E402
+    AdaDeltaSolver,
+    AdaGradSolver,
+    AdamSolver,
+    NesterovSolver,
+    RMSPropSolver,
+    SGDSolver,
+    get_solver,
+)
 
 TRAIN = pb.TRAIN
 TEST = pb.TEST
 
 __all__ = [
+    "AdaDeltaSolver",
+    "AdaGradSolver",
+    "AdamSolver",
+    "NesterovSolver",
+    "RMSPropSolver",
+    "SGDSolver",
+    "get_solver",
     "TRAIN",
     "TEST",
     "Blob",

@@ -115,6 +115,8 @@ class Solver:
         self._losses: list[float] = []
         self._smoothed_loss = 0.0
         self._rate = 0.0
+        #: The last iteration's loss (the mean over its ``iter_size`` passes).
+        self.loss = math.nan
         log.info("Solver scaffolding done.")
 
     # -- set-up --------------------------------------------------------------------------
@@ -307,6 +309,7 @@ class Solver:
             for _ in range(param.iter_size):
                 loss += net.forward_backward()
             loss /= param.iter_size
+            self.loss = loss
             if not self.allow_nonfinite:
                 self._check_finite(loss)
             self._update_smoothed_loss(loss, start_iter)

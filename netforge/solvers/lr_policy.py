@@ -1,15 +1,13 @@
 """Caffe's learning-rate policies (SGDSolver::GetLearningRate).
 
 ``it`` is the solver's iteration counter before the update it is computed for. The rate is
-computed in float64 and rounded to float32 at the end, as Caffe stores it in a ``float``.
+a Python float; in a float32 net it meets the arrays as a float32, as Caffe's ``Dtype`` rate.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-
-import numpy as np
 
 from netforge.errors import ConfigError
 from netforge.proto import pb
@@ -74,4 +72,4 @@ def learning_rate(param: pb.SolverParameter, it: int, current_step: int) -> tupl
         rate = base_lr / (1.0 + math.exp(exponent)) if exponent < 700 else 0.0
     else:
         raise ConfigError(f"unknown learning rate policy {policy!r}")
-    return float(np.float32(rate)), current_step
+    return float(rate), current_step
