@@ -1,1 +1,333 @@
-"""Layers: normalization (being written)."""
+"""Normalization layers: BatchNorm, MVN, and the per-channel affine pair Scale and Bias.
+
+Each computes what Caffe's layer of the same type computes, forward and backward
+(src/caffe/layers/{batch_norm,mvn,scale,bias}_layer.cpp), and may run in place. Caffe's
+BatchNorm has no affine part; its models follow it with ``Scale { bias_term: true }``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from netforge.blob import Blob
+from netforge.filler import filler_or
+from netforge.layer import Layer, register
+from netforge.proto import pb
+
+
+@register("BatchNorm")
+class BatchNormLayer(Layer):
+    """Caffe's BatchNorm: normalise each channel (axis 1) by its mean and variance.
+
+    Parameter blobs, all created as zeros: 0 the running sum of means (C), 1 the running
+    sum of variances (C), 2 the running normaliser (1). They are statistics, not weights:
+    like Caffe, setup adds ``param { lr_mult: 0 }`` for each to ``layer_param`` (the Net
+    reads it after setup) and rejects a prototxt that gives any of them another lr_mult.
+
+    With batch statistics (``use_global_stats`` false; by default in TRAIN), forward uses the
+    batch's mean and biased variance over every axis but 1, and updates the blobs as Caffe
+    does, un-normalised: blob2 ← maf·blob2 + 1, blob0 ← maf·blob0 + mean,
+    blob1 ← maf·blob1 + m/(m−1)·var (m = values per channel; the factor is 1 when m = 1),
+    maf being ``moving_average_fraction``. With global statistics (by default in TEST), the
+    mean and variance are blob0/blob2 and blob1/blob2 (both 0 when blob2 is 0). Then
+    y = (x − mean) / sqrt(var + eps).
+
+    Backward with batch statistics is the full batch-norm gradient
+    (dy − mean(dy) − y·mean(dy·y)) / sqrt(var + eps); with global statistics it is
+    dy / sqrt(var + eps), the statistics being constants (Caffe's choice).
+    """
+
+    bottoms = (1, 1)
+    tops = (1, 1)
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        param = self.layer_param.batch_norm_param
+        self.maf = param.moving_average_fraction
+        self.eps = param.eps
+        self.use_global_stats = (
+            param.use_global_stats if param.HasField("use_global_stats") else self.phase == pb.TEST
+        )
+        self.channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
+        expected = (self.channels, self.channels, 1)
+        if not self.blobs:
+            for count in expected:
+                self.blobs.append(self.make_blob((count,)))
+        counts = tuple(b.count for b in self.blobs)
+        if counts != expected:
+            raise self.shape_error(
+                f"the stored statistics have {counts} values, expected {expected} for "
+                f"{self.channels} channels: the weights do not belong to this net"
+            )
+        specs = self.layer_param.param
+        for i in range(len(self.blobs)):
+            if i == len(specs):
+                specs.add(lr_mult=0.0)
+            elif specs[i].lr_mult != 0:
+                raise self.config_error(
+                    f"param {i} has lr_mult {specs[i].lr_mult}, but the mean, variance and "
+                    "normaliser are statistics, not learned: remove the param specs or set "
+                    "lr_mult: 0"
+                )
+        self._x_norm: Any = None
+        self._std: Any = None
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
+        if channels != self.channels:
+            raise self.shape_error(
+                f"bottom has {channels} channels, but the layer was set up for {self.channels}"
+            )
+        top[0].reshape(bottom[0].shape)
+
+    def _by_channel(self, array: Any) -> Any:
+        """``array`` viewed as (N, C, rest), so statistics reduce over axes 0 and 2."""
+        return array.reshape(array.shape[0], self.channels, -1)
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        xp = self.xp
+        x = self._by_channel(bottom[0].data)
+        mean_sum, var_sum, norm = (b.data.reshape(-1) for b in self.blobs)
+        if self.use_global_stats:
+            total = float(norm[0])
+            factor = 0.0 if total == 0 else 1.0 / total
+            mean, var = factor * mean_sum, factor * var_sum
+        else:
+            mean = x.mean(axis=(0, 2))
+            var = xp.square(x - mean[:, None]).mean(axis=(0, 2))
+            m = x.size // self.channels
+            correction = m / (m - 1) if m > 1 else 1.0
+            norm[...] = self.maf * norm + 1
+            mean_sum[...] = self.maf * mean_sum + mean
+            var_sum[...] = self.maf * var_sum + correction * var
+        self._std = xp.sqrt(var + self.eps)[:, None]
+        # Kept apart from the top: a later in-place layer may overwrite the top's data.
+        self._x_norm = (x - mean[:, None]) / self._std
+        top[0].data[...] = self._x_norm.reshape(top[0].shape)
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        if not propagate_down[0]:
+            return
+        dy = self._by_channel(top[0].diff)
+        if self.use_global_stats:
+            dx = dy / self._std
+        else:
+            y = self._x_norm
+            mean_dy = dy.mean(axis=(0, 2), keepdims=True)
+            mean_dy_y = (dy * y).mean(axis=(0, 2), keepdims=True)
+            dx = (dy - mean_dy - y * mean_dy_y) / self._std
+        bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+
+
+@register("MVN")
+class MVNLayer(Layer):
+    """Mean-variance normalisation of each (item, channel), or of each item when
+    ``across_channels``: y = (x − mean) / (std + eps), or x − mean without
+    ``normalize_variance``. As in Caffe, eps is added to the standard deviation (biased),
+    not to the variance, and backward is Caffe's
+    (dy − mean(dy) − y·mean(dy·y)) / (std + eps), computed from the top's data (the exact
+    derivative as eps → 0; with the default eps of 1e-9 the difference is nil).
+
+    Caffe's MVN works on the legacy 4-axis view of its bottom, so its top is
+    (num, channels, height, width) with missing axes 1: a (N, C) bottom gives a
+    (N, C, 1, 1) top, here too. Bottoms with more than 4 axes are refused, as Caffe does.
+    """
+
+    bottoms = (1, 1)
+    tops = (1, 1)
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        param = self.layer_param.mvn_param
+        self.normalize_variance = param.normalize_variance
+        self.across_channels = param.across_channels
+        self.eps = param.eps
+        self._std: Any = None
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        shape = bottom[0].shape
+        if not 1 <= len(shape) <= 4:
+            raise self.shape_error(f"bottom needs 1 to 4 axes, got shape {shape}")
+        legacy = shape + (1,) * (4 - len(shape))
+        self._rows = legacy[0] if self.across_channels else legacy[0] * legacy[1]
+        top[0].reshape(legacy)
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        xp = self.xp
+        x = bottom[0].data.reshape(self._rows, -1)
+        y = x - x.mean(axis=1, keepdims=True)
+        if self.normalize_variance:
+            self._std = xp.sqrt(xp.square(y).mean(axis=1, keepdims=True)) + self.eps
+            y = y / self._std
+        top[0].data[...] = y.reshape(top[0].shape)
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        if not propagate_down[0]:
+            return
+        dy = top[0].diff.reshape(self._rows, -1)
+        dx = dy - dy.mean(axis=1, keepdims=True)
+        if self.normalize_variance:
+            y = top[0].data.reshape(self._rows, -1)
+            dx = (dx - y * (dy * y).mean(axis=1, keepdims=True)) / self._std
+        bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+
+
+# -- Scale and Bias ------------------------------------------------------------------------
+def _axis(layer: Layer, blob: Blob, axis: int) -> int:
+    """Caffe's CanonicalAxisIndex: a negative axis counts from the end."""
+    n = blob.num_axes
+    if not -n <= axis < n:
+        raise layer.shape_error(f"axis {axis} is out of range for a bottom of shape {blob.shape}")
+    return axis % n
+
+
+def _param_shape(layer: Layer, bottom: Blob, axis: int, num_axes: int) -> tuple[int, ...]:
+    """The shape of a learned scale or bias: bottom's axes from ``axis``, ``num_axes`` of
+    them, or through the last axis when ``num_axes`` is −1."""
+    axis = _axis(layer, bottom, axis)
+    if num_axes < -1:
+        raise layer.config_error(f"num_axes must be >= -1 (-1: to the last axis), got {num_axes}")
+    if num_axes >= 0 and bottom.num_axes < axis + num_axes:
+        raise layer.shape_error(
+            f"axis {axis} with num_axes {num_axes} runs past the bottom's shape {bottom.shape}"
+        )
+    return bottom.shape[axis:] if num_axes == -1 else bottom.shape[axis : axis + num_axes]
+
+
+def _broadcast_dims(layer: Layer, bottom: Blob, axis: int, operand: Blob) -> tuple[int, int, int]:
+    """(outer, operand count, inner): the view of bottom in which ``operand`` broadcasts
+    along the middle axis. As in Caffe, a 0-axis (scalar) operand ignores ``axis``."""
+    shape = operand.shape
+    start = 0 if not shape else _axis(layer, bottom, axis)
+    if bottom.shape[start : start + len(shape)] != shape:
+        raise layer.shape_error(
+            f"operand of shape {shape} does not match the bottom's shape {bottom.shape} "
+            f"from axis {start}"
+        )
+    return (
+        math.prod(bottom.shape[:start]),
+        operand.count,
+        math.prod(bottom.shape[start + len(shape) :]),
+    )
+
+
+def _sum_to(array: Any, dims: tuple[int, int, int], shape: tuple[int, ...]) -> Any:
+    """``array`` summed over the outer and inner axes of its ``dims`` view, as ``shape``."""
+    return array.reshape(dims).sum(axis=(0, 2)).reshape(shape)
+
+
+@register("Bias")
+class BiasLayer(Layer):
+    """y = x + b, b broadcast over bottom's axes ``axis`` … ``axis + num_axes − 1``.
+
+    With one bottom, b is a learned blob of bottom's shape over those axes (``num_axes``
+    −1: through the last axis), filled by ``bias_param.filler`` (default constant 0). With
+    two bottoms, b is bottom[1], whose shape must equal bottom[0]'s from ``axis``; its
+    gradient is the sum of the top diff over the other axes.
+    """
+
+    bottoms = (1, 2)
+    tops = (1, 1)
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        param = self.layer_param.bias_param
+        if len(bottom) == 1 and not self.blobs:
+            shape = _param_shape(self, bottom[0], param.axis, param.num_axes)
+            self.blobs.append(self.make_blob(shape, param.filler))
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        self._bias = bottom[1] if len(bottom) > 1 else self.blobs[0]
+        self._dims = _broadcast_dims(self, bottom[0], self.layer_param.bias_param.axis, self._bias)
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        bias = self._bias.data.reshape(1, -1, 1)
+        top[0].data[...] = (bottom[0].data.reshape(self._dims) + bias).reshape(top[0].shape)
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        dy = top[0].diff
+        if len(bottom) == 1:
+            if self.param_propagate_down[0]:
+                self.blobs[0].diff += _sum_to(dy, self._dims, self.blobs[0].shape)
+        elif propagate_down[1]:
+            bottom[1].diff[...] = _sum_to(dy, self._dims, bottom[1].shape)
+        # In place, the bottom diff already is the top diff.
+        if propagate_down[0] and top[0] is not bottom[0]:
+            bottom[0].diff[...] = dy
+
+
+@register("Scale")
+class ScaleLayer(Layer):
+    """y = x·s (+ b), s broadcast over bottom's axes ``axis`` … ``axis + num_axes − 1``.
+
+    With one bottom, s is a learned blob of bottom's shape over those axes (``num_axes``
+    −1: through the last axis), filled by ``scale_param.filler`` (default constant 1). With
+    two bottoms, s is bottom[1], whose shape must equal bottom[0]'s from ``axis``; a
+    0-axis s scales everything. ``bias_term`` adds a learned bias b, the last parameter
+    blob, of the same axes (bottom[1]'s axes count in the two-bottom form), filled by
+    ``bias_filler`` (default constant 0), as Caffe's internal Bias layer does.
+
+    Gradients: ds = Σ dy·x and db = Σ dy over the other axes (added to learned blobs,
+    written to bottom[1]); dx = dy·s. In place, forward keeps x for ds, as Caffe does.
+    """
+
+    bottoms = (1, 2)
+    tops = (1, 1)
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        param = self.layer_param.scale_param
+        if len(bottom) == 1 and not self.blobs:
+            shape = _param_shape(self, bottom[0], param.axis, param.num_axes)
+            filler = filler_or(param, "filler", type="constant", value=1)
+            self.blobs.append(self.make_blob(shape, filler))
+        if param.bias_term and len(self.blobs) + len(bottom) < 3:
+            num_axes = bottom[1].num_axes if len(bottom) > 1 else param.num_axes
+            shape = _param_shape(self, bottom[0], param.axis, num_axes)
+            self.blobs.append(self.make_blob(shape, param.bias_filler))
+        expected = (len(bottom) == 1) + param.bias_term
+        if len(self.blobs) != expected:
+            raise self.config_error(
+                f"has {len(self.blobs)} parameter blobs but {len(bottom)} bottom(s) and "
+                f"bias_term {param.bias_term} need {expected}: the weights do not match"
+            )
+        self._x: Any = None
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        param = self.layer_param.scale_param
+        self._scale = bottom[1] if len(bottom) > 1 else self.blobs[0]
+        self._dims = _broadcast_dims(self, bottom[0], param.axis, self._scale)
+        if param.bias_term:
+            self._bias_dims = _broadcast_dims(self, bottom[0], param.axis, self.blobs[-1])
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        x = bottom[0].data
+        self._x = x.copy() if top[0] is bottom[0] else None
+        y = x.reshape(self._dims) * self._scale.data.reshape(1, -1, 1)
+        if self.layer_param.scale_param.bias_term:
+            y = y.reshape(self._bias_dims) + self.blobs[-1].data.reshape(1, -1, 1)
+        top[0].data[...] = y.reshape(top[0].shape)
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        dy = top[0].diff
+        # Every gradient that reads dy comes before the bottom diff: in place, they share memory.
+        if self.layer_param.scale_param.bias_term and self.param_propagate_down[-1]:
+            bias = self.blobs[-1]
+            bias.diff += _sum_to(dy, self._bias_dims, bias.shape)
+        x = bottom[0].data if self._x is None else self._x
+        if len(bottom) == 1:
+            if self.param_propagate_down[0]:
+                self.blobs[0].diff += _sum_to(dy * x, self._dims, self.blobs[0].shape)
+        elif propagate_down[1]:
+            bottom[1].diff[...] = _sum_to(dy * x, self._dims, bottom[1].shape)
+        if propagate_down[0]:
+            scale = self._scale.data.reshape(1, -1, 1)
+            bottom[0].diff[...] = (dy.reshape(self._dims) * scale).reshape(bottom[0].shape)
