@@ -314,6 +314,14 @@ def test_infogain_loss_errors(backend, tmp_path):
             [INFO_X, INFO_LABELS],
             backend=backend,
         )
+    corrupt = tmp_path / "corrupt.binaryproto"
+    corrupt.write_bytes(b"\x0a\xff\xff")
+    with pytest.raises(DataError, match="corrupt"):
+        run(
+            f'type: "InfogainLoss" infogain_loss_param {{ source: "{corrupt}" }}',
+            [INFO_X, INFO_LABELS],
+            backend=backend,
+        )
     with pytest.raises(ShapeError, match="4x4"):
         run('type: "InfogainLoss"', [INFO_X, INFO_LABELS, np.ones((3, 3))], backend=backend)
     with pytest.raises(ConfigError, match="normalize is deprecated"):

@@ -313,3 +313,63 @@ def test_lstm_unit_shape_checks(backend):
         build(UNIT_TEXT, [c_prev, gates[..., :6], cont], num_tops=2, backend=backend)
     with pytest.raises(ShapeError, match="bottom 2"):
         build(UNIT_TEXT, [c_prev, gates, cont[:, :2]], num_tops=2, backend=backend)
+
+
+# -- in a Net ------------------------------------------------------------------------------
+LRCN = """
+name: "tiny_lrcn"
+layer { name: "in" type: "Input" top: "x" top: "cont" top: "label"
+        input_param { shape { dim: 3 dim: 2 dim: 3 } shape { dim: 3 dim: 2 }
+                      shape { dim: 3 dim: 2 } } }
+layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" top: "h"
+        recurrent_param { num_output: 2 weight_filler { type: "uniform" min: -0.6 max: 0.6 }
+                          bias_filler { type: "uniform" min: -0.3 max: 0.3 } } }
+layer { name: "score" type: "InnerProduct" bottom: "h" top: "score"
+        inner_product_param { num_output: 4 axis: 2
+                              weight_filler { type: "uniform" min: -1 max: 1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss"
+        loss_weight: 2.5 softmax_param { axis: 2 } }
+layer { name: "acc" type: "Accuracy" bottom: "score" bottom: "label" top: "acc"
+        accuracy_param { axis: 2 } }
+"""
+
+
+def test_lstm_and_losses_in_a_net_match_numeric_gradients():
+    from netforge.net import Net
+    from netforge.proto import pb
+    from netforge.prototxt import parse_text
+
+    net = Net(
+        parse_text(LRCN, pb.NetParameter),
+        phase=pb.TRAIN,
+        dtype=np.float64,
+        rng=np.random.default_rng(0),
+    )
+    x, cont, _ = data(20)
+    net.blobs["x"].data = x
+    net.blobs["cont"].data = cont
+    net.blobs["label"].data = np.array([[0.0, 3.0], [1.0, 1.0], [2.0, 0.0]])
+    lstm = net.layers[net.layer_names.index("lstm")]
+
+    def loss() -> float:
+        # cont is 0 at t = 0, so the state carried from the previous pass does not matter.
+        return net.forward_from_to()
+
+    for p in lstm.blobs:
+        p.diff = np.zeros_like(p.data)
+    loss()
+    net.backward_from_to()
+    step = 1e-5
+    for p in lstm.blobs:
+        flat = p.data.reshape(-1)
+        for j in range(0, flat.size, 3):
+            saved = flat[j]
+            flat[j] = saved + step
+            plus = loss()
+            flat[j] = saved - step
+            minus = loss()
+            flat[j] = saved
+            np.testing.assert_allclose(
+                p.diff.reshape(-1)[j], (plus - minus) / (2 * step), rtol=1e-5, atol=1e-8
+            )
+    assert 0.0 <= float(net.blobs["acc"].data) <= 1.0

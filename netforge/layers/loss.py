@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from netforge.blob import Blob
 from netforge.errors import DataError
 from netforge.layer import Layer, register
 from netforge.proto import pb
+from netforge.prototxt import parse_binary
+from netforge.weights import stored_blob
 
 #: Caffe's floor inside log() for SoftmaxWithLoss (``FLT_MIN``, also for double nets).
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -301,23 +302,7 @@ def read_blob_proto(path: str, layer: Layer) -> np.ndarray:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise DataError(f"{where}: cannot read BlobProto file {path!r}: {exc.strerror}") from exc
-    proto = pb.BlobProto()
-    try:
-        proto.ParseFromString(raw)
-    except DecodeError as exc:
-        raise DataError(f"{where}: {path!r} is not a BlobProto (.binaryproto) file") from exc
-    legacy = ("num", "channels", "height", "width")
-    if any(proto.HasField(f) for f in legacy):
-        shape = tuple(getattr(proto, f) for f in legacy)
-    else:
-        shape = tuple(proto.shape.dim)
-    values = np.asarray(proto.double_data if len(proto.double_data) else proto.data)
-    if values.size != prod(shape):
-        raise DataError(
-            f"{where}: {path!r} holds {values.size} values but its shape {shape} needs "
-            f"{prod(shape)}"
-        )
-    return values.reshape(shape)
+    return stored_blob(parse_binary(raw, pb.BlobProto, path), f"{where}: {path}").data
 
 
 @register("EuclideanLoss")
