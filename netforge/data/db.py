@@ -13,6 +13,7 @@ saying how to convert them.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,14 +51,7 @@ class Reader:
                 f"cannot open LMDB database {self.source}: "
                 + ("no such directory" if not path.exists() else "no data.mdb inside")
             )
-        try:
-            self.env = lmdb.open(self.source, readonly=True, lock=True, readahead=False)
-        except lmdb.Error:
-            # A read-only copy (no write access to lock.mdb): Caffe falls back to no locking.
-            try:
-                self.env = lmdb.open(self.source, readonly=True, lock=False, readahead=False)
-            except lmdb.Error as exc:
-                raise DataError(f"cannot open LMDB database {self.source}: {exc}") from None
+        self.env = _open_shared(path.resolve())
         self.size = self.env.stat()["entries"]
         if self.size == 0:
             raise DataError(f"LMDB database {self.source} is empty")
@@ -95,7 +89,40 @@ class Reader:
             yield from txn.cursor()
 
     def close(self) -> None:
-        self.env.close()
+        _release(self.env)
+
+
+# py-lmdb refuses to open one environment twice in a process, but a train and a test net
+# may read the same database: readers share one read-only environment per path.
+_shared: dict[Path, list] = {}
+_shared_lock = threading.Lock()
+
+
+def _open_shared(path: Path) -> lmdb.Environment:
+    with _shared_lock:
+        if path in _shared:
+            _shared[path][1] += 1
+            return _shared[path][0]
+        try:
+            env = lmdb.open(str(path), readonly=True, lock=True, readahead=False)
+        except lmdb.Error:
+            # A read-only copy (no write access to lock.mdb): Caffe falls back to no locking.
+            try:
+                env = lmdb.open(str(path), readonly=True, lock=False, readahead=False)
+            except lmdb.Error as exc:
+                raise DataError(f"cannot open LMDB database {path}: {exc}") from None
+        _shared[path] = [env, 1]
+        return env
+
+
+def _release(env: lmdb.Environment) -> None:
+    with _shared_lock:
+        for path, entry in list(_shared.items()):
+            if entry[0] is env:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _shared[path]
+                    env.close()
 
 
 class Writer:

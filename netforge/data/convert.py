@@ -1,0 +1,282 @@
+"""Converters: image lists to LMDB (Caffe's convert_imageset) and to HDF5, and image means.
+
+The list file format (one ``<path> <label>`` or ``<path> <target> <target>...`` per line)
+is described in ``netforge.data.listfile``. Labels go to ``Datum.label``; several numbers,
+or a non-integer one, go to ``Datum.targets`` (LMDB) or to a (N, T) ``label`` dataset
+(HDF5), which the Data and HDF5Data layers hand to the net as a (batch, T) label top.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from netforge.data.datum import (
+    FORMATS,
+    datum_image,
+    encode_image,
+    make_datum,
+    parse_datum,
+    read_image,
+)
+from netforge.data.db import Reader, Writer, check_backend
+from netforge.data.hdf5 import write_hdf5
+from netforge.data.listfile import Entry, read_list
+from netforge.data.pipeline import decode_map
+from netforge.errors import DataError
+
+log = logging.getLogger("netforge")
+
+#: how many images are decoded together (and the LMDB commit size, as Caffe's 1000).
+CHUNK = 256
+COMMIT_EVERY = 1000
+
+
+@dataclass
+class Summary:
+    """What a conversion did: records written and the images skipped, with the reason."""
+
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+
+
+def _entries(root: str | os.PathLike, list_file: str | os.PathLike, shuffle: bool, seed):
+    if not Path(root).is_dir():
+        raise DataError(f"image root folder {root} does not exist or is not a directory")
+    entries = read_list(list_file)
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(len(entries))
+        entries = [entries[i] for i in order]
+    return entries
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+def _encoding_of(path: str, encoded: bool, encode_type: str) -> str:
+    """Caffe: an explicit encode_type implies encoded; otherwise the file's extension."""
+    if encode_type:
+        return encode_type.lower().lstrip(".")
+    if encoded:
+        return Path(path).suffix.lower().lstrip(".")
+    return ""
+
+
+def datum_for(
+    path: str,
+    entry: Entry,
+    *,
+    color: bool,
+    size: tuple[int, int],
+    encoding: str,
+) -> bytes:
+    """The serialized Datum convert_imageset writes for one image (ReadImageToDatum).
+
+    Encoded records keep the file's own bytes when no resize or colour change is needed
+    and its extension matches the encoding (jpg = jpeg), else the image is re-encoded.
+    """
+    image = read_image(path, color, *size)
+    if not encoding:
+        return make_datum(image, entry.label, entry.targets).SerializeToString()
+    if encoding not in FORMATS:
+        raise DataError(f"unknown encode_type {encoding!r}; use one of {sorted(FORMATS)}")
+    same_ext = FORMATS.get(Path(path).suffix.lower().lstrip(".")) == FORMATS[encoding]
+    # Caffe compares the decoded channel count with the colour request.
+    if (image.shape[0] == 3) == color and not any(size) and same_ext:
+        data = Path(path).read_bytes()
+    else:
+        data = encode_image(image, encoding)
+    return make_datum(data, entry.label, entry.targets).SerializeToString()
+
+
+def convert_imageset(
+    root: str | os.PathLike,
+    list_file: str | os.PathLike,
+    db: str | os.PathLike,
+    *,
+    gray: bool = False,
+    shuffle: bool = False,
+    backend: str = "lmdb",
+    resize_height: int = 0,
+    resize_width: int = 0,
+    check_size: bool = False,
+    encoded: bool = False,
+    encode_type: str = "",
+    seed: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Caffe's convert_imageset: every listed image as a Datum in a new LMDB database.
+
+    Keys are the 8-digit line index (after shuffling) + "_" + the listed path, values the
+    Datum (raw uint8 C×H×W BGR, or the encoded file). Resizing happens only when both sizes
+    are > 0. Unreadable or corrupt images are logged, skipped and listed in the summary.
+    Records are committed every 1000, so an interrupted conversion leaves a valid database
+    of the records committed so far. ``progress(n)`` is called as images are processed.
+    """
+    check_backend(backend, str(db))
+    entries = _entries(root, list_file, shuffle, seed)
+    size = (resize_height, resize_width) if resize_height > 0 and resize_width > 0 else (0, 0)
+    summary = Summary(outputs=[Path(db)])
+    data_size = None
+
+    def one(item: tuple[int, Entry]) -> tuple[int, Entry, bytes | DataError]:
+        index, entry = item
+        path = os.path.join(root, entry.path)
+        encoding = _encoding_of(entry.path, encoded, encode_type)
+        try:
+            return (
+                index,
+                entry,
+                datum_for(path, entry, color=not gray, size=size, encoding=encoding),
+            )
+        except DataError as exc:
+            return index, entry, exc
+
+    with Writer(db, batch=COMMIT_EVERY) as writer:
+        for start, chunk in _chunks(entries, CHUNK):
+            for index, entry, value in decode_map(one, enumerate(chunk, start)):
+                if isinstance(value, DataError):
+                    log.warning("skipping %s: %s", entry.path, value)
+                    summary.skipped.append((entry.path, str(value)))
+                    continue
+                if check_size:
+                    length = len(parse_datum(value, entry.path).data)
+                    if data_size is None:
+                        data_size = length
+                    elif length != data_size:
+                        raise DataError(
+                            f"{entry.path}: {length} bytes of pixel data, the first image had "
+                            f"{data_size} (--check-size: all images must have the same size)"
+                        )
+                writer.put(f"{index:08d}_{entry.path}", value)
+                summary.written += 1
+            if progress is not None:
+                progress(len(chunk))
+    return summary
+
+
+def convert_hdf5(
+    root: str | os.PathLike,
+    list_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    gray: bool = False,
+    shuffle: bool = False,
+    resize_height: int = 0,
+    resize_width: int = 0,
+    scale: float = 1.0,
+    rows_per_file: int = 1000,
+    data_name: str = "data",
+    label_name: str = "label",
+    seed: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Images (C×H×W BGR, as the Data layer gives them) or ``.npy`` arrays with their labels
+    or targets into chunked, compressed HDF5 files of ``rows_per_file`` rows each, plus
+    ``list.txt`` naming them (absolute paths), ready for an HDF5Data layer.
+
+    Data is stored as float32 times ``scale`` (HDF5Data does not transform); labels as a
+    (N,) float dataset, or (N, T) for targets. Unreadable inputs are skipped and listed.
+    """
+    entries = _entries(root, list_file, shuffle, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = (resize_height, resize_width) if resize_height > 0 and resize_width > 0 else (0, 0)
+    summary = Summary()
+
+    def one(entry: Entry) -> np.ndarray | DataError:
+        path = os.path.join(root, entry.path)
+        try:
+            if path.endswith(".npy"):
+                try:
+                    return np.load(path, allow_pickle=False)
+                except (OSError, ValueError) as exc:
+                    raise DataError(f"cannot read array {path}: {exc}") from None
+            return read_image(path, not gray, *size)
+        except DataError as exc:
+            return exc
+
+    rows: list[np.ndarray] = []
+    labels: list = []
+    shape = None
+
+    def flush() -> None:
+        if not rows:
+            return
+        target = out / f"part-{len(summary.outputs):05d}.h5"
+        data = np.stack(rows).astype(np.float32) * np.float32(scale)
+        write_hdf5(target, {data_name: data, label_name: np.asarray(labels, np.float32)})
+        summary.outputs.append(target)
+        rows.clear()
+        labels.clear()
+
+    for _, chunk in _chunks(entries, CHUNK):
+        for entry, value in zip(chunk, decode_map(one, chunk)):
+            if isinstance(value, DataError):
+                log.warning("skipping %s: %s", entry.path, value)
+                summary.skipped.append((entry.path, str(value)))
+                continue
+            if shape is None:
+                shape = value.shape
+            elif value.shape != shape:
+                raise DataError(
+                    f"{entry.path}: shape {value.shape}, the first input had {shape}; resize "
+                    "images (--resize-height/--resize-width) so that all rows match"
+                )
+            rows.append(value)
+            labels.append(entry.targets if entry.targets else entry.label)
+            summary.written += 1
+            if len(rows) == rows_per_file:
+                flush()
+        if progress is not None:
+            progress(len(chunk))
+    flush()
+    listing = out / "list.txt"
+    listing.write_text("".join(f"{p.resolve()}\n" for p in summary.outputs))
+    summary.outputs.append(listing)
+    return summary
+
+
+def compute_mean(db: str | os.PathLike, backend: str = "lmdb") -> tuple[np.ndarray, int]:
+    """Caffe's compute_image_mean: the element-wise mean (C, H, W) of every record.
+
+    Encoded records are decoded; raw records use ``data`` or ``float_data``. All records
+    must have the same shape. Sums are kept in float64 (Caffe sums in float32).
+    """
+    check_backend(backend, str(db))
+    reader = Reader(db)
+    total = None
+    shape = None
+    count = 0
+    batch: list[np.ndarray] = []
+
+    def add() -> None:
+        nonlocal total
+        part = np.sum(np.stack(batch), axis=0, dtype=np.float64)
+        total = part if total is None else total + part
+        batch.clear()
+
+    try:
+        for key, value in reader:
+            where = f"LMDB {db}, key {key.decode(errors='replace')!r}"
+            image = datum_image(parse_datum(value, where), None, where)
+            shape = shape or image.shape
+            if image.shape != shape:
+                raise DataError(f"{where}: shape {image.shape} differs from the first record's")
+            batch.append(image)
+            count += 1
+            if len(batch) == CHUNK:
+                add()
+    finally:
+        reader.close()
+    if batch:
+        add()
+    return total / count, count
