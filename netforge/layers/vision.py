@@ -622,3 +622,234 @@ class PoolingLayer(Layer):
             for number, view in views:
                 view += xp.where(self.argmax == number, dy, 0)
         bottom[0].diff[...] = grad[interior(self.pad, bottom[0].shape[2:])]
+
+
+# -- spatial pyramid pooling ---------------------------------------------------------------
+@register("SPP")
+class SPPLayer(Layer):
+    """Caffe's SPP: level i pools the (N, C, H, W) bottom into a 2^i × 2^i grid with
+    kernel ceil(H / 2^i), stride = kernel and pad (kernel·2^i − H + 1) / 2, flattens each
+    level to (N, C·bins) and concatenates them along axis 1. With pyramid_height 1 the top
+    is the single pooling's (N, C, 1, 1) output, unflattened, as in Caffe.
+
+    The inner Pooling layers run in this layer's phase (Caffe builds them with a default
+    LayerParameter, i.e. always TRAIN, which matters only to STOCHASTIC pooling).
+    """
+
+    bottoms = (1, 1)
+    tops = (1, 1)
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        param = self.layer_param.spp_param
+        self.height = param.pyramid_height
+        if self.height < 1:
+            raise self.config_error("spp_param.pyramid_height must be at least 1")
+        self.pool = param.pool
+        self.plane: tuple[int, ...] = ()
+
+    def _level(self, level: int, height: int, width: int) -> PoolingLayer:
+        bins = 2**level
+        pooling = pb.PoolingParameter(pool=self.pool)
+        for name, size in (("h", height), ("w", width)):
+            kernel = -(-size // bins)
+            setattr(pooling, f"kernel_{name}", kernel)
+            setattr(pooling, f"stride_{name}", kernel)
+            setattr(pooling, f"pad_{name}", (kernel * bins - size + 1) // 2)
+        param = pb.LayerParameter(
+            name=f"{self.name}/pool{level}", type="Pooling", pooling_param=pooling
+        )
+        return PoolingLayer(
+            param, phase=self.phase, backend=self.backend, dtype=self.dtype, rng=self.rng
+        )
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        shape = bottom[0].shape
+        if len(shape) != 4:
+            raise self.shape_error(f"bottom must be (num, channels, height, width), got {shape}")
+        if shape[2:] != self.plane:
+            # Kernel, stride and pad depend on the plane size: rebuild the levels.
+            self.plane = shape[2:]
+            self.levels = [self._level(i, *self.plane) for i in range(self.height)]
+            self.outputs = [Blob((), self.dtype, self.backend) for _ in self.levels]
+            for level, out in zip(self.levels, self.outputs):
+                level.setup(bottom, [out])
+        for level, out in zip(self.levels, self.outputs):
+            level.reshape(bottom, [out])
+        if self.height == 1:
+            top[0].reshape(self.outputs[0].shape)
+        else:
+            top[0].reshape(shape[0], sum(out.count // shape[0] for out in self.outputs))
+        self.scratch = Blob(shape, self.dtype, self.backend)
+
+    def _slices(self) -> list[tuple[Blob, slice]]:
+        start, spans = 0, []
+        for out in self.outputs:
+            width = math.prod(out.shape[1:])
+            spans.append((out, slice(start, start + width)))
+            start += width
+        return spans
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        num = bottom[0].shape[0]
+        for level, (out, span) in zip(self.levels, self._slices()):
+            level.rng = self.rng
+            level.forward(bottom, [out])
+            top[0].data.reshape(num, -1)[:, span] = out.data.reshape(num, -1)
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        if not propagate_down[0]:
+            return
+        num = bottom[0].shape[0]
+        dy = top[0].diff.reshape(num, -1)
+        # Caffe's Split sums the levels' gradients: the first writes the bottom diff, the
+        # others go through a scratch blob that sees the same data.
+        self.scratch.share_data(bottom[0])
+        for i, (level, (out, span)) in enumerate(zip(self.levels, self._slices())):
+            out.diff = dy[:, span].reshape(out.shape)
+            target = bottom[0] if i == 0 else self.scratch
+            level.backward([out], [True], [target])
+            if i:
+                bottom[0].diff += self.scratch.diff
+
+
+# -- local response normalization ----------------------------------------------------------
+@register("LRN")
+class LRNLayer(Layer):
+    """Caffe's LRN, y = x · scale^−β.
+
+    ACROSS_CHANNELS: scale = k + α/n · Σ x² over the n channels centred on each channel
+    (zero beyond the ends). WITHIN_CHANNEL: scale = 1 + α/n² · Σ x² over the n × n window
+    centred on each pixel (zero padded); Caffe builds it from Power, AVE Pooling and
+    Eltwise layers, whose shift is 1, so ``k`` is ignored there, as here. Backward is the
+    exact gradient: dx = dy · scale^−β − (2αβ / size) · x · Σ_window(dy · y / scale), where
+    size is n or n², and the window sum is the same centred sum (it is self-adjoint).
+    """
+
+    bottoms = (1, 1)
+    tops = (1, 1)
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        p = self.layer_param.lrn_param
+        self.size = p.local_size
+        if self.size % 2 == 0:
+            raise self.config_error(f"local_size must be odd, got {self.size}")
+        self.half = (self.size - 1) // 2
+        self.alpha, self.beta = p.alpha, p.beta
+        self.across = p.norm_region == pb.LRNParameter.ACROSS_CHANNELS
+        self.k = p.k if self.across else 1.0
+        self.norm = self.size if self.across else self.size * self.size
+        self.ws = Workspace()
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        if bottom[0].num_axes != 4:
+            raise self.shape_error(
+                f"bottom must be (num, channels, height, width), got {bottom[0].shape}"
+            )
+        top[0].reshape(bottom[0].shape)
+
+    def _window_sum(self, a: Any) -> Any:
+        """The centred window sum of ``a`` (zero outside), across channels or in-plane."""
+        xp = self.xp
+        half, n = self.half, self.size
+        axes = (1,) if self.across else (2, 3)
+        for axis in axes:
+            shape = list(a.shape)
+            length = shape[axis]
+            shape[axis] += 2 * half
+            buf = self.ws.get(f"window{axis}", shape, a.dtype, xp, fill=0)
+            inner = [slice(None)] * 4
+            inner[axis] = slice(half, half + length)
+            buf[tuple(inner)] = a
+            total = None
+            for offset in range(n):
+                inner[axis] = slice(offset, offset + length)
+                part = buf[tuple(inner)]
+                total = part.copy() if total is None else xp.add(total, part, out=total)
+            a = total
+        return a
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        xp = self.xp
+        x = bottom[0].data
+        self.scale = self._window_sum(x * x)
+        self.scale *= self.alpha / self.norm
+        self.scale += self.k
+        self.factor = xp.power(self.scale, -self.beta)
+        # In place, backward reads x back as y · scale^β; keep the input instead.
+        self.input = x.copy() if top[0] is bottom[0] else None
+        xp.multiply(x, self.factor, out=top[0].data)
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        if not propagate_down[0]:
+            return
+        dy, y = top[0].diff, top[0].data
+        x = bottom[0].data if self.input is None else self.input
+        summed = self._window_sum(dy * y / self.scale)
+        coeff = -2.0 * self.alpha * self.beta / self.norm
+        bottom[0].diff[...] = dy * self.factor + coeff * x * summed
+
+
+# -- crop ----------------------------------------------------------------------------------
+@register("Crop")
+class CropLayer(Layer):
+    """Caffe's Crop: bottom[0] cropped to bottom[1]'s shape on every axis from ``axis`` on,
+    starting at ``offset`` (none: 0; one value: all cropped axes; else one per cropped
+    axis). Backward pads the top's gradient back with zeros; bottom[1] only gives a shape,
+    so its gradient is zero."""
+
+    bottoms = (2, 2)
+    tops = (1, 1)
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        param = self.layer_param.crop_param
+        ndim = bottom[0].num_axes
+        if not -ndim <= param.axis < max(ndim, 1):
+            raise self.config_error(f"axis {param.axis} is out of range for {bottom[0].shape}")
+        self.axis = param.axis % ndim
+        self.offsets = list(param.offset)
+        if len(self.offsets) > 1 and self.axis + len(self.offsets) != ndim:
+            raise self.config_error(
+                f"{len(self.offsets)} offsets given for {ndim - self.axis} cropped axes "
+                f"(axis {self.axis} on): give one offset, or one per cropped axis"
+            )
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        big, ref = bottom[0].shape, bottom[1].shape
+        if len(ref) != len(big):
+            raise self.shape_error(f"bottoms have different numbers of axes: {big} vs {ref}")
+        index, shape = [], []
+        for i, size in enumerate(big):
+            if i < self.axis:
+                index.append(slice(None))
+                shape.append(size)
+                continue
+            offset = 0
+            if len(self.offsets) == 1:
+                offset = self.offsets[0]
+            elif self.offsets:
+                offset = self.offsets[i - self.axis]
+            if size - offset < ref[i]:
+                raise self.shape_error(
+                    f"cannot crop {ref[i]} elements at offset {offset} from axis {i} of size {size}"
+                )
+            index.append(slice(offset, offset + ref[i]))
+            shape.append(ref[i])
+        self.index = tuple(index)
+        top[0].reshape(shape)
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        top[0].data[...] = bottom[0].data[self.index]
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        if propagate_down[0]:
+            diff = bottom[0].diff
+            diff.fill(0)
+            diff[self.index] = top[0].diff
+        if propagate_down[1]:
+            bottom[1].diff.fill(0)
