@@ -445,3 +445,13 @@ def test_dropout_gradient(phase, backend):
         phase=phase,
         backend=backend,
     )
+
+
+def test_prelu_leaves_the_slope_diff_alone_when_not_learning(backend):
+    layer, bottom, top = build('type: "PReLU"', [gaussian()], backend=backend)
+    forward(layer, bottom, top)
+    top[0].diff = backend.asarray(gaussian(seed=5))
+    layer.blobs[0].diff = backend.asarray(np.full(3, 2.0))
+    layer.param_propagate_down = [False]
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(to_numpy(layer.blobs[0].diff), [2.0] * 3)

@@ -390,3 +390,18 @@ def test_float32_forward_stays_float32(backend):
     for text in ('type: "BatchNorm"', 'type: "MVN"', 'type: "Scale"', 'type: "Bias"'):
         (y,) = run(text, [x], backend=backend, dtype=np.float32)
         assert y.dtype == np.float32, text
+
+
+def test_scale_updates_only_the_params_that_learn(backend):
+    x, dy = gaussian(), gaussian(seed=2)
+    layer, bottom, top = build(
+        'type: "Scale" scale_param { bias_term: true }', [x], backend=backend
+    )
+    forward(layer, bottom, top)
+    top[0].diff = backend.asarray(dy)
+    for blob in layer.blobs:
+        blob.diff = backend.asarray(np.full(3, 2.0))
+    layer.param_propagate_down = [False, True]
+    layer.backward(top, [False], bottom)
+    np.testing.assert_array_equal(to_numpy(layer.blobs[0].diff), [2.0] * 3)
+    np.testing.assert_allclose(to_numpy(layer.blobs[1].diff), 2 + dy.sum(axis=(0, 2, 3)))

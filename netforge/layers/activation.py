@@ -81,7 +81,10 @@ class ReLULayer(NeuronLayer):
             return
         positive = bottom[0].data > 0 if self._positive is None else self._positive
         dy = top[0].diff
-        bottom[0].diff[...] = self.xp.where(positive, dy, self.slope * dy)
+        if self.slope == 0:
+            self.xp.multiply(dy, positive, out=bottom[0].diff)
+        else:
+            bottom[0].diff[...] = self.xp.where(positive, dy, self.slope * dy)
 
 
 @register("PReLU")
