@@ -70,9 +70,10 @@ def solver_param(
     text = (
         f'type: "{solver_type}" {TYPE_SETTINGS[solver_type]} base_lr: 0.01 '
         'lr_policy: "step" gamma: 0.5 stepsize: 2 max_iter: 100 random_seed: 7 '
-        f'snapshot_after_train: false snapshot_prefix: "{tmp_path}/snap" display: 0 {settings}'
+        f'snapshot_after_train: false snapshot_prefix: "{tmp_path}/snap" display: 0'
     )
     param = parse_text(text, pb.SolverParameter)
+    param.MergeFrom(parse_text(settings, pb.SolverParameter))  # settings override the base
     param.net_param.CopyFrom(parse_text(net_text(tmp_path, **net_options), pb.NetParameter))
     return param
 
