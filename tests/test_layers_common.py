@@ -543,3 +543,40 @@ def test_interp_gradient(backend, param):
 def test_interp_needs_a_size():
     with pytest.raises(ConfigError, match="zoom_factor"):
         build('type: "Interp"', [rand(1, 1, 2, 2)])
+
+
+# -- pass-through and in-place cases ----------------------------------------------------------
+def test_eltwise_in_place(backend):
+    a, b = rand(2, 3, seed=1), rand(2, 3, seed=2)
+    expected = a + 2 * b
+    layer, bottom, _ = build(
+        'type: "Eltwise" eltwise_param { coeff: 1 coeff: 2 }', [a.copy(), b], backend=backend
+    )
+    layer.forward(bottom, bottom[:1])
+    np.testing.assert_allclose(to_numpy(bottom[0].data), expected, rtol=1e-12)
+
+
+def test_single_blob_concat_and_slice_pass_through(backend):
+    x = rand(2, 3)
+    for text in ('type: "Concat"', 'type: "Slice"'):
+        layer, bottom, top = build(text, [x], backend=backend)
+        (y,) = forward(layer, bottom, top)
+        np.testing.assert_array_equal(y, x)
+        top[0].diff = backend.asarray(rand(2, 3, seed=7))
+        layer.backward(top, [True], bottom)
+        np.testing.assert_array_equal(to_numpy(bottom[0].diff), rand(2, 3, seed=7))
+
+
+def test_inner_product_checks_loaded_weights():
+    layer, bottom, top = build(IP.format(n=3, extra=""), [rand(2, 4)])
+    with pytest.raises(ShapeError, match="parameter blob 0"):
+        layer.blobs[0].reshape(4, 3)
+        layer.setup(bottom, top)
+
+
+def test_upsample_rejects_sizes_that_do_not_fit():
+    with pytest.raises(ShapeError, match="does not fit"):
+        build(
+            'type: "Upsample" upsample_param { scale: 2 upsample_h: 9 upsample_w: 4 }',
+            [rand(1, 1, 2, 2)],
+        )

@@ -295,9 +295,11 @@ class EltwiseLayer(Layer):
             for d in data[2:]:
                 out *= d
         elif self.op == pb.EltwiseParameter.SUM:
-            xp.multiply(data[0], self.coeffs[0], out=out)
-            for c, d in zip(self.coeffs[1:], data[1:]):
-                out += c * d
+            # Unit coefficients (ResNet's shortcuts) add the bottoms without a temporary.
+            terms = [d if c == 1 else c * d for c, d in zip(self.coeffs, data)]
+            xp.add(terms[0], terms[1], out=out)
+            for term in terms[2:]:
+                out += term
         else:
             self.mask = xp.where(data[0] > data[1], 0, 1).astype(np.int32)
             xp.maximum(data[0], data[1], out=out)
