@@ -580,3 +580,34 @@ def test_upsample_rejects_sizes_that_do_not_fit():
             'type: "Upsample" upsample_param { scale: 2 upsample_h: 9 upsample_w: 4 }',
             [rand(1, 1, 2, 2)],
         )
+
+
+# -- conformance: layers of a real trained model against an independent Caffe's blobs ------------
+def test_mtcnn_det4_slice_concat_inner_product():
+    from google.protobuf import text_format
+
+    from tests.conftest import shared_path
+
+    folder = shared_path("conformance", "mtcnn_det4")
+    deploy = text_format.Parse((folder / "det4.prototxt").read_text(), pb.NetParameter())
+    trained = pb.NetParameter.FromString((folder / "det4.caffemodel").read_bytes())
+    weights = {layer.name: layer.blobs for layer in trained.layer}
+    expected = np.load(folder / "expected.npz")
+    checked = 0
+    for param in deploy.layer:
+        if param.type not in ("Slice", "Concat", "InnerProduct"):
+            continue
+        if param.type == "InnerProduct" and param.top[0] in {
+            t for p in deploy.layer if p is not param for t in p.top
+        }:
+            continue  # an in-place layer rewrote this top: the stored blob is not this layer's
+        bottoms = [expected[name] for name in param.bottom]
+        text = text_format.MessageToString(param)
+        layer, bottom, top = build(text, bottoms, num_tops=len(param.top), dtype=np.float32)
+        for blob, proto in zip(layer.blobs, weights[param.name]):
+            blob.data = np.asarray(proto.data, dtype=np.float32).reshape(blob.shape)
+        for name, got in zip(param.top, forward(layer, bottom, top)):
+            want = expected[name]
+            assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, np.max(np.abs(want))), name
+            checked += 1
+    assert checked == 11  # 5 slices, the concat, fc5_1..fc5_5
