@@ -64,5 +64,6 @@ __all__ = [
     "parse_front_matter",
     "preprocessing",
     "read_caffe_model_dir",
+    "terminal_progress",
     "verify_file",
 ]

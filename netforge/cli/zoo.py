@@ -1,0 +1,169 @@
+"""``netforge zoo list|info|download`` and ``netforge classify``: thin shells over netforge.zoo."""
+
+from __future__ import annotations
+
+import click
+
+from netforge import zoo as nz
+from netforge.zoo.manifest import Manifest
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    values = _floats(text)
+    return None if values is None else tuple(int(v) for v in values)
+
+
+@click.group(name="zoo")
+def zoo() -> None:
+    """Pretrained Caffe models: list them, read their manifests, download them verified."""
+
+
+@zoo.command("list")
+def list_command() -> None:
+    """List the zoo's models with their licence."""
+    manifests = nz.list_manifests()
+    width = max((len(m.name) for m in manifests), default=0)
+    for m in manifests:
+        click.echo(f"{m.name:<{width}}  {m.title}  [{m.licence}]")
+
+
+def _describe(m: Manifest) -> list[str]:
+    lines = [f"{m.name}: {m.title}", f"  licence: {m.licence}"]
+    if m.source:
+        lines.append(f"  source: {m.source}")
+    for role, path in m.prototxts.items():
+        lines.append(f"  prototxt {role}: {path}")
+    for f in m.files:
+        size = f"{f.size} bytes" if f.size is not None else "size not published"
+        lines.append(f"  file {f.role}: {f.name} ({size})")
+        for digest in ("sha1", "sha256"):
+            if getattr(f, digest):
+                lines.append(f"    {digest}: {getattr(f, digest)}")
+        lines.extend(f"    url: {u}" for u in f.urls)
+    pre = m.preprocessing
+    mean = f"file {pre.mean_file}" if pre.mean_file else f"values {pre.mean_values}"
+    lines.append(
+        f"  preprocessing: resize {pre.resize}, mean {mean}, raw_scale {pre.raw_scale}, "
+        f"scale {pre.scale}, channel_swap {pre.channel_swap}, labels {pre.labels}"
+    )
+    if m.notes:
+        lines.append(f"  notes: {m.notes}")
+    return lines
+
+
+@zoo.command("info")
+@click.argument("name")
+def info_command(name: str) -> None:
+    """Show a model's files, checksums, mirrors, prototxts and preprocessing.
+
+    NAME is a zoo name, a manifest .json, or a Caffe model folder with a readme.md.
+    """
+    for line in _describe(nz.load_manifest(name)):
+        click.echo(line)
+
+
+@zoo.command("download")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder to download into (default: the user cache, see NETFORGE_HOME).",
+)
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per read.")
+def download_command(name: str, folder: str | None, timeout: float) -> None:
+    """Download a model's files, verify their checksums, and print where they are.
+
+    A partial download resumes; NETFORGE_ZOO_MIRROR, when set, is tried first.
+    """
+    manifest = nz.load_manifest(name)
+    paths = nz.download_model(manifest, folder, timeout=timeout, progress=nz.terminal_progress)
+    for role, path in paths.items():
+        click.echo(f"{role}: {path}")
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--weights", required=True, help="A .caffemodel(.h5), or zoo:NAME.")
+@click.option("--model", default=None, help="Deploy prototxt (default: the zoo model's).")
+@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option(
+    "--mean-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A .npy or .binaryproto mean; its per-channel mean is subtracted.",
+)
+@click.option(
+    "--mean-values", default=None, help="Per-channel mean in the net's order, e.g. 104,117,123."
+)
+@click.option(
+    "--raw-scale", type=float, default=None, help="Multiplies [0,1] pixels (default 255)."
+)
+@click.option("--input-scale", type=float, default=None, help="Multiplies after the mean.")
+@click.option("--images-dim", default=None, help="H,W to resize to before the centre crop.")
+@click.option("--channel-swap", default=None, help="Order of RGB channels for the net (2,1,0).")
+@click.option(
+    "--allow-python-layers",
+    is_flag=True,
+    help="Run the prototxt's Python layers (code it names); off for safety.",
+)
+def classify(
+    images: tuple[str, ...],
+    weights: str,
+    model: str | None,
+    top_k: int,
+    labels: str | None,
+    mean_file: str | None,
+    mean_values: str | None,
+    raw_scale: float | None,
+    input_scale: float | None,
+    images_dim: str | None,
+    channel_swap: str | None,
+    allow_python_layers: bool,
+) -> None:
+    """Print the top-k classes of each IMAGE (pycaffe's classify.py, centre crop).
+
+    With --weights zoo:NAME the manifest gives the deploy prototxt, preprocessing, mean and
+    labels; options given here override them.
+    """
+    from netforge.net import Net
+    from netforge.proto import pb
+    from netforge.zoo.classify import classify as run_classify
+    from netforge.zoo.classify import resolve_setup
+
+    setup = resolve_setup(
+        weights,
+        model,
+        labels=labels,
+        mean_file=mean_file,
+        mean_values=_floats(mean_values),
+        raw_scale=raw_scale,
+        scale=input_scale,
+        resize=_ints(images_dim),
+        channel_swap=_ints(channel_swap),
+    )
+    net = Net(setup.model, phase=pb.TEST, allow_python_layers=allow_python_layers)
+    net.copy_from(setup.weights)
+    results = run_classify(
+        net,
+        images,
+        setup.preprocessing,
+        mean=setup.mean,
+        labels=setup.labels,
+        top_k=top_k,
+    )
+    for image, predictions in zip(images, results):
+        click.echo(image)
+        for p in predictions:
+            click.echo(f"  {p.score:.4f}  {p.label}")
