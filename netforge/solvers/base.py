@@ -64,7 +64,8 @@ class Solver:
     (default: the pycaffe-style process default), ``weights`` (caffemodel paths or
     ``zoo:NAME``, each possibly a comma list, loaded into the train and test nets after
     the solver's own ``weights``), ``reinit`` (layers whose weights are not copied),
-    ``freeze`` (glob patterns: matching layers get ``lr_mult`` 0), ``allow_nonfinite``.
+    ``freeze`` (glob patterns: matching layers get ``lr_mult`` 0), ``allow_nonfinite``,
+    ``dtype`` of the nets, and ``source`` (the file name used in error messages).
     """
 
     type: ClassVar[str] = ""
@@ -81,8 +82,11 @@ class Solver:
         freeze: Sequence[str] = (),
         allow_nonfinite: bool = False,
         dtype: Any = np.float32,
+        source: str | None = None,
     ) -> None:
-        self.source = "<SolverParameter>" if isinstance(param, pb.SolverParameter) else str(param)
+        if source is None:
+            source = "solver" if isinstance(param, pb.SolverParameter) else str(param)
+        self.source = source
         self.param = pb.SolverParameter()
         self.param.CopyFrom(read_solver_param(param))
         self.param.weights.extend(weights)

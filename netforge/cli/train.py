@@ -1,0 +1,163 @@
+"""``netforge train`` and ``netforge test``: Caffe's ``caffe train`` / ``caffe test``.
+
+Thin shells: the flags are mapped as tools/caffe.cpp maps them and the work is the library's
+(``netforge.solvers``, ``netforge.solvers.scoring``). Logs go to stderr in glog format, so
+Caffe's ``parse_log.py`` reads them; training also writes a JSON-lines metrics file
+(``<snapshot_prefix>_metrics.jsonl`` unless ``--metrics`` names one) and, on a terminal, a
+progress line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from netforge.errors import ConfigError
+
+log = logging.getLogger("netforge")
+
+EFFECT = click.Choice(["stop", "snapshot", "none"])
+
+
+def _stages(stage: str | None) -> list[str]:
+    # Caffe's quirk (an empty --stage adds one empty stage) changes nothing: no include rule
+    # names the empty stage, so an absent or empty flag adds none.
+    return [s for s in stage.split(",")] if stage else []
+
+
+def _names(text: str | None) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else []
+
+
+@click.command()
+@click.option("--solver", required=True, help="Solver prototxt.")
+@click.option("--weights", default=None, help="Caffemodel(s) to fine-tune from: A[,B]; zoo:NAME.")
+@click.option("--snapshot", default=None, help="A .solverstate(.h5) to resume from.")
+@click.option("--gpu", default=None, help="GPU id or 'all'; CPU unless the solver says GPU.")
+@click.option("--stage", default=None, help="Comma-separated NetState stages of the train net.")
+@click.option("--level", default=0, show_default=True, help="NetState level of the train net.")
+@click.option("--iterations", type=int, default=None, help="Train to this many iterations.")
+@click.option("--sigint-effect", type=EFFECT, default="stop", show_default=True)
+@click.option("--sighup-effect", type=EFFECT, default="snapshot", show_default=True)
+@click.option("--reinit", default=None, help="Layers not to copy from --weights: L[,L].")
+@click.option("--freeze", multiple=True, help="Glob of layers to freeze (lr_mult 0).")
+@click.option("--metrics", default=None, help="JSON-lines metrics file.")
+@click.option("--allow-nonfinite", is_flag=True, help="Carry on when the loss diverges.")
+def train(
+    solver: str,
+    weights: str | None,
+    snapshot: str | None,
+    gpu: str | None,
+    stage: str | None,
+    level: int,
+    iterations: int | None,
+    sigint_effect: str,
+    sighup_effect: str,
+    reinit: str | None,
+    freeze: tuple[str, ...],
+    metrics: str | None,
+    allow_nonfinite: bool,
+) -> None:
+    """Train (or resume training) the net of a solver prototxt."""
+    from netforge.prototxt import read_solver
+    from netforge.solvers import get_solver
+    from netforge.solvers.control import SignalActions, train_backend
+    from netforge.train_log import MetricsWriter, ProgressLine, setup_logging
+
+    if snapshot and weights:
+        raise ConfigError(
+            "give --snapshot to resume training or --weights to fine-tune, but not both"
+        )
+    logger = setup_logging()
+    param = read_solver(solver)
+    param.train_state.level = level
+    param.train_state.stage.extend(_stages(stage))
+    if iterations is not None:
+        if iterations <= 0:
+            raise ConfigError(f"--iterations must be positive, got {iterations}")
+        param.max_iter = iterations
+    backend = train_backend(gpu, param)
+    if snapshot or weights:
+        param.ClearField("weights")
+    if weights:
+        param.weights.append(weights)
+    with SignalActions(sigint_effect, sighup_effect) as actions:
+        the_solver = get_solver(
+            param,
+            backend=backend,
+            reinit=_names(reinit),
+            freeze=freeze,
+            allow_nonfinite=allow_nonfinite,
+            source=solver,
+        )
+        for path, report in the_solver.copy_reports:
+            log.info("Weights from %s:", path)
+            for line in report.lines():
+                log.info("  %s", line)
+        the_solver.set_action_function(actions)
+        the_solver.metrics = MetricsWriter(metrics or f"{param.snapshot_prefix}_metrics.jsonl")
+        if sys.stderr.isatty():
+            the_solver.progress = ProgressLine(sys.stderr)
+            the_solver.progress.attach(logger)
+        try:
+            if snapshot:
+                log.info("Resuming from %s", snapshot)
+                the_solver.restore(snapshot)
+            log.info("Starting Optimization")
+            the_solver.solve()
+        finally:
+            the_solver.metrics.close()
+            if the_solver.progress is not None:
+                the_solver.progress.clear()
+
+
+@click.command()
+@click.option("--model", required=True, help="Net prototxt to score (phase TEST).")
+@click.option("--weights", required=True, help="Trained caffemodel (or zoo:NAME).")
+@click.option("--iterations", default=50, show_default=True, help="Batches to score.")
+@click.option("--gpu", default=None, help="GPU id (the first of a comma list); CPU if absent.")
+@click.option("--stage", default=None, help="Comma-separated NetState stages.")
+@click.option("--level", default=0, show_default=True, help="NetState level.")
+def test(
+    model: str, weights: str, iterations: int, gpu: str | None, stage: str | None, level: int
+) -> None:
+    """Score a trained model: mean outputs over --iterations batches (Caffe's caffe test)."""
+    from netforge import backend as backends
+    from netforge.backend import to_numpy
+    from netforge.net import Net
+    from netforge.proto import pb
+    from netforge.solvers.scoring import score
+    from netforge.train_log import fmt, setup_logging
+    from netforge.weights import resolve_weights
+
+    setup_logging()
+    if iterations <= 0:
+        raise ConfigError(f"--iterations must be positive, got {iterations}")
+    if gpu:
+        device = int(gpu.split(",")[0])
+        log.info("Use GPU with device ID %d", device)
+        backend = backends.gpu(device)
+    else:
+        log.info("Use CPU.")
+        backend = backends.CPU
+    net = Net(model, phase=pb.TEST, stages=_stages(stage), level=level, backend=backend)
+    for name in _names(weights):
+        path = resolve_weights(name)
+        report = net.copy_from(path)
+        log.info("Weights from %s:", path)
+        for line in report.lines():
+            log.info("  %s", line)
+    log.info("Running for %d iterations.", iterations)
+
+    def log_batch(i: int, outputs: dict) -> None:
+        for name, value in outputs.items():
+            for v in to_numpy(value).ravel():
+                log.info("Batch %d, %s = %s", i, name, fmt(v))
+
+    result = score(net, iterations, on_batch=log_batch)
+    log.info("Loss: %s", fmt(result.loss))
+    for name, mean, weight in result.entries:
+        suffix = f" (* {fmt(weight)} = {fmt(weight * mean)} loss)" if weight else ""
+        log.info("%s = %s%s", name, fmt(mean), suffix)

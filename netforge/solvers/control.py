@@ -1,0 +1,80 @@
+"""What ``caffe train`` decides outside the solver: the device and the signal actions.
+
+``train_backend`` follows tools/caffe.cpp: ``--gpu`` wins; without it the GPU is used only
+when the solver file explicitly sets ``solver_mode: GPU`` (then ``device_id``, default 0).
+``SignalActions`` is Caffe's SignalHandler: SIGINT and SIGHUP become a pending "stop",
+"snapshot" or "none" that the solver asks for after each iteration and test batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+from typing import Any
+
+from netforge import backend as backends
+from netforge.backend import Backend
+from netforge.errors import ConfigError
+from netforge.proto import pb
+
+log = logging.getLogger("netforge")
+
+EFFECTS = ("stop", "snapshot", "none")
+
+
+def train_backend(gpu: str | None, param: pb.SolverParameter) -> Backend:
+    """The backend ``caffe train`` would use for ``--gpu`` (an id, a comma list or "all")."""
+    if not gpu and param.HasField("solver_mode") and param.solver_mode == pb.SolverParameter.GPU:
+        gpu = str(param.device_id)
+    if not gpu:
+        log.info("Use CPU.")
+        return backends.CPU
+    if gpu == "all":
+        ids = list(range(backends.import_cupy().cuda.runtime.getDeviceCount()))
+    else:
+        try:
+            ids = [int(part) for part in gpu.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--gpu {gpu!r}: give a GPU id, a comma list of ids, or 'all'"
+            ) from None
+    if len(ids) > 1:
+        raise ConfigError(
+            f"--gpu {gpu}: {len(ids)} GPUs asked for, but multi-GPU data parallelism is not "
+            "available yet in netforge; train on one GPU with --gpu ID"
+        )
+    log.info("Using GPUs %d", ids[0])
+    param.device_id = ids[0]
+    return backends.gpu(ids[0])
+
+
+class SignalActions:
+    """A context manager installing SIGINT/SIGHUP handlers; calling it returns the pending
+    action ("none" when no signal came) and clears it (Caffe's GetRequestedAction)."""
+
+    def __init__(self, sigint_effect: str = "stop", sighup_effect: str = "snapshot") -> None:
+        for name, effect in (("sigint", sigint_effect), ("sighup", sighup_effect)):
+            if effect not in EFFECTS:
+                raise ConfigError(f"--{name}-effect {effect!r}: use one of {', '.join(EFFECTS)}")
+        self.effects = {signal.SIGINT: sigint_effect}
+        if hasattr(signal, "SIGHUP"):
+            self.effects[signal.SIGHUP] = sighup_effect
+        self._pending = "none"
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._pending = self.effects[signum]
+
+    def __enter__(self) -> SignalActions:
+        for signum in self.effects:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def __call__(self) -> str:
+        action, self._pending = self._pending, "none"
+        return action
