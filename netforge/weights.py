@@ -65,19 +65,33 @@ def array_from_proto(blob: pb.BlobProto) -> np.ndarray:
     return stored_blob(blob).data
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _packed_field(number: int, values: np.ndarray, dtype: str) -> bytes:
+    """The wire bytes of a packed repeated float/double field: tag, length, little-endian
+    values. Building them with numpy is ~100x faster than extending the repeated field."""
+    payload = np.ascontiguousarray(values, dtype=dtype).tobytes()
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
 def array_to_proto(data: np.ndarray, diff: np.ndarray | None = None) -> pb.BlobProto:
     """A BlobProto with ``shape`` and float (or double, for float64 arrays) values."""
     blob = pb.BlobProto()
     data = np.asarray(data)
     blob.shape.dim.extend(data.shape)
-    if data.dtype == np.float64:
-        blob.double_data.extend(data.ravel())
-        if diff is not None:
-            blob.double_diff.extend(np.asarray(diff, dtype=np.float64).ravel())
-    else:
-        blob.data.extend(data.astype(np.float32, copy=False).ravel())
-        if diff is not None:
-            blob.diff.extend(np.asarray(diff, dtype=np.float32).ravel())
+    # BlobProto field numbers: data 5, diff 6 (float); double_data 8, double_diff 9.
+    numbers, dtype = ((8, 9), "<f8") if data.dtype == np.float64 else ((5, 6), "<f4")
+    wire = _packed_field(numbers[0], data.ravel(), dtype)
+    if diff is not None:
+        wire += _packed_field(numbers[1], np.asarray(diff).ravel(), dtype)
+    blob.MergeFromString(wire)
     return blob
 
 
@@ -194,7 +208,8 @@ def write_mean(path: str | os.PathLike, mean: np.ndarray) -> None:
     mean = np.asarray(mean, dtype=np.float32)
     if mean.ndim != 3:
         raise ShapeError(f"a mean image must be C×H×W, got shape {mean.shape}")
-    blob = pb.BlobProto(num=1, channels=mean.shape[0], height=mean.shape[1], width=mean.shape[2])
-    blob.data.extend(mean.ravel())
+    blob = array_to_proto(mean)
+    blob.ClearField("shape")
+    blob.num, blob.channels, blob.height, blob.width = 1, *mean.shape
     with atomic_write(path, "wb") as handle:
         handle.write(blob.SerializeToString())
