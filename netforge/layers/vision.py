@@ -216,6 +216,7 @@ class _ConvolutionBase(Layer):
             self.xp,
         )
         im2col(image, self.geom, self.col_spatial, col, self.ws)
+        self._cached = None  # the buffer now holds these columns, not the cached ones
         return col.reshape(self.group, -1, n * math.prod(self.col_spatial))
 
     def _uncolumns(self, col: Any, image: Any) -> None:

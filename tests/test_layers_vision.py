@@ -1,0 +1,510 @@
+"""Vision layers against direct float64 loop references written from Caffe's formulas, plus
+Caffe's gradient checks (thresholds from Caffe's test suite)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from netforge.backend import to_numpy
+from netforge.errors import ConfigError, ShapeError
+from netforge.layers import vision
+from netforge.proto import pb
+from tests.harness import SEED, build, check_gradient, forward, run
+
+RNG = np.random.default_rng(7)
+
+
+def distinct(*shape: int, spacing: float = 0.01) -> np.ndarray:
+    """Values at least ``spacing`` apart, so max pooling never sees a near tie."""
+    count = math.prod(shape)
+    return (RNG.permutation(count).reshape(shape) - count / 2) * spacing
+
+
+# -- references --------------------------------------------------------------------------
+def conv_reference(x, w, b, stride, pad, dilation, group):
+    """Direct N-D convolution: every output is a dot product with its dilated window."""
+    n, c = x.shape[:2]
+    out_c, c_per_group = w.shape[:2]
+    kernel = w.shape[2:]
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in pad])
+    out = [
+        (h + 2 * p - (d * (k - 1) + 1)) // s + 1
+        for h, k, s, p, d in zip(x.shape[2:], kernel, stride, pad, dilation)
+    ]
+    y = np.zeros((n, out_c, *out))
+    per_group = out_c // group
+    for o in range(out_c):
+        g = o // per_group
+        for pos in np.ndindex(*out):
+            index = tuple(
+                slice(q * s, q * s + d * (k - 1) + 1, d)
+                for q, s, d, k in zip(pos, stride, dilation, kernel)
+            )
+            patch = xp[(slice(None), slice(g * c_per_group, (g + 1) * c_per_group)) + index]
+            y[(slice(None), o) + pos] = (patch * w[o]).reshape(n, -1).sum(1)
+    if b is not None:
+        y += b.reshape((1, -1) + (1,) * len(out))
+    return y
+
+
+def deconv_reference(x, w, b, stride, pad, dilation, group):
+    """Direct transposed convolution: every input scatters its weighted kernel."""
+    n, c = x.shape[:2]
+    per_group = w.shape[1]
+    kernel = w.shape[2:]
+    out = [
+        s * (h - 1) + d * (k - 1) + 1 - 2 * p
+        for h, k, s, p, d in zip(x.shape[2:], kernel, stride, pad, dilation)
+    ]
+    full = np.zeros((n, per_group * group, *[o + 2 * p for o, p in zip(out, pad)]))
+    in_group = c // group
+    for ci in range(c):
+        g = ci // in_group
+        for pos in np.ndindex(*x.shape[2:]):
+            for off in np.ndindex(*kernel):
+                at = tuple(q * s + o * d for q, s, o, d in zip(pos, stride, off, dilation))
+                value = x[(slice(None), ci) + pos][:, None] * w[(ci, slice(None)) + off]
+                full[(slice(None), slice(g * per_group, (g + 1) * per_group)) + at] += value
+    y = full[(slice(None), slice(None)) + tuple(slice(p, p + o) for p, o in zip(pad, out))]
+    if b is not None:
+        y = y + b.reshape((1, -1) + (1,) * len(out))
+    return y
+
+
+def pool_reference(x, kernel, stride, pad, method, ceil=True):
+    """Caffe's pooling loops: window bounds, AVE divisor and MAX argmax per output."""
+    n, c, height, width = x.shape
+    out = []
+    for size, k, s, p in zip((height, width), kernel, stride, pad):
+        o = (math.ceil if ceil else math.floor)((size + 2 * p - k) / s) + 1
+        if any(pad) and (o - 1) * s >= size + p:
+            o -= 1
+        out.append(o)
+    y = np.zeros((n, c, *out))
+    mask = np.zeros((n, c, *out))
+    for i, j in itertools.product(range(out[0]), range(out[1])):
+        hs, ws = i * stride[0] - pad[0], j * stride[1] - pad[1]
+        he, we = min(hs + kernel[0], height + pad[0]), min(ws + kernel[1], width + pad[1])
+        size = (he - hs) * (we - ws)
+        hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, height), min(we, width)
+        window = x[:, :, hs:he, ws:we].reshape(n, c, -1)
+        if method == "MAX":
+            arg = window.argmax(-1)
+            y[:, :, i, j] = window.max(-1)
+            mask[:, :, i, j] = (hs + arg // (we - ws)) * width + ws + arg % (we - ws)
+        else:
+            y[:, :, i, j] = window.sum(-1) / size
+    return y, mask
+
+
+# -- Convolution -------------------------------------------------------------------------
+CONV_CASES = [
+    # (bottom shape, conv_param text, stride, pad, dilation, group)
+    ((2, 3, 6, 5), "kernel_size: 3", (1, 1), (0, 0), (1, 1), 1),
+    ((2, 4, 7, 6), "kernel_size: 3 stride: 2 pad: 1 group: 2", (2, 2), (1, 1), (1, 1), 2),
+    (
+        (1, 2, 7, 8),
+        "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0",
+        (2, 1),
+        (1, 0),
+        (1, 1),
+        1,
+    ),
+    ((2, 2, 8, 7), "kernel_size: 3 dilation: 2 pad: 2", (1, 1), (2, 2), (2, 2), 1),
+    (
+        (1, 3, 6, 7),
+        "kernel_size: 2 kernel_size: 3 stride: 1 stride: 2 dilation: 2 dilation: 1",
+        (1, 2),
+        (0, 0),
+        (2, 1),
+        1,
+    ),
+    ((2, 4, 5, 5), "kernel_size: 3 pad: 1 group: 4", (1, 1), (1, 1), (1, 1), 4),  # depthwise
+    ((2, 3, 9), "kernel_size: 3 stride: 2 pad: 1", (2,), (1,), (1,), 1),  # 1-D
+    (
+        (1, 2, 4, 5, 4),
+        "kernel_size: 2 kernel_size: 3 kernel_size: 2 pad: 1 stride: 2",
+        (2, 2, 2),
+        (1, 1, 1),
+        (1, 1, 1),
+        1,
+    ),  # 3-D
+]
+
+
+def _conv_text(kind: str, num_output: int, params: str, bias: bool = True) -> str:
+    return (
+        f'type: "{kind}" convolution_param {{ num_output: {num_output} {params} '
+        f"bias_term: {str(bias).lower()} "
+        'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" } }'
+    )
+
+
+@pytest.mark.parametrize("shape,params,stride,pad,dilation,group", CONV_CASES)
+def test_convolution_forward(backend, shape, params, stride, pad, dilation, group):
+    x = RNG.normal(size=shape)
+    layer, bottom, top = build(_conv_text("Convolution", 4, params), [x], backend=backend)
+    (y,) = forward(layer, bottom, top)
+    w, b = (to_numpy(p.data) for p in layer.blobs)
+    assert layer.blobs[0].shape == (4, shape[1] // group) + w.shape[2:]
+    np.testing.assert_allclose(y, conv_reference(x, w, b, stride, pad, dilation, group), atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 6, 7])
+def test_convolution_gradient(backend, case):
+    shape, params, *_ = CONV_CASES[case]
+    text = _conv_text("Convolution", 4, params)
+    assert check_gradient(text, [RNG.normal(size=shape)], backend=backend) > 0
+
+
+def test_convolution_without_bias_and_two_bottoms(backend):
+    x1, x2 = RNG.normal(size=(2, 2, 5, 5)), RNG.normal(size=(2, 2, 5, 5))
+    text = _conv_text("Convolution", 3, "kernel_size: 2 stride: 2", bias=False)
+    layer, bottom, top = build(text, [x1, x2], num_tops=2, backend=backend)
+    y1, y2 = forward(layer, bottom, top)
+    assert len(layer.blobs) == 1
+    w = to_numpy(layer.blobs[0].data)
+    for x, y in ((x1, y1), (x2, y2)):
+        np.testing.assert_allclose(y, conv_reference(x, w, None, (2, 2), (0, 0), (1, 1), 1))
+    check_gradient(text, [x1, x2], num_tops=2, backend=backend)
+
+
+def test_convolution_axis_folds_leading_axes_into_the_batch():
+    x = RNG.normal(size=(2, 3, 4, 6))  # channel axis 2, one spatial axis
+    text = _conv_text("Convolution", 5, "kernel_size: 3 axis: 2")
+    layer, bottom, top = build(text, [x])
+    (y,) = forward(layer, bottom, top)
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    ref = conv_reference(x.reshape(6, 4, 6), w, b, (1,), (0,), (1,), 1)
+    np.testing.assert_allclose(y, ref.reshape(2, 3, 5, 4))
+
+
+def test_convolution_in_batch_chunks_matches(monkeypatch):
+    monkeypatch.setattr(vision, "COLUMN_LIMIT", 100)  # one item per chunk
+    shape, params, stride, pad, dilation, group = CONV_CASES[1]
+    x = RNG.normal(size=(3,) + shape[1:])
+    layer, bottom, top = build(_conv_text("Convolution", 4, params), [x])
+    assert len(layer.chunks) == 3
+    (y,) = forward(layer, bottom, top)
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    np.testing.assert_allclose(y, conv_reference(x, w, b, stride, pad, dilation, group))
+    check_gradient(_conv_text("Convolution", 4, params), [x])
+    check_gradient(_conv_text("Deconvolution", 4, params), [x])
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ("num_output: 4 kernel_size: 3 kernel_h: 3", "not both"),
+        ("num_output: 4 kernel_size: 3 kernel_size: 3 kernel_size: 3", "once per spatial"),
+        ("num_output: 3 kernel_size: 3 group: 2", "group 2"),
+        ("kernel_size: 3", "num_output"),
+        ("num_output: 4", "'kernel_size' must be given"),
+        ("num_output: 4 kernel_size: 3 stride: 0", "stride"),
+    ],
+)
+def test_convolution_config_errors(params, message):
+    with pytest.raises(ConfigError, match=message):
+        run(f'type: "Convolution" convolution_param {{ {params} }}', [np.zeros((1, 4, 5, 5))])
+
+
+def test_convolution_shape_errors_and_default_fillers():
+    with pytest.raises(ShapeError, match="smaller than the kernel"):
+        run(
+            'type: "Convolution" convolution_param { num_output: 1 kernel_size: 5 }',
+            [np.zeros((1, 1, 3, 3))],
+        )
+    layer, _, top = build(
+        'type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 dilation: 2 '
+        "stride: 2 pad: 1 }",
+        [np.ones((1, 1, 10, 9))],
+    )
+    assert top[0].shape == (1, 2, (10 + 2 - 5) // 2 + 1, (9 + 2 - 5) // 2 + 1)
+    assert not np.any(layer.blobs[0].data) and not np.any(layer.blobs[1].data)
+
+
+# -- Deconvolution -----------------------------------------------------------------------
+DECONV_CASES = [
+    ((2, 3, 4, 3), "kernel_size: 3 stride: 2 pad: 1", (2, 2), (1, 1), (1, 1), 1),
+    (
+        (1, 4, 3, 4),
+        "kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 group: 2",
+        (1, 2),
+        (0, 0),
+        (1, 1),
+        2,
+    ),
+    ((2, 2, 3, 3), "kernel_size: 3 dilation: 2 stride: 1", (1, 1), (0, 0), (2, 2), 1),
+    ((2, 2, 5), "kernel_size: 4 stride: 2 pad: 1", (2,), (1,), (1,), 1),
+]
+
+
+@pytest.mark.parametrize("shape,params,stride,pad,dilation,group", DECONV_CASES)
+def test_deconvolution_forward_and_gradient(backend, shape, params, stride, pad, dilation, group):
+    x = RNG.normal(size=shape)
+    text = _conv_text("Deconvolution", 4, params)
+    layer, bottom, top = build(text, [x], backend=backend)
+    (y,) = forward(layer, bottom, top)
+    w, b = (to_numpy(p.data) for p in layer.blobs)
+    assert w.shape[:2] == (shape[1], 4 // group)
+    np.testing.assert_allclose(
+        y, deconv_reference(x, w, b, stride, pad, dilation, group), atol=1e-12
+    )
+    check_gradient(text, [x], backend=backend)
+
+
+# -- Im2col ------------------------------------------------------------------------------
+def test_im2col_layout_and_gradient(backend):
+    x = RNG.normal(size=(2, 3, 5, 6))
+    text = (
+        'type: "Im2col" convolution_param { kernel_h: 3 kernel_w: 2 stride: 2 pad: 1 dilation: 1 }'
+    )
+    (y,) = run(text, [x], backend=backend)
+    xp = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)])
+    ho, wo = (5 + 2 - 3) // 2 + 1, (6 + 2 - 2) // 2 + 1
+    ref = np.zeros((2, 3 * 3 * 2, ho, wo))
+    for c, i, j, oh, ow in itertools.product(range(3), range(3), range(2), range(ho), range(wo)):
+        ref[:, (c * 3 + i) * 2 + j, oh, ow] = xp[:, c, oh * 2 + i, ow * 2 + j]
+    np.testing.assert_array_equal(y, ref)
+    check_gradient(text, [x], threshold=1e-2, backend=backend)
+
+
+# -- Pooling -----------------------------------------------------------------------------
+POOL_CASES = [
+    # kernel, stride, pad, ceil
+    ((3, 3), (2, 2), (0, 0), True),
+    ((3, 3), (2, 2), (1, 1), True),  # the last window starts in the padding: dropped
+    ((3, 3), (2, 2), (1, 1), False),
+    ((2, 2), (2, 2), (0, 0), True),
+    ((3, 2), (2, 1), (0, 1), True),
+    ((4, 3), (3, 2), (2, 1), True),
+    ((2, 3), (3, 2), (0, 0), False),
+]
+
+
+def _pool_text(method, kernel, stride, pad, ceil):
+    return (
+        f'type: "Pooling" pooling_param {{ pool: {method} kernel_h: {kernel[0]} '
+        f"kernel_w: {kernel[1]} stride_h: {stride[0]} stride_w: {stride[1]} pad_h: {pad[0]} "
+        f"pad_w: {pad[1]} round_mode: {'CEIL' if ceil else 'FLOOR'} }}"
+    )
+
+
+@pytest.mark.parametrize("kernel,stride,pad,ceil", POOL_CASES)
+def test_max_pooling_forward_mask_and_gradient(backend, kernel, stride, pad, ceil):
+    x = distinct(2, 3, 7, 8)
+    text = _pool_text("MAX", kernel, stride, pad, ceil)
+    y, mask = run(text, [x], num_tops=2, backend=backend)
+    ref, ref_mask = pool_reference(x, kernel, stride, pad, "MAX", ceil)
+    np.testing.assert_array_equal(y, ref)
+    np.testing.assert_array_equal(mask, ref_mask)
+    check_gradient(text, [x], stepsize=1e-4, threshold=1e-2, backend=backend)
+
+
+def test_max_pooling_first_maximum_wins():
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 1, 2] = x[0, 0, 2, 0] = 5.0
+    _, mask = run(_pool_text("MAX", (3, 3), (1, 1), (0, 0), True), [x], num_tops=2)
+    assert mask.item() == 1 * 3 + 2
+
+
+@pytest.mark.parametrize("kernel,stride,pad,ceil", POOL_CASES)
+def test_ave_pooling_forward_and_gradient(backend, kernel, stride, pad, ceil):
+    x = RNG.normal(size=(2, 3, 7, 8))
+    text = _pool_text("AVE", kernel, stride, pad, ceil)
+    (y,) = run(text, [x], backend=backend)
+    np.testing.assert_allclose(y, pool_reference(x, kernel, stride, pad, "AVE", ceil)[0])
+    check_gradient(text, [x], stepsize=1e-2, threshold=1e-2, backend=backend)
+
+
+def test_global_pooling(backend):
+    x = RNG.normal(size=(2, 3, 4, 5))
+    (y,) = run(
+        'type: "Pooling" pooling_param { pool: AVE global_pooling: true }', [x], backend=backend
+    )
+    np.testing.assert_allclose(y, x.mean(axis=(2, 3), keepdims=True))
+    (y,) = run('type: "Pooling" pooling_param { global_pooling: true }', [x], backend=backend)
+    np.testing.assert_allclose(y, x.max(axis=(2, 3), keepdims=True))
+
+
+def _stochastic_reference(x, kernel, stride, u):
+    """Caffe's StoPoolForwardTrain: the first element whose running sum reaches u·Σ."""
+    n, c, height, width = x.shape
+    out = [math.ceil((size - k) / s) + 1 for size, k, s in zip((height, width), kernel, stride)]
+    y = np.zeros((n, c, *out))
+    for a, b, i, j in np.ndindex(n, c, *out):
+        window = x[
+            a,
+            b,
+            i * stride[0] : i * stride[0] + kernel[0],
+            j * stride[1] : j * stride[1] + kernel[1],
+        ].reshape(-1)
+        running = np.cumsum(window)
+        y[a, b, i, j] = window[np.argmax(running >= u[a, b, i, j] * window.sum())]
+    return y
+
+
+def test_stochastic_pooling_train_and_test(backend):
+    x = RNG.uniform(0.1, 1.0, size=(2, 3, 6, 5))
+    text = 'type: "Pooling" pooling_param { pool: STOCHASTIC kernel_size: 3 stride: 2 }'
+    (y,) = run(text, [x], backend=backend)
+    u = np.random.default_rng(SEED).random(y.shape)  # the draws the layer makes
+    np.testing.assert_allclose(y, _stochastic_reference(x, (3, 3), (2, 2), u))
+    check_gradient(text, [x], stepsize=1e-4, threshold=1e-2, backend=backend)
+
+    (y,) = run(text, [x], phase=pb.TEST, backend=backend)
+    for i, j in np.ndindex(*y.shape[2:]):
+        window = x[:, :, i * 2 : i * 2 + 3, j * 2 : j * 2 + 3]
+        expected = (window**2).sum((2, 3)) / window.sum((2, 3))
+        np.testing.assert_allclose(y[:, :, i, j], expected)
+    check_gradient(text, [x], stepsize=1e-4, threshold=1e-2, phase=pb.TEST, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ("kernel_size: 2 kernel_h: 2 kernel_w: 2", "kernel_size, or both"),
+        ("kernel_h: 2", "kernel_size, or both"),
+        ("global_pooling: true kernel_size: 2", "whole plane"),
+        ("kernel_size: 2 pad: 2", "smaller than kernel"),
+        ("pool: STOCHASTIC kernel_size: 3 pad: 1", "MAX and AVE"),
+        ("kernel_size: 2 stride: 2 stride_h: 1 stride_w: 1", "stride"),
+    ],
+)
+def test_pooling_config_errors(params, message):
+    with pytest.raises(ConfigError, match=message):
+        run(f'type: "Pooling" pooling_param {{ {params} }}', [np.zeros((1, 1, 5, 5))])
+
+
+def test_pooling_mask_only_for_max_and_4d_only():
+    with pytest.raises(ConfigError, match="second top"):
+        run(
+            'type: "Pooling" pooling_param { pool: AVE kernel_size: 2 }',
+            [np.zeros((1, 1, 4, 4))],
+            num_tops=2,
+        )
+    with pytest.raises(ShapeError, match="num, channels"):
+        run('type: "Pooling" pooling_param { kernel_size: 2 }', [np.zeros((1, 4, 4))])
+
+
+# -- SPP ---------------------------------------------------------------------------------
+def _spp_reference(x, height, method):
+    levels = []
+    for level in range(height):
+        bins = 2**level
+        kernel = [math.ceil(s / bins) for s in x.shape[2:]]
+        pad = [(k * bins - s + 1) // 2 for k, s in zip(kernel, x.shape[2:])]
+        out, _ = pool_reference(x, kernel, kernel, pad, method)
+        levels.append(out.reshape(x.shape[0], -1))
+    return np.concatenate(levels, axis=1)
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_spp_forward_and_gradient(backend, method):
+    x = distinct(2, 3, 9, 7)
+    text = f'type: "SPP" spp_param {{ pyramid_height: 3 pool: {method} }}'
+    (y,) = run(text, [x], backend=backend)
+    assert y.shape == (2, 3 * (1 + 4 + 16))
+    np.testing.assert_allclose(y, _spp_reference(x, 3, method))
+    check_gradient(text, [x], stepsize=1e-4, threshold=1e-2, backend=backend)
+
+
+def test_spp_single_level_keeps_pooling_shape():
+    x = RNG.normal(size=(2, 3, 4, 5))
+    (y,) = run('type: "SPP" spp_param { pyramid_height: 1 }', [x])
+    np.testing.assert_array_equal(y, x.max(axis=(2, 3), keepdims=True))
+
+
+# -- LRN ---------------------------------------------------------------------------------
+def lrn_reference(x, size, alpha, beta, k, across):
+    _, c, height, width = x.shape
+    half = (size - 1) // 2
+    total = np.zeros_like(x)
+    if across:
+        for ch in range(c):
+            total[:, ch] = (x[:, max(0, ch - half) : ch + half + 1] ** 2).sum(1)
+        return x * (k + alpha / size * total) ** -beta
+    for i, j in np.ndindex(height, width):
+        window = x[:, :, max(0, i - half) : i + half + 1, max(0, j - half) : j + half + 1]
+        total[:, :, i, j] = (window**2).sum((2, 3))
+    return x * (1 + alpha / size**2 * total) ** -beta
+
+
+@pytest.mark.parametrize(
+    "size,alpha,beta,k,region",
+    [
+        (5, 0.5, 0.75, 2.0, "ACROSS_CHANNELS"),
+        (3, 1.5, 0.5, 1.0, "ACROSS_CHANNELS"),
+        (3, 0.75, 0.625, 9.0, "WITHIN_CHANNEL"),
+        (5, 2.0, 0.75, 1.0, "WITHIN_CHANNEL"),
+    ],
+)
+def test_lrn_forward_and_gradient(backend, size, alpha, beta, k, region):
+    x = RNG.normal(size=(2, 7, 4, 5))
+    text = (
+        f'type: "LRN" lrn_param {{ local_size: {size} alpha: {alpha} beta: {beta} '
+        f"k: {k} norm_region: {region} }}"
+    )
+    (y,) = run(text, [x], backend=backend)
+    expected = lrn_reference(x, size, alpha, beta, k, region == "ACROSS_CHANNELS")
+    np.testing.assert_allclose(y, expected, rtol=1e-12)
+    check_gradient(text, [x], threshold=1e-2, backend=backend)
+
+
+def test_lrn_in_place_matches_out_of_place():
+    x = RNG.normal(size=(2, 5, 3, 3))
+    text = 'type: "LRN" lrn_param { local_size: 3 alpha: 2 }'
+    layer, bottom, top = build(text, [x])
+    (y,) = forward(layer, bottom, top)
+    dy = RNG.normal(size=y.shape)
+    top[0].diff = dy.copy()
+    layer.backward(top, [True], bottom)
+    expected = bottom[0].diff.copy()
+
+    layer, bottom, _ = build(text, [x])
+    layer.forward(bottom, bottom)
+    np.testing.assert_allclose(bottom[0].data, y)
+    bottom[0].diff = dy.copy()
+    layer.backward(bottom, [True], bottom)
+    np.testing.assert_allclose(bottom[0].diff, expected)
+
+
+def test_lrn_even_size_is_refused():
+    with pytest.raises(ConfigError, match="odd"):
+        run('type: "LRN" lrn_param { local_size: 4 }', [np.zeros((1, 4, 2, 2))])
+
+
+# -- Crop --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "params,index",
+    [
+        ("", (slice(None), slice(None), slice(0, 3), slice(0, 4))),
+        ("offset: 1", (slice(None), slice(None), slice(1, 4), slice(1, 5))),
+        (
+            "axis: 1 offset: 1 offset: 2 offset: 1",
+            (slice(None), slice(1, 3), slice(2, 5), slice(1, 5)),
+        ),
+        ("axis: -1 offset: 1", (slice(None), slice(None), slice(None), slice(1, 5))),
+    ],
+)
+def test_crop_forward_and_gradient(backend, params, index):
+    x = RNG.normal(size=(2, 3, 6, 5))
+    reference = np.zeros((1, 2, 3, 4)) if "axis: 1" in params else np.zeros((2, 3, 3, 4))
+    if "axis: -1" in params:
+        reference = np.zeros((2, 3, 6, 4))
+    text = f'type: "Crop" crop_param {{ {params} }}'
+    (y,) = run(text, [x, reference], backend=backend)
+    np.testing.assert_array_equal(y, x[index])
+    check_gradient(text, [x, reference], check_bottoms=[0], backend=backend)
+
+
+def test_crop_errors():
+    x, small = np.zeros((2, 3, 6, 5)), np.zeros((2, 3, 3, 4))
+    with pytest.raises(ConfigError, match="one per cropped axis"):
+        run('type: "Crop" crop_param { offset: 1 offset: 2 offset: 3 }', [x, small])
+    with pytest.raises(ShapeError, match="cannot crop"):
+        run('type: "Crop" crop_param { offset: 3 }', [x, small])
