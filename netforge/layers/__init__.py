@@ -9,5 +9,6 @@ from netforge.layers import (  # noqa: F401  (imported for their registrations)
     normalization,
     python,
     recurrent,
+    utility,
     vision,
 )
