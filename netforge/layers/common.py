@@ -227,7 +227,7 @@ class SoftmaxLayer(Layer):
         dx *= y
 
 
-# -- element-wise and joining layers -----------------------------------------------------------
+# -- Eltwise ----------------------------------------------------------------------------------
 @register("Eltwise")
 class EltwiseLayer(Layer):
     """PROD, SUM (with one ``coeff`` per bottom) or MAX of equally shaped bottoms.

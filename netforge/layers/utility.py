@@ -402,9 +402,8 @@ class FilterLayer(Layer):
             t.reshape((kept,) + b.shape[1:])
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        self.indices = self.xp.nonzero(bottom[-1].data.reshape(-1))[0]
+        """Gathers the items that the reshape just before (Caffe's Forward order) selected."""
         for t, b in zip(top, bottom):
-            t.reshape((int(self.indices.shape[0]),) + b.shape[1:])
             self.xp.take(b.data, self.indices, axis=0, out=t.data)
 
     def backward(
