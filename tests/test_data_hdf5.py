@@ -8,7 +8,7 @@ import pytest
 
 from netforge.data import hdf5 as nf_hdf5
 from netforge.errors import ConfigError, DataError
-from tests.conftest import shared_path
+from tests.conftest import FIXTURES, shared_path
 from tests.harness import build
 
 
@@ -47,9 +47,14 @@ def write_files(tmp_path, rows_per_file, feature=(3,)):
     return str(listing)
 
 
-def test_caffe_sample_files_read_in_order_and_wrap(tmp_path):
-    first = shared_path("caffe-data", "test_data", "sample_data.h5")
-    second = shared_path("caffe-data", "test_data", "sample_data_2_gzip.h5")
+@pytest.mark.parametrize("where", ["shared", "fixtures"])
+def test_caffe_sample_files_read_in_order_and_wrap(tmp_path, where):
+    if where == "shared":
+        first = shared_path("caffe-data", "test_data", "sample_data.h5")
+        second = shared_path("caffe-data", "test_data", "sample_data_2_gzip.h5")
+    else:
+        first = FIXTURES / "data" / "sample_data.h5"
+        second = FIXTURES / "data" / "sample_data_2_gzip.h5"
     listing = tmp_path / "list.txt"
     listing.write_text(f"{first}\n{second}\n")
     layer, top = hdf5_layer(listing, 5, tops=("data", "label", "label2"))

@@ -61,9 +61,10 @@ def decode_image(data: bytes, color: bool | None = None, where: str = "image") -
         raise DataError(f"{where}: cannot decode the image ({exc})") from None
     if array.ndim == 2:
         return array[np.newaxis]
-    # RGB(A) -> BGR(A), then channels first; the batch stacking makes the copy.
-    order = [2, 1, 0, 3][: array.shape[2]]
-    return array[:, :, order].transpose(2, 0, 1)
+    # RGB(A) -> BGR(A), then channels first: views, the batch stacking makes the one copy.
+    if array.shape[2] == 3:
+        return array[:, :, ::-1].transpose(2, 0, 1)
+    return array[:, :, [2, 1, 0, 3]].transpose(2, 0, 1)
 
 
 def _converted(img: Image.Image, color: bool | None) -> Image.Image:

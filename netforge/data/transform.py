@@ -123,14 +123,16 @@ class Transformer:
             # the source offsets, as Caffe does per pixel.
             batch = np.subtract(batch, self.mean_file, dtype=np.float32)
         out = _crop_mirror(batch, draw, self.output_shape(first)[1:])
-        out = out.astype(dtype, copy=False)  # the batch is a fresh array, ours to change
         if self.mean_file is None and self.mean_value.size:
             if self.mean_value.size not in (1, first[0]):
                 raise ConfigError(
                     f"{self.where}: give one mean_value or one per channel ({first[0]}), "
                     f"got {self.mean_value.size}"
                 )
-            out -= self.mean_value.reshape(-1, 1, 1)
+            # One pass: the cast to float and the subtraction together.
+            out = np.subtract(out, self.mean_value.reshape(-1, 1, 1), dtype=dtype)
+        else:
+            out = out.astype(dtype, copy=False)  # the batch is a fresh array, ours to change
         if self.scale != 1:
             out *= self.scale
         return out

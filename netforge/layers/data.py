@@ -29,6 +29,7 @@ from netforge.data.hdf5 import HDF5Source
 from netforge.data.pipeline import Prefetcher
 from netforge.data.sources import DatumSource, ImageListSource
 from netforge.data.transform import Transformer
+from netforge.data.window import WindowSource
 from netforge.errors import DataError
 from netforge.layer import Layer, register
 
@@ -162,6 +163,19 @@ class HDF5DataLayer(PrefetchingDataLayer):
             raise self.config_error("hdf5_data_param.batch_size must be > 0")
         names = list(self.layer_param.top) or [blob.name for blob in top]
         return HDF5Source(p.source, names, p.batch_size, p.shuffle, self.rng, self.dtype)
+
+
+@register("WindowData")
+class WindowDataLayer(PrefetchingDataLayer):
+    """R-CNN fine-tuning windows (Caffe's WindowData; see ``netforge.data.window``).
+
+    crop_size, mirror and the mean come from transform_param, scale from window_data_param.
+    """
+
+    def make_source(self, top: Sequence[Blob]) -> WindowSource:
+        return WindowSource(
+            self.layer_param, self.phase, self.rng, self.dtype, f"layer {self.name!r} (WindowData)"
+        )
 
 
 @register("MemoryData")
