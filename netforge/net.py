@@ -140,13 +140,7 @@ class Net:
         lr_set: list[bool] = []
         decay_set: list[bool] = []
 
-        seen_names: set[str] = set()
         for layer_param in param.layer:
-            if layer_param.name in seen_names:
-                raise ConfigError(
-                    f"two layers are named {layer_param.name!r}; names must be unique"
-                )
-            seen_names.add(layer_param.name)
             if not layer_param.HasField("phase"):
                 layer_param.phase = self.phase
             layer = create_layer(
@@ -241,7 +235,11 @@ class Net:
                 blob_needs_backward[name] = needs_backward
         self.outputs = sorted(available)
         self._analyse_backward(blob_needs_backward)
-        self.layer_dict = dict(zip(self.layer_names, self.layers))
+        # Caffe allows repeated layer names (mnist_autoencoder has two "loss" layers); lookups
+        # by name find the first, as Caffe's CopyTrainedLayersFrom does.
+        self.layer_dict = {}
+        for layer in self.layers:
+            self.layer_dict.setdefault(layer.name, layer)
         self.params = {ly.name: list(ly.blobs) for ly in self.layers if ly.blobs}
 
     def _load_layer_blobs(self, layer: Layer, layer_param: pb.LayerParameter) -> None:

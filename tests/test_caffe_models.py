@@ -58,6 +58,9 @@ TRAIN_DATA_SHAPES = {
     "examples/hdf5_classification/nonlinear_auto_test.prototxt": (4,),
 }
 
+# nets whose test data layers are chosen by a stage (the solver's test_state)
+TEST_STAGES = {"examples/mnist/mnist_autoencoder.prototxt": ("test-on-test",)}
+
 DATA_LAYERS = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData"}
 
 
@@ -97,7 +100,8 @@ def test_deploy_nets_build_with_caffes_shapes(relative: str) -> None:
 @pytest.mark.parametrize("phase", [pb.TRAIN, pb.TEST])
 def test_train_val_nets_build_with_input_stand_ins(relative: str, phase: int) -> None:
     param = read_net(shared_path("caffe-models", relative))
-    net = Net(with_input_layers(param, TRAIN_DATA_SHAPES[relative]), phase=phase)
+    stages = TEST_STAGES.get(relative, ()) if phase == pb.TEST else ()
+    net = Net(with_input_layers(param, TRAIN_DATA_SHAPES[relative]), phase=phase, stages=stages)
     losses = [name for name in net.outputs if "loss" in name]
     for name in losses:
         assert net.blobs[name].shape == ()
