@@ -49,9 +49,34 @@ class NeuronLayer(Layer):
         return bottom[0].data if self._kept is None else self._kept
 
 
-def _sigmoid(x: Any, xp: Any) -> Any:
-    """Caffe's sigmoid, 0.5·tanh(0.5·x) + 0.5: no overflow for large |x|."""
-    return 0.5 * xp.tanh(0.5 * x) + 0.5
+def _sigmoid(xp: Any, x: Any, out: Any = None) -> Any:
+    """Caffe's sigmoid, 0.5·tanh(0.5·x) + 0.5 (no overflow for large |x|), into ``out``."""
+    out = xp.multiply(x, 0.5, out=out)
+    xp.tanh(out, out=out)
+    out *= 0.5
+    out += 0.5
+    return out
+
+
+# The element-wise layers below write into the top's (or bottom diff's) buffer with ``out=``
+# and use Caffe's branch-free arithmetic, (x > 0) + slope·(x ≤ 0), rather than ``where``:
+# on the CPU, fresh temporaries (page faults) and data-dependent selection cost 3-10x more.
+def _leaky(xp: Any, x: Any, slope: Any, out: Any) -> None:
+    """out = max(x, 0) + slope·min(x, 0); ``out`` may be ``x``."""
+    if isinstance(slope, float) and slope == 0:
+        xp.maximum(x, 0, out=out)
+        return
+    negative_part = xp.minimum(x, 0)
+    negative_part *= slope
+    xp.maximum(x, 0, out=out)
+    out += negative_part
+
+
+def _leaky_backward(xp: Any, dy: Any, positive: Any, slope: Any, out: Any) -> None:
+    """out = dy·((x > 0) + slope·(x ≤ 0)); ``out`` may be ``dy``."""
+    factor = xp.multiply(xp.logical_not(positive), slope, dtype=dy.dtype)
+    factor += positive
+    xp.multiply(dy, factor, out=out)
 
 
 @register("ReLU")
@@ -69,10 +94,7 @@ class ReLULayer(NeuronLayer):
         # (which flips the sign of negative inputs); only then is the mask kept.
         in_place_flip = top[0] is bottom[0] and self.slope < 0
         self._positive = x > 0 if in_place_flip else None
-        if self.slope == 0:
-            xp.maximum(x, 0, out=top[0].data)
-        else:
-            top[0].data[...] = xp.maximum(x, 0) + self.slope * xp.minimum(x, 0)
+        _leaky(xp, x, self.slope, top[0].data)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
@@ -84,7 +106,7 @@ class ReLULayer(NeuronLayer):
         if self.slope == 0:
             self.xp.multiply(dy, positive, out=bottom[0].diff)
         else:
-            bottom[0].diff[...] = self.xp.where(positive, dy, self.slope * dy)
+            _leaky_backward(self.xp, dy, positive, self.slope, bottom[0].diff)
 
 
 @register("PReLU")
@@ -129,7 +151,7 @@ class PReLULayer(NeuronLayer):
         xp = self.xp
         self._keep_input(bottom, top)
         x = bottom[0].data
-        top[0].data[...] = xp.maximum(x, 0) + self._slope(x.ndim) * xp.minimum(x, 0)
+        _leaky(xp, x, self._slope(x.ndim), top[0].data)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
@@ -137,17 +159,17 @@ class PReLULayer(NeuronLayer):
         xp = self.xp
         x = self._input(bottom)
         dy = top[0].diff
-        negative = x <= 0
         # The slope's gradient first: in place, writing the bottom diff overwrites dy.
         if self.param_propagate_down[0]:
-            contrib = dy * x * negative
+            contrib = xp.minimum(x, 0)  # x·(x ≤ 0)
+            contrib *= dy
             if self.channel_shared:
                 self.blobs[0].diff += contrib.sum()
             else:
-                axes = (0,) + tuple(range(2, x.ndim))
-                self.blobs[0].diff += contrib.sum(axis=axes)
+                by_channel = contrib.reshape(x.shape[0], x.shape[1], -1)
+                self.blobs[0].diff += by_channel.sum(axis=2).sum(axis=0)
         if propagate_down[0]:
-            bottom[0].diff[...] = xp.where(negative, self._slope(x.ndim) * dy, dy)
+            _leaky_backward(xp, dy, x > 0, self._slope(x.ndim), bottom[0].diff)
 
 
 @register("ELU")
@@ -172,8 +194,7 @@ class ELULayer(NeuronLayer):
         if not propagate_down[0]:
             return
         positive = bottom[0].data > 0 if self._positive is None else self._positive
-        dy = top[0].diff
-        bottom[0].diff[...] = self.xp.where(positive, dy, dy * (top[0].data + self.alpha))
+        _leaky_backward(self.xp, top[0].diff, positive, top[0].data + self.alpha, bottom[0].diff)
 
 
 @register("Sigmoid")
@@ -181,14 +202,16 @@ class SigmoidLayer(NeuronLayer):
     """y = 1 / (1 + exp(−x)), computed as Caffe does as 0.5·tanh(0.5·x) + 0.5; dy/dx = y(1 − y)."""
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        top[0].data[...] = _sigmoid(bottom[0].data, self.xp)
+        _sigmoid(self.xp, bottom[0].data, out=top[0].data)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
         if propagate_down[0]:
             y = top[0].data
-            bottom[0].diff[...] = top[0].diff * y * (1 - y)
+            factor = 1 - y
+            factor *= y
+            self.xp.multiply(top[0].diff, factor, out=bottom[0].diff)
 
 
 @register("TanH")
@@ -203,7 +226,9 @@ class TanHLayer(NeuronLayer):
     ) -> None:
         if propagate_down[0]:
             y = top[0].data
-            bottom[0].diff[...] = top[0].diff * (1 - y * y)
+            factor = y * y
+            self.xp.subtract(1, factor, out=factor)
+            self.xp.multiply(top[0].diff, factor, out=bottom[0].diff)
 
 
 @register("AbsVal")
@@ -383,9 +408,9 @@ class DropoutLayer(NeuronLayer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x = bottom[0].data
         if self.phase == pb.TRAIN:
-            keep = self.rng.random(x.shape) < 1.0 - self.ratio
+            keep = self.rng.random(x.shape, dtype=np.float32) < 1.0 - self.ratio
             # The mask holds 0 or 1/(1 − ratio), so forward and backward are one multiply.
-            self._mask = self.backend.asarray(keep * self.scale, dtype=self.dtype)
+            self._mask = self.backend.asarray(np.multiply(keep, self.scale, dtype=self.dtype))
             self.xp.multiply(x, self._mask, out=top[0].data)
         elif top[0] is not bottom[0]:
             top[0].data[...] = x
@@ -411,8 +436,8 @@ class SwishLayer(NeuronLayer):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x = bottom[0].data
-        self._sig = _sigmoid(self.beta * x, self.xp)
-        top[0].data[...] = x * self._sig
+        self._sig = _sigmoid(self.xp, self.beta * x)
+        self.xp.multiply(x, self._sig, out=top[0].data)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]

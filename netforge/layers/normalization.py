@@ -95,31 +95,42 @@ class BatchNormLayer(Layer):
             mean, var = factor * mean_sum, factor * var_sum
         else:
             mean = x.mean(axis=(0, 2))
-            var = xp.square(x - mean[:, None]).mean(axis=(0, 2))
+        # x_norm is kept apart from the top (a later in-place layer may overwrite the top's
+        # data) in a buffer reused across passes; it holds x − mean until divided by std.
+        if self._x_norm is None or self._x_norm.shape != x.shape:
+            self._x_norm = xp.empty_like(x)
+        x_norm = self._x_norm
+        xp.subtract(x, mean[:, None], out=x_norm)
+        if not self.use_global_stats:
+            var = xp.square(x_norm).mean(axis=(0, 2))
             m = x.size // self.channels
             correction = m / (m - 1) if m > 1 else 1.0
             norm[...] = self.maf * norm + 1
             mean_sum[...] = self.maf * mean_sum + mean
             var_sum[...] = self.maf * var_sum + correction * var
         self._std = xp.sqrt(var + self.eps)[:, None]
-        # Kept apart from the top: a later in-place layer may overwrite the top's data.
-        self._x_norm = (x - mean[:, None]) / self._std
-        top[0].data[...] = self._x_norm.reshape(top[0].shape)
+        x_norm /= self._std
+        top[0].data[...] = x_norm.reshape(top[0].shape)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
         if not propagate_down[0]:
             return
+        xp = self.xp
         dy = self._by_channel(top[0].diff)
+        dx = self._by_channel(bottom[0].diff)
         if self.use_global_stats:
-            dx = dy / self._std
-        else:
-            y = self._x_norm
-            mean_dy = dy.mean(axis=(0, 2), keepdims=True)
-            mean_dy_y = (dy * y).mean(axis=(0, 2), keepdims=True)
-            dx = (dy - mean_dy - y * mean_dy_y) / self._std
-        bottom[0].diff[...] = dx.reshape(bottom[0].shape)
+            xp.divide(dy, self._std, out=dx)
+            return
+        y = self._x_norm
+        mean_dy = dy.mean(axis=(0, 2), keepdims=True)
+        # One temporary: dy·y, then y·mean(dy·y), then the whole numerator.
+        work = dy * y
+        xp.multiply(y, work.mean(axis=(0, 2), keepdims=True), out=work)
+        xp.subtract(dy, work, out=work)
+        work -= mean_dy
+        xp.divide(work, self._std, out=dx)
 
 
 @register("MVN")
