@@ -127,22 +127,25 @@ def im2col(x: Any, geom: Geometry, out: Sequence[int], col: Any, ws: Workspace) 
 def col2im(cols: Any, geom: Geometry, out: Sequence[int], image: Any, ws: Workspace) -> Any:
     """Sum columns back into ``image`` (N, C, *spatial), overwriting it (Caffe's col2im).
 
-    ``cols`` is any view shaped ``(N, C, *kernel, *out)``; each input element receives the
-    sum of the column entries that copied it, which makes this the adjoint of ``im2col``.
+    ``cols`` is any view shaped ``(N, C, *kernel, *out)`` and ``image`` any view shaped
+    ``(N, C, *spatial)`` (the two leading axes may be swapped in both); each input element
+    receives the sum of the column entries that copied it: the adjoint of ``im2col``. The
+    sums go to a workspace buffer unless ``image`` is contiguous and unpadded.
     """
     xp = get_array_module(image)
     pad = geom.pad
-    if any(pad):
+    direct = not any(pad) and image.flags.c_contiguous
+    if direct:
+        acc = image
+    else:
         shape = image.shape[:2] + tuple(h + 2 * p for h, p in zip(image.shape[2:], pad))
         acc = ws.get("col2im_acc", shape, image.dtype, xp)
-    else:
-        acc = image
     acc.fill(0)
     lead = (slice(None), slice(None))
     for offset, index in offset_slices(geom, out):
         target = acc[index]
         xp.add(target, cols[lead + offset], out=target)
-    if any(pad):
+    if not direct:
         image[...] = acc[interior(pad, image.shape[2:])]
     return image
 

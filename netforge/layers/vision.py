@@ -35,8 +35,8 @@ from netforge.layers.conv_ops import (
 )
 from netforge.proto import pb
 
-#: Most elements one column buffer holds (64 MiB of float32); larger batches run in chunks.
-COLUMN_LIMIT = 1 << 24
+#: Most elements one column buffer holds (128 MiB of float32); larger batches run in chunks.
+COLUMN_LIMIT = 1 << 25
 
 #: Caffe's FLT_MIN, which keeps stochastic pooling's test-time division defined.
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -220,11 +220,16 @@ class _ConvolutionBase(Layer):
         return col.reshape(self.group, -1, n * math.prod(self.col_spatial))
 
     def _uncolumns(self, col: Any, image: Any) -> None:
-        """col2im of a (group, K, n·pixels) stack into an image-side chunk (overwritten)."""
+        """col2im of a (group, K, n·pixels) stack into an image-side chunk (overwritten).
+
+        The scatter-add runs channel-major, (C, n, ...), the order the columns are stored
+        in, which is about a third faster than adding into the (n, C, ...) image directly;
+        the one transposing copy happens when the padding is cropped off.
+        """
         n, nk = image.shape[0], len(self.geom.kernel)
         col = col.reshape((self.image_channels, *self.geom.kernel, n, *self.col_spatial))
-        order = (nk + 1, 0) + tuple(range(1, nk + 1)) + tuple(range(nk + 2, 2 * nk + 2))
-        col2im(col.transpose(order), self.geom, self.col_spatial, image, self.ws)
+        order = (0, nk + 1) + tuple(range(1, nk + 1)) + tuple(range(nk + 2, 2 * nk + 2))
+        col2im(col.transpose(order), self.geom, self.col_spatial, image.swapaxes(0, 1), self.ws)
 
     def _to_rows(self, chunk: Any, key: str) -> Any:
         """(n, channels, pixels) -> the (group, channels/group, n·pixels) GEMM operand."""
@@ -498,12 +503,17 @@ class PoolingLayer(Layer):
         )
 
     def _padded(self, x: Any, fill: float) -> Any:
-        buf = self.ws.get("in", self._padded_shape(x.shape), x.dtype, self.xp, fill=fill)
+        shape = self._padded_shape(x.shape)
+        if shape == x.shape:
+            return x  # no padding and no window past the far edge: view the input itself
+        buf = self.ws.get("in", shape, x.dtype, self.xp, fill=fill)
         buf[interior(self.pad, x.shape[2:])] = x
         return buf
 
-    def _zeroed_grad(self, shape: Sequence[int], dtype: Any) -> Any:
-        buf = self.ws.get("grad", self._padded_shape(shape), dtype, self.xp)
+    def _zeroed_grad(self, diff: Any) -> Any:
+        """A zeroed gradient buffer shaped like ``_padded``'s (``diff`` itself if no pad)."""
+        shape = self._padded_shape(diff.shape)
+        buf = diff if shape == diff.shape else self.ws.get("grad", shape, diff.dtype, self.xp)
         buf.fill(0)
         return buf
 
@@ -530,19 +540,25 @@ class PoolingLayer(Layer):
         # padding from ever winning, and gives Caffe's value for a window with no input.
         xpad = self._padded(x, float(np.finfo(x.dtype).min))
         kernel_count = math.prod(self.kernel)
-        dtype = np.uint8 if kernel_count <= 256 else np.int32
+        dtype = np.uint8 if kernel_count <= 256 else np.uint32
         best = top[0].data
-        self.argmax = self.ws.get("argmax", best.shape, dtype, xp)
+        self.argmax = arg = self.ws.get("argmax", best.shape, dtype, xp)
         greater = self.ws.get("greater", best.shape, np.bool_, xp)
+        step = self.ws.get("step", best.shape, dtype, xp)
         for number, view in self._windows(xpad):
             if number == 0:
                 best[...] = view
-                self.argmax.fill(0)
+                arg.fill(0)
                 continue
-            # Strictly greater: the first maximum in scan order wins, as in Caffe.
+            # Strictly greater: the first maximum in scan order wins, as in Caffe. The
+            # argmax update is arithmetic, arg += greater·(number − arg) (modular in the
+            # unsigned type), because masked copies with random masks run several times
+            # slower on the CPU (branch mispredictions).
             xp.greater(view, best, out=greater)
-            xp.copyto(self.argmax, xp.asarray(number, dtype=dtype), where=greater)
-            xp.copyto(best, view, where=greater)
+            xp.maximum(best, view, out=best)
+            xp.subtract(dtype(number), arg, out=step)
+            xp.multiply(step, greater.view(np.uint8), out=step)
+            xp.add(arg, step, out=arg)
         if len(top) > 1:
             top[1].data[...] = self._flat_index(self.argmax, x.shape[3])
 
@@ -606,7 +622,8 @@ class PoolingLayer(Layer):
             return
         xp = self.xp
         dy = top[0].diff
-        grad = self._zeroed_grad(bottom[0].shape, dy.dtype)
+        diff = bottom[0].diff
+        grad = self._zeroed_grad(diff)
         views = self._windows(grad)
         if self.method == pb.PoolingParameter.AVE:
             scaled = dy * self._divisor(bottom[0].shape)
@@ -620,9 +637,12 @@ class PoolingLayer(Layer):
             for (_, view), (_, x) in zip(views, self._windows(xpad)):
                 view += ratio * (2 * x - y)
         else:
+            routed = self.ws.get("routed", dy.shape, dy.dtype, xp)
             for number, view in views:
-                view += xp.where(self.argmax == number, dy, 0)
-        bottom[0].diff[...] = grad[interior(self.pad, bottom[0].shape[2:])]
+                xp.multiply(dy, self.argmax == number, out=routed)
+                xp.add(view, routed, out=view)
+        if grad is not diff:
+            diff[...] = grad[interior(self.pad, diff.shape[2:])]
 
 
 # -- spatial pyramid pooling ---------------------------------------------------------------
