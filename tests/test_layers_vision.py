@@ -331,6 +331,15 @@ def test_global_pooling(backend):
     np.testing.assert_allclose(y, x.max(axis=(2, 3), keepdims=True))
 
 
+def test_global_max_pooling_mask_over_a_large_window(backend):
+    x = distinct(2, 2, 17, 16)  # 272 offsets: more than a byte can number
+    y, mask = run(
+        'type: "Pooling" pooling_param { global_pooling: true }', [x], num_tops=2, backend=backend
+    )
+    np.testing.assert_array_equal(y[..., 0, 0], x.max(axis=(2, 3)))
+    np.testing.assert_array_equal(mask[..., 0, 0], x.reshape(2, 2, -1).argmax(-1))
+
+
 def _stochastic_reference(x, kernel, stride, u):
     """Caffe's StoPoolForwardTrain: the first element whose running sum reaches u·Σ."""
     n, c, height, width = x.shape
