@@ -12,7 +12,7 @@ Usage (from the repository root)::
 
 For each net, the TRAIN-phase prototxt in models/ (BVLC's CaffeNet and GoogLeNet train_val)
 has its data layers replaced by Input layers holding one fixed batch of random images and
-labels, created on the device: the figures are the layers and the solver, not data loading.
+labels, copied to the device once: the figures are the layers and the solver, not data loading.
 
 netforge trains it with its SGD solver and the hyper-parameters of the net's solver.prototxt
 (momentum, weight decay, ``lr_mult``/``decay_mult`` as the prototxt says; Caffe folds the rate
@@ -40,6 +40,7 @@ reported.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -162,11 +163,12 @@ class NetforgeTrainer:
         self.device = device
         self.solver = get_solver(solver_param(bench, batch), backend=device.backend())
         net = self.solver.net
-        xp = net.backend.xp
-        rng = xp.random.default_rng(0)
-        net.blobs["data"].data = rng.standard_normal((batch, *bench.item), dtype=xp.float32)
-        labels = rng.integers(0, bench.classes, batch)
-        net.blobs["label"].data = labels.astype(xp.float32)
+        # One fixed batch, drawn on the host and copied to the device once.
+        rng = np.random.default_rng(0)
+        data = rng.standard_normal((batch, *bench.item), dtype=np.float32)
+        labels = rng.integers(0, bench.classes, batch).astype(np.float32)
+        net.blobs["data"].data = net.backend.asarray(data)
+        net.blobs["label"].data = net.backend.asarray(labels)
 
     @property
     def net(self) -> Net:
@@ -440,13 +442,13 @@ def bench_net(name: str, batch: int, device: Device, args: argparse.Namespace) -
     for _ in range(args.rounds):
         for trainer, count in trainers:
             result.rates[trainer.name].append(count * batch / timed(trainer, count))
-    release(device, trainers)
     return result
 
 
-def release(device: Device, trainers: list) -> None:
-    """Give the net's memory back before the next net is measured."""
-    trainers.clear()
+def release(device: Device) -> None:
+    """Give the last net's memory back before the next net is measured (its trainers are
+    gone once ``bench_net`` has returned)."""
+    gc.collect()
     if not device.is_gpu:
         return
     import cupy
@@ -563,6 +565,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     results = []
     for name in names:
         result = bench_net(name, batches[name], device, args)
+        release(device)
         results.append(result)
         for line in report_lines(result):
             print(line, flush=True)
