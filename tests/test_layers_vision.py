@@ -183,9 +183,10 @@ def test_convolution_axis_folds_leading_axes_into_the_batch():
     np.testing.assert_allclose(y, ref.reshape(2, 3, 5, 4))
 
 
-def test_convolution_in_batch_chunks_matches(monkeypatch):
+@pytest.mark.parametrize("case", [0, 1])  # stride 1 (full-correlation dx) and stride 2
+def test_convolution_in_batch_chunks_matches(monkeypatch, case):
     monkeypatch.setattr(vision, "COLUMN_LIMIT", 100)  # one item per chunk
-    shape, params, stride, pad, dilation, group = CONV_CASES[1]
+    shape, params, stride, pad, dilation, group = CONV_CASES[case]
     x = RNG.normal(size=(3,) + shape[1:])
     layer, bottom, top = build(_conv_text("Convolution", 4, params), [x])
     assert len(layer.chunks) == 3
