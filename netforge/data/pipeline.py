@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -115,25 +116,30 @@ class Prefetcher:
     def _start(self) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.depth)
+        # The thread holds the source, not this object, so a dropped net's prefetcher is
+        # collected, and its finalizer stops the thread.
         self._thread = threading.Thread(
-            target=self._run,
-            args=(self._queue, self._stop),
+            target=_produce,
+            args=(self.source, self._queue, self._stop),
             name=f"netforge-data-{self.name}",
             daemon=True,
         )
+        weakref.finalize(self, self._stop.set)
         self._thread.start()
 
-    def _run(self, out: queue.Queue, stop: threading.Event) -> None:
+
+def _produce(source: Source, out: queue.Queue, stop: threading.Event) -> None:
+    """The producer loop: batches with the source state after each, until told to stop."""
+    while not stop.is_set():
+        try:
+            item: Any = (source.next_batch(), source.get_state())
+        except BaseException as exc:  # handed to the consumer, which raises it
+            item = exc
         while not stop.is_set():
             try:
-                item: Any = (self.source.next_batch(), self.source.get_state())
-            except BaseException as exc:  # handed to the consumer, which raises it
-                item = exc
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.05)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, BaseException):
-                return
+                out.put(item, timeout=0.05)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item, BaseException):
+            return
