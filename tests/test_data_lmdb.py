@@ -154,10 +154,36 @@ def test_corrupt_records_and_shape_changes_name_the_key(tmp_path):
         layer.forward([], top)
 
 
-def test_unopenable_database_and_leveldb(tmp_path):
+def test_unopenable_database_and_leveldb_without_plyvel(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cannot open LMDB database .*missing"):
         data_layer(tmp_path / "missing", 2)
-    with pytest.raises(DataError, match="LevelDB databases are not supported"):
+    real = nfdb.importlib.util.find_spec
+    monkeypatch.setattr(
+        nfdb.importlib.util, "find_spec", lambda name: None if name == "plyvel" else real(name)
+    )
+    with pytest.raises(DataError, match="LevelDB needs the plyvel package.*convert"):
+        data_layer(tmp_path / "missing", 2, backend="LEVELDB")
+
+
+def test_leveldb_backend(tmp_path):
+    pytest.importorskip("plyvel")
+    rgbs = make_images(tmp_path, count=3)
+    conv.convert_imageset(tmp_path, tmp_path / "list.txt", tmp_path / "db", backend="leveldb")
+    layer, top = data_layer(tmp_path / "db", 2, backend="LEVELDB")
+    (d1, l1), (d2, l2) = forward(layer, top, 2)
+    np.testing.assert_array_equal(d1, np.stack([bgr(r) for r in rgbs[:2]]))
+    np.testing.assert_array_equal(d2, np.stack([bgr(rgbs[2]), bgr(rgbs[0])]))
+    np.testing.assert_array_equal(np.concatenate([l1, l2]), [0, 1, 2, 0])
+    state = layer.get_state()
+    layer.forward([], top)
+    after = top[0].data.copy()
+    layer.set_state(state)
+    layer.forward([], top)
+    np.testing.assert_array_equal(top[0].data, after)
+    mean, count = conv.compute_mean(tmp_path / "db", "leveldb")
+    assert count == 3
+    np.testing.assert_allclose(mean, np.mean([bgr(r) for r in rgbs], axis=0, dtype=np.float64))
+    with pytest.raises(DataError, match="cannot open LevelDB"):
         data_layer(tmp_path / "missing", 2, backend="LEVELDB")
 
 

@@ -24,7 +24,7 @@ from netforge.data.datum import (
     parse_datum,
     read_image,
 )
-from netforge.data.db import Reader, Writer, check_backend
+from netforge.data.db import open_reader, open_writer
 from netforge.data.hdf5 import write_hdf5
 from netforge.data.listfile import Entry, read_list
 from netforge.data.pipeline import decode_map
@@ -121,7 +121,6 @@ def convert_imageset(
     Records are committed every 1000, so an interrupted conversion leaves a valid database
     of the records committed so far. ``progress(n)`` is called as images are processed.
     """
-    check_backend(backend, str(db))
     entries = _entries(root, list_file, shuffle, seed)
     size = (resize_height, resize_width) if resize_height > 0 and resize_width > 0 else (0, 0)
     summary = Summary(outputs=[Path(db)])
@@ -140,7 +139,7 @@ def convert_imageset(
         except DataError as exc:
             return index, entry, exc
 
-    with Writer(db, batch=COMMIT_EVERY) as writer:
+    with open_writer(db, backend, batch=COMMIT_EVERY) as writer:
         for start, chunk in _chunks(entries, CHUNK):
             for index, entry, value in decode_map(one, enumerate(chunk, start)):
                 if isinstance(value, DataError):
@@ -251,8 +250,7 @@ def compute_mean(db: str | os.PathLike, backend: str = "lmdb") -> tuple[np.ndarr
     Encoded records are decoded; raw records use ``data`` or ``float_data``. All records
     must have the same shape. Sums are kept in float64 (Caffe sums in float32).
     """
-    check_backend(backend, str(db))
-    reader = Reader(db)
+    reader = open_reader(db, backend)
     total = None
     shape = None
     count = 0
@@ -266,7 +264,7 @@ def compute_mean(db: str | os.PathLike, backend: str = "lmdb") -> tuple[np.ndarr
 
     try:
         for key, value in reader:
-            where = f"LMDB {db}, key {key.decode(errors='replace')!r}"
+            where = f"{db}, key {key.decode(errors='replace')!r}"
             image = datum_image(parse_datum(value, where), None, where)
             shape = shape or image.shape
             if image.shape != shape:

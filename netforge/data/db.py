@@ -1,21 +1,23 @@
-"""Key-value databases of Datum records: LMDB, as Caffe's ``db_lmdb``.
+"""Key-value databases of Datum records: LMDB (Caffe's ``db_lmdb``) and, optionally, LevelDB.
 
 Readers open the database read-only and iterate in key order (byte-lexicographic, which is
 why converters write zero-padded keys). Writers commit in batches, so a conversion that is
-interrupted leaves a valid database holding every committed batch, and the memory map
+interrupted leaves a valid database holding every committed batch, and the LMDB memory map
 doubles when it is full instead of failing (Caffe's MDB_MAP_FULL handling).
 
-LevelDB, Caffe's other backend, is not supported: its Python bindings need a compiled
-libleveldb, which netforge does not require; such databases are refused with a message
-saying how to convert them.
+LevelDB, Caffe's other backend (and DataParameter's default), needs the optional ``plyvel``
+binding (``pip install 'netforge[leveldb]'``); without it such databases are refused with a
+message saying how to get it or convert to LMDB. See ``netforge.data.leveldb``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -26,18 +28,39 @@ from netforge.proto import pb
 INITIAL_MAP_SIZE = 1 << 26
 
 
-def check_backend(backend: int | str, source: str) -> None:
-    """Refuse LevelDB with a clear message (the DataParameter default is LEVELDB, as Caffe)."""
-    name = backend if isinstance(backend, str) else pb.DataParameter.DB.Name(backend)
-    if name.upper() == "LMDB":
-        return
-    if name.upper() == "LEVELDB":
+def backend_name(backend: int | str, source: str) -> str:
+    """ "lmdb" or "leveldb" for a DataParameter.DB value or a --backend string.
+
+    LevelDB without plyvel installed, or an unknown name, is a DataError saying what to do.
+    """
+    name = (backend if isinstance(backend, str) else pb.DataParameter.DB.Name(backend)).lower()
+    if name == "leveldb" and importlib.util.find_spec("plyvel") is None:
         raise DataError(
-            f"{source}: LevelDB databases are not supported; set 'backend: LMDB' in the "
-            "data_param, and convert the data to LMDB (netforge convert imageset, or with "
-            "Caffe: convert_imageset --backend lmdb)"
+            f"{source}: LevelDB needs the plyvel package (pip install 'netforge[leveldb]'); "
+            "or set 'backend: LMDB' in the data_param and convert the data to LMDB "
+            "(netforge convert imageset, or Caffe's convert_imageset --backend lmdb)"
         )
-    raise DataError(f"{source}: unknown database backend {name!r}; use lmdb")
+    if name not in ("lmdb", "leveldb"):
+        raise DataError(f"{source}: unknown database backend {name!r}; use lmdb or leveldb")
+    return name
+
+
+def open_reader(source: str | os.PathLike, backend: int | str = "lmdb") -> Any:
+    """A Reader for ``source`` in the given backend (see ``Reader`` for the interface)."""
+    if backend_name(backend, str(source)) == "leveldb":
+        from netforge.data.leveldb import LevelDBReader
+
+        return LevelDBReader(source)
+    return Reader(source)
+
+
+def open_writer(path: str | os.PathLike, backend: int | str = "lmdb", batch: int = 1000) -> Any:
+    """A Writer creating ``path`` in the given backend (see ``Writer`` for the interface)."""
+    if backend_name(backend, str(path)) == "leveldb":
+        from netforge.data.leveldb import LevelDBWriter
+
+        return LevelDBWriter(path, batch)
+    return Writer(path, batch)
 
 
 class Reader:

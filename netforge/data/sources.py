@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from netforge.data.datum import Record, decode_record, read_image
-from netforge.data.db import Reader
+from netforge.data.db import open_reader
 from netforge.data.listfile import Entry, read_list
 from netforge.data.pipeline import decode_map
 from netforge.data.transform import Transformer
@@ -86,11 +86,12 @@ class BatchSource:
 
 
 class DatumSource(BatchSource):
-    """Datum records from an LMDB database in key order, wrapping at the end (Data layer)."""
+    """Datum records from a database in key order, wrapping at the end (Data layer)."""
 
-    def __init__(self, source: str, *args: Any, **kwargs: Any) -> None:
-        super().__init__(f"LMDB {source}", *args, **kwargs)
-        self.reader = Reader(source)
+    def __init__(self, source: str, backend: int | str, *args: Any, **kwargs: Any) -> None:
+        self.reader = open_reader(source, backend)
+        kind = "LevelDB" if type(self.reader).__name__.startswith("LevelDB") else "LMDB"
+        super().__init__(f"{kind} {source}", *args, **kwargs)
         self.key = self.reader.first_key()
         self.epoch = 0
 

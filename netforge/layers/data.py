@@ -24,7 +24,6 @@ import h5py
 import numpy as np
 
 from netforge.blob import Blob
-from netforge.data.db import check_backend
 from netforge.data.hdf5 import HDF5Source
 from netforge.data.pipeline import Prefetcher
 from netforge.data.sources import DatumSource, ImageListSource
@@ -99,10 +98,10 @@ class PrefetchingDataLayer(Layer):
 
 @register("Data")
 class DataLayer(PrefetchingDataLayer):
-    """Datum records from an LMDB database, in key order, wrapping at the end (Caffe's Data).
+    """Datum records from a database, in key order, wrapping at the end (Caffe's Data).
 
-    ``backend`` must be LMDB (Caffe's default is LEVELDB, which netforge refuses with a
-    message saying to convert); ``batch_size``, ``prefetch`` and ``transform_param`` apply;
+    ``backend`` LMDB, or LEVELDB (Caffe's default) when the optional plyvel is installed;
+    ``batch_size``, ``prefetch`` and ``transform_param`` apply;
     the legacy scale/mean/crop/mirror fields of DataParameter are ignored, as by Caffe.
     """
 
@@ -110,9 +109,10 @@ class DataLayer(PrefetchingDataLayer):
         p = self.layer_param.data_param
         if not p.batch_size:
             raise self.config_error("data_param.batch_size must be > 0")
-        check_backend(p.backend, f"layer {self.name!r} (Data), source {p.source}")
         self.prefetch = p.prefetch
-        return DatumSource(p.source, p.batch_size, self.transformer(), self.rng, self.dtype)
+        return DatumSource(
+            p.source, p.backend, p.batch_size, self.transformer(), self.rng, self.dtype
+        )
 
 
 @register("ImageData")
