@@ -10,14 +10,10 @@ from netforge.data import convert as conv
 from netforge.data.listfile import read_list
 
 
-def _report(summary: conv.Summary, what: str) -> None:
-    for path, reason in summary.skipped:
-        click.echo(f"skipped {path}: {reason}", err=True)
-    click.echo(
-        f"wrote {summary.written} {what} to {', '.join(str(p) for p in summary.outputs[:3])}"
-        + (" ..." if len(summary.outputs) > 3 else "")
-        + (f"; skipped {len(summary.skipped)} unreadable image(s)" if summary.skipped else "")
-    )
+def _report(summary: conv.Summary, written: str) -> None:
+    """The closing summary (each skipped image was already logged as a warning)."""
+    skipped = f"; skipped {len(summary.skipped)} unreadable image(s)" if summary.skipped else ""
+    click.echo(f"wrote {written}{skipped}")
 
 
 def _run_with_progress(list_file: str, label: str, work) -> conv.Summary:
@@ -82,7 +78,7 @@ def imageset(
             progress=update,
         ),
     )
-    _report(summary, "records")
+    _report(summary, f"{summary.written} records to {db}")
 
 
 @convert.command("hdf5")
@@ -139,7 +135,10 @@ def hdf5(
             progress=update,
         ),
     )
-    _report(summary, "rows")
+    files = len(summary.outputs) - 1
+    _report(
+        summary, f"{summary.written} rows to {files} HDF5 file(s) listed in {summary.outputs[-1]}"
+    )
 
 
 @click.command("compute-mean")

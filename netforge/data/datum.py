@@ -57,7 +57,9 @@ def decode_image(data: bytes, color: bool | None = None, where: str = "image") -
         with Image.open(io.BytesIO(data)) as img:
             img = _converted(img, color)
             array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: cannot decode the image (not a known image format)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{where}: cannot decode the image ({exc})") from None
     if array.ndim == 2:
         return array[np.newaxis]
