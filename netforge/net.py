@@ -367,24 +367,24 @@ class Net:
     def forward_from_to(self, start: int = 0, end: int | None = None) -> float:
         """Run layers ``start..end`` (inclusive); returns their weighted loss."""
         end = len(self.layers) - 1 if end is None else end
-        loss = 0.0
+        loss = 0.0  # a device scalar once a loss is added: one host sync, at the end
         for i in range(start, end + 1):
             layer = self.layers[i]
             bottom, top = self._blobs_of(self.bottom_names[i]), self._blobs_of(self.top_names[i])
             layer.reshape(bottom, top)
             layer.forward(bottom, top)
             for blob, weight in self._layer_loss[i]:
-                loss += weight * float(blob.data.sum())
+                loss = loss + weight * blob.data.sum()
             if self.debug_info:
                 self._log_forward(i)
-        return loss
+        return float(loss)
 
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
         """Backpropagate from layer ``start`` down to ``end`` (inclusive)."""
         start = len(self.layers) - 1 if start is None else start
         for i in range(start, end - 1, -1):
             for blob, weight in self._layer_loss[i]:
-                blob.diff = self.backend.xp.full(blob.shape, weight, dtype=self.dtype)
+                blob.diff.fill(weight)
             if not self.layer_need_backward[i]:
                 continue
             self.layers[i].backward(
