@@ -76,6 +76,7 @@ class Layer:
         self.blobs = ParamBlobs(self)
         #: per parameter blob: whether backward must compute its gradient (set by Net).
         self.param_propagate_down: list[bool] = []
+        self._device_rng: Any = None
 
     # -- contract ------------------------------------------------------------------------
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -112,6 +113,19 @@ class Layer:
     @property
     def xp(self) -> Any:
         return self.backend.xp
+
+    def random_uniform(self, shape: Sequence[int]) -> Any:
+        """Uniform [0, 1) numbers of this layer's dtype, on its backend, reproducible from
+        ``self.rng``: drawn from it on the CPU; on a GPU drawn on the device by a generator
+        reseeded from it, so no random numbers cross the bus."""
+        if not self.backend.is_gpu:
+            return self.rng.random(tuple(shape), dtype=self.dtype)
+        seed = int(self.rng.integers(2**63 - 1))
+        if self._device_rng is None:
+            self._device_rng = self.xp.random.RandomState(seed)
+        else:
+            self._device_rng.seed(seed)
+        return self._device_rng.random_sample(tuple(shape), dtype=self.dtype)
 
     def make_blob(self, shape: Sequence[int], filler: pb.FillerParameter | None = None) -> Blob:
         """A parameter blob on this layer's backend, filled by ``filler`` (zeros if None)."""

@@ -408,9 +408,9 @@ class DropoutLayer(NeuronLayer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x = bottom[0].data
         if self.phase == pb.TRAIN:
-            keep = self.rng.random(x.shape, dtype=np.float32) < 1.0 - self.ratio
+            keep = self.random_uniform(x.shape) < 1.0 - self.ratio
             # The mask holds 0 or 1/(1 − ratio), so forward and backward are one multiply.
-            self._mask = self.backend.asarray(np.multiply(keep, self.scale, dtype=self.dtype))
+            self._mask = self.xp.multiply(keep, self.scale, dtype=self.dtype)
             self.xp.multiply(x, self._mask, out=top[0].data)
         elif top[0] is not bottom[0]:
             top[0].data[...] = x
