@@ -248,3 +248,22 @@ def test_digits_net_reads_the_bundled_data(monkeypatch):
         labels = f["label"][:90]
     np.testing.assert_array_equal(np.asarray(net.blobs["data"].data), first)
     np.testing.assert_array_equal(np.asarray(net.blobs["label"].data), labels)
+
+
+@pytest.mark.slow
+def test_digits_solver_reaches_the_stated_accuracy(monkeypatch, tmp_path):
+    """The README's first command (``netforge train --solver models/digits/solver.prototxt``)
+    through the library it runs, with snapshots sent to a temporary folder."""
+    import netforge
+
+    monkeypatch.chdir(ROOT)
+    param = read_solver(MODELS / "digits" / "solver.prototxt")
+    param.snapshot_prefix = str(tmp_path / "digits")
+    solver = netforge.get_solver(param)
+    solver.solve()
+    assert solver.iter == 1000
+    assert (tmp_path / "digits_iter_1000.caffemodel").is_file()
+    # Score the trained weights on the whole test set: 4 batches of 90.
+    test_net = solver.test_nets[0]
+    accuracy = np.mean([float(test_net.forward()["accuracy"]) for _ in range(4)])
+    assert accuracy >= 0.98

@@ -1,0 +1,385 @@
+"""Training throughput of netforge against PyTorch on BVLC's LeNet, CIFAR-10 quick and CaffeNet.
+
+Usage (from the repository root)::
+
+    PYTHONPATH=. python tools/bench_layers.py [--nets lenet,cifar10_quick,caffenet]
+        [--rounds 3] [--seconds 2] [--no-torch] [--no-memory] [--no-gemm]
+
+For each net, the TRAIN-phase prototxt in models/ is read and its data layers replaced by Input
+layers holding random images and labels (one fixed batch: the benchmark measures the layers
+and the solver, not data loading). netforge trains it with its SGD solver (momentum 0.9, weight
+decay 5e-4, ``lr_mult`` 2 on biases as the prototxts say); PyTorch (if installed; it is not a
+netforge dependency) trains the same layers, translated one for one, with ``torch.optim.SGD``
+and the same hyper-parameters, in the same process. The two alternate for ``--rounds`` rounds
+of about ``--seconds`` each, after two warm-up iterations, so that both see the same machine
+load; the figures are the medians over rounds, and the ratio is the median of the per-round
+ratios netforge / PyTorch (above 1: netforge is faster).
+
+"outside layers" is the share of netforge's iteration spent outside ``net.forward_backward``:
+the solver's update, regularization and bookkeeping (Caffe's ApplyUpdate and Step).
+
+Peak memory is measured in a fresh subprocess per library and net: ``ru_maxrss`` after
+building the net and training three iterations, minus ``ru_maxrss`` after the imports. It
+includes BLAS and allocator buffers (which tracemalloc misses) and is a high-water mark.
+
+The GEMM section times a 2048x2048 float32 product (best of 10) in subprocesses that import
+numpy directly, under different ``OPENBLAS_CORETYPE`` settings, and names the kernel family
+numpy's OpenBLAS chose. This process imports netforge before numpy, so it runs with the
+kernel choice of ``netforge/_blas.py``.
+"""
+
+from __future__ import annotations
+
+# First: importing netforge picks OpenBLAS's kernels, which must happen before numpy loads.
+import netforge
+
+# isort: split
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from netforge.net import Net
+from netforge.proto import pb
+from netforge.prototxt import read_net
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A benchmarked net: its train prototxt, batch size and per-image input shape."""
+
+    prototxt: str
+    batch: int
+    item: tuple[int, int, int]
+    classes: int
+
+
+BENCHES = {
+    "lenet": Bench("models/mnist/lenet_train_test.prototxt", 64, (1, 28, 28), 10),
+    "cifar10_quick": Bench(
+        "models/cifar10/cifar10_quick_train_test.prototxt", 100, (3, 32, 32), 10
+    ),
+    "caffenet": Bench("models/bvlc_reference_caffenet/train_val.prototxt", 32, (3, 227, 227), 1000),
+}
+DATA_LAYERS = {"Data": "data_param", "ImageData": "image_data_param", "HDF5Data": "hdf5_data_param"}
+SOLVER = {"base_lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def train_net_param(bench: Bench) -> pb.NetParameter:
+    """The TRAIN net of ``bench`` with its data layers replaced by Input (data, label)."""
+    param = read_net(ROOT / bench.prototxt)
+    for layer in param.layer:
+        if layer.type in DATA_LAYERS:
+            for field in (*DATA_LAYERS.values(), "transform_param"):
+                layer.ClearField(field)
+            layer.type = "Input"
+            layer.input_param.shape.add().dim.extend((bench.batch, *bench.item))
+            layer.input_param.shape.add().dim.append(bench.batch)
+    return param
+
+
+def random_batch(bench: Bench, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((bench.batch, *bench.item), dtype=np.float32)
+    labels = rng.integers(0, bench.classes, bench.batch).astype(np.float32)
+    return data, labels
+
+
+# -- netforge ------------------------------------------------------------------------------
+class NetforgeTrainer:
+    """netforge's SGD solver on the benchmark net, timing ``forward_backward`` inside it."""
+
+    def __init__(self, bench: Bench) -> None:
+        solver_param = pb.SolverParameter(
+            net_param=train_net_param(bench),
+            type="SGD",
+            lr_policy="fixed",
+            max_iter=10**9,
+            display=0,
+            snapshot_after_train=False,
+            solver_mode=pb.SolverParameter.CPU,
+            random_seed=1,
+            **SOLVER,
+        )
+        self.solver = netforge.get_solver(solver_param)
+        net = self.solver.net
+        data, labels = random_batch(bench)
+        net.blobs["data"].data = data
+        net.blobs["label"].data = labels
+        self.layer_seconds = 0.0
+        forward_backward = net.forward_backward
+
+        def timed() -> float:
+            start = time.perf_counter()
+            loss = forward_backward()
+            self.layer_seconds += time.perf_counter() - start
+            return loss
+
+        net.forward_backward = timed  # the solver calls it once per iteration
+
+    def run(self, iterations: int) -> None:
+        self.solver.step(iterations)
+
+
+# -- PyTorch -------------------------------------------------------------------------------
+class TorchTrainer:
+    """The same layers in PyTorch, built from the netforge net's layers and blob shapes."""
+
+    def __init__(self, bench: Bench) -> None:
+        import torch
+
+        self.torch = torch
+        torch.manual_seed(0)
+        net = Net(train_net_param(bench), pb.TRAIN)
+        self.steps: list[tuple[object, list[str], list[str]]] = []
+        weights, biases = [], []
+        for layer, bottoms, tops in zip(net.layers, net.bottom_names, net.top_names):
+            module = self._module(layer, net.blobs[bottoms[0]].shape if bottoms else None)
+            if module is None:
+                continue
+            for name, p in getattr(module, "named_parameters", lambda: [])():
+                (biases if name == "bias" else weights).append(p)
+            self.steps.append((module, bottoms, tops))
+        lr, momentum, decay = SOLVER["base_lr"], SOLVER["momentum"], SOLVER["weight_decay"]
+        self.optimizer = torch.optim.SGD(
+            [{"params": weights, "lr": lr}, {"params": biases, "lr": 2 * lr}],
+            lr=lr,
+            momentum=momentum,
+            weight_decay=decay,
+        )
+        data, labels = random_batch(bench)
+        self.inputs = {"data": torch.from_numpy(data), "label": torch.from_numpy(labels).long()}
+        self._check_shapes(net)
+
+    def _module(self, layer, bottom_shape):
+        nn, F = self.torch.nn, self.torch.nn.functional
+        p = layer.layer_param
+        if layer.type in ("Input", "Split"):
+            return None
+        if layer.type == "Convolution":
+            c = p.convolution_param
+            return nn.Conv2d(
+                bottom_shape[1],
+                c.num_output,
+                c.kernel_size[0],
+                stride=c.stride[0] if c.stride else 1,
+                padding=c.pad[0] if c.pad else 0,
+                groups=c.group,
+                bias=c.bias_term,
+            )
+        if layer.type == "Pooling":
+            q = p.pooling_param
+            kind = nn.MaxPool2d if q.pool == pb.PoolingParameter.MAX else nn.AvgPool2d
+            # Caffe rounds pooled sizes up (ceil), as ceil_mode does.
+            return kind(q.kernel_size, q.stride, q.pad, ceil_mode=True)
+        if layer.type == "ReLU":
+            return nn.ReLU(inplace=p.bottom[0] == p.top[0])
+        if layer.type == "LRN":
+            q = p.lrn_param
+            return nn.LocalResponseNorm(q.local_size, q.alpha, q.beta, q.k)
+        if layer.type == "Dropout":
+            return nn.Dropout(p.dropout_param.dropout_ratio, inplace=p.bottom[0] == p.top[0])
+        if layer.type == "InnerProduct":
+            inputs = int(np.prod(bottom_shape[1:]))
+            linear = nn.Linear(inputs, p.inner_product_param.num_output)
+            return nn.Sequential(nn.Flatten(), linear)
+        if layer.type == "SoftmaxWithLoss":
+            return lambda scores, labels: F.cross_entropy(scores, labels)
+        raise SystemExit(f"bench: no PyTorch translation for layer type {layer.type}")
+
+    def _forward(self):
+        blobs = dict(self.inputs)
+        for module, bottoms, tops in self.steps:
+            blobs[tops[0]] = module(*(blobs[b] for b in bottoms))
+        return blobs
+
+    def _check_shapes(self, net: Net) -> None:
+        with self.torch.no_grad():
+            blobs = self._forward()
+        for name, value in blobs.items():
+            if name in net.blobs and tuple(value.shape) != net.blobs[name].shape:
+                raise SystemExit(
+                    f"bench: PyTorch {name} is {tuple(value.shape)}, netforge's is "
+                    f"{net.blobs[name].shape}"
+                )
+
+    def run(self, iterations: int) -> None:
+        for _ in range(iterations):
+            self.optimizer.zero_grad()
+            loss = self._forward()["loss"]
+            loss.backward()
+            self.optimizer.step()
+
+
+# -- measurements --------------------------------------------------------------------------
+def timed_run(trainer, iterations: int) -> float:
+    start = time.perf_counter()
+    trainer.run(iterations)
+    return time.perf_counter() - start
+
+
+def iterations_for(trainer, seconds: float) -> int:
+    """How many iterations fill about ``seconds`` (after the two warm-up ones it times)."""
+    per_iteration = timed_run(trainer, 2) / 2
+    return max(2, round(seconds / per_iteration))
+
+
+def bench_speed(name: str, rounds: int, seconds: float, with_torch: bool) -> dict:
+    bench = BENCHES[name]
+    trainers = {"netforge": NetforgeTrainer(bench)}
+    if with_torch:
+        trainers["pytorch"] = TorchTrainer(bench)
+    counts = {k: iterations_for(t, seconds) for k, t in trainers.items()}
+    rates = {k: [] for k in trainers}
+    outside = []
+    for _ in range(rounds):
+        for key, trainer in trainers.items():
+            if key == "netforge":
+                trainer.layer_seconds = 0.0
+            elapsed = timed_run(trainer, counts[key])
+            rates[key].append(counts[key] * bench.batch / elapsed)
+            if key == "netforge":
+                outside.append(1 - trainer.layer_seconds / elapsed)
+    result = {
+        "net": name,
+        "batch": bench.batch,
+        "netforge_img_s": statistics.median(rates["netforge"]),
+        "outside_layers": statistics.median(outside),
+    }
+    if with_torch:
+        result["pytorch_img_s"] = statistics.median(rates["pytorch"])
+        ratios = [a / b for a, b in zip(rates["netforge"], rates["pytorch"])]
+        result["ratio"] = statistics.median(ratios)
+    return result
+
+
+def memory_child(library: str, name: str) -> None:
+    """Subprocess body: print the peak RSS growth (MiB) of building and training ``name``."""
+    bench = BENCHES[name]
+    if library == "pytorch":
+        import torch  # noqa: F401  (import cost belongs to the baseline)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trainer = NetforgeTrainer(bench) if library == "netforge" else TorchTrainer(bench)
+    trainer.run(3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": peak / 1024, "growth_mib": (peak - baseline) / 1024}))
+
+
+def bench_memory(library: str, name: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", library, name],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+GEMM_CHILD = """
+import ctypes, glob, os, time
+import numpy as np
+n = 2048
+a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+a @ a
+best = float("inf")
+for _ in range(10):
+    t = time.perf_counter(); a @ a; best = min(best, time.perf_counter() - t)
+core = "?"
+for lib in glob.glob(os.path.join(os.path.dirname(np.__path__[0]), "numpy.libs", "*openblas*")):
+    try:
+        f = ctypes.CDLL(lib).scipy_openblas_get_corename64_
+        f.restype = ctypes.c_char_p
+        core = f().decode()
+    except (OSError, AttributeError):
+        pass
+print(2 * n**3 / best / 1e9, core)
+"""
+
+
+def bench_gemm() -> list[tuple[str, float, str]]:
+    """(setting, GFLOP/s, OpenBLAS core) for the inherited environment and each override."""
+    inherited = os.environ.get("OPENBLAS_CORETYPE")
+    settings = [(f"inherited ({inherited or 'unset'})", inherited)]
+    settings += [(f"OPENBLAS_CORETYPE={c}", c) for c in ("Haswell", "SkylakeX")]
+    settings.append(("OPENBLAS_CORETYPE unset", None))
+    results = []
+    for label, value in settings:
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+        if value is not None:
+            env["OPENBLAS_CORETYPE"] = value
+        out = subprocess.run(
+            [sys.executable, "-c", GEMM_CHILD], check=True, capture_output=True, text=True, env=env
+        )
+        rate, core = out.stdout.split()
+        results.append((label, float(rate), core))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--nets", default=",".join(BENCHES), help="comma list of " + ", ".join(BENCHES)
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per round and library")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-gemm", action="store_true")
+    parser.add_argument(
+        "--memory-child", nargs=2, metavar=("LIBRARY", "NET"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    with_torch = not args.no_torch
+    if with_torch:
+        try:
+            import torch
+        except ImportError:
+            print("PyTorch is not installed: netforge only (pip install torch==2.13.0)")
+            with_torch = False
+        else:
+            torch.set_num_threads(os.cpu_count() or 1)
+            print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"netforge {netforge.__version__}, numpy {np.__version__}, "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    names = args.nets.split(",")
+    header = f"{'net':14} {'batch':>5} {'netforge img/s':>15} {'outside layers':>15}"
+    if with_torch:
+        header += f" {'PyTorch img/s':>14} {'ratio':>6}"
+    if not args.no_memory:
+        header += f" {'netforge MiB':>13}" + (f" {'PyTorch MiB':>12}" if with_torch else "")
+    print(header)
+    for name in names:
+        r = bench_speed(name, args.rounds, args.seconds, with_torch)
+        line = f"{name:14} {r['batch']:5d} {r['netforge_img_s']:15.1f} {r['outside_layers']:14.1%}"
+        if with_torch:
+            line += f" {r['pytorch_img_s']:14.1f} {r['ratio']:6.2f}"
+        if not args.no_memory:
+            line += f" {bench_memory('netforge', name)['growth_mib']:13.0f}"
+            if with_torch:
+                line += f" {bench_memory('pytorch', name)['growth_mib']:12.0f}"
+        print(line, flush=True)
+    if not args.no_gemm:
+        print("\nfloat32 GEMM 2048x2048, numpy imported without netforge:")
+        for label, rate, core in bench_gemm():
+            print(f"  {label:32} {rate:7.1f} GFLOP/s  (OpenBLAS core {core})")
+
+
+if __name__ == "__main__":
+    main()
