@@ -447,6 +447,18 @@ class Net:
         names = self.bottom_names[end_index] if end is not None else self.inputs
         return {n: self.blobs[n].diff for n in [*names, *(diffs or ())]}
 
+    def set_input_arrays(self, data: Any, labels: Any, layer: str | None = None) -> None:
+        """pycaffe's ``net.set_input_arrays``: give a MemoryData layer (the first one, or
+        ``layer``) the arrays it serves, batch by batch."""
+        memory = [
+            candidate
+            for candidate in self.layers
+            if candidate.type == "MemoryData" and layer in (None, candidate.name)
+        ]
+        if not memory:
+            raise ConfigError(f"net {self.name!r} has no MemoryData layer to take input arrays")
+        memory[0].set_input_arrays(data, labels)
+
     # -- weights -------------------------------------------------------------------------
     def copy_from(
         self, source: str | os.PathLike | pb.NetParameter, *, exclude: Iterable[str] = ()

@@ -258,3 +258,22 @@ def test_pycaffe_module_surface() -> None:
     assert netforge.TRAIN == 0 and netforge.TEST == 1
     netforge.set_mode_cpu()
     netforge.set_device(0)
+
+
+def test_set_input_arrays_feeds_the_memory_data_layer() -> None:
+    net = net_from(
+        """
+        layer { name: "mem" type: "MemoryData" top: "data" top: "label"
+                memory_data_param { batch_size: 2 channels: 1 height: 1 width: 3 } }
+        layer { name: "ip" type: "InnerProduct" bottom: "data" top: "out"
+                inner_product_param { num_output: 1 weight_filler { type: "constant" value: 1 } } }
+        layer { name: "silence" type: "Silence" bottom: "label" }
+        """,
+        phase=pb.TEST,
+    )
+    data = np.arange(12, dtype=np.float32).reshape(4, 1, 1, 3)
+    net.set_input_arrays(data, np.arange(4, dtype=np.float32))
+    np.testing.assert_allclose(net.forward()["out"].ravel(), [3, 12])
+    np.testing.assert_allclose(net.forward()["out"].ravel(), [21, 30])
+    with pytest.raises(ConfigError, match="no MemoryData"):
+        net_from(MLP).set_input_arrays(data, np.zeros(4))
