@@ -188,7 +188,8 @@ class TorchTrainer:
             q = p.lrn_param
             return nn.LocalResponseNorm(q.local_size, q.alpha, q.beta, q.k)
         if layer.type == "Dropout":
-            return nn.Dropout(p.dropout_param.dropout_ratio, inplace=p.bottom[0] == p.top[0])
+            # Not in place: autograd needs the in-place ReLU's output that Dropout follows.
+            return nn.Dropout(p.dropout_param.dropout_ratio)
         if layer.type == "InnerProduct":
             inputs = int(np.prod(bottom_shape[1:]))
             linear = nn.Linear(inputs, p.inner_product_param.num_output)
