@@ -17,12 +17,16 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 
 from netforge.errors import ConfigError, DataError
 from netforge.proto import pb
 from netforge.train_log import fmt
+
+if TYPE_CHECKING:
+    from netforge.net import Net
 
 LOG = logging.getLogger("netforge")
 
@@ -53,7 +57,7 @@ class Timings:
         return len(self.iteration_ms)
 
 
-def _synchronizer(net) -> Callable[[], None]:
+def _synchronizer(net: Net) -> Callable[[], None]:
     """Waits for queued GPU work, so a layer's time is its kernels' time (Caffe's cudaEvent
     timer); a no-op on the CPU."""
     backend = net.backend
@@ -63,7 +67,7 @@ def _synchronizer(net) -> Callable[[], None]:
     return device.synchronize
 
 
-def time_net(net, iterations: int = 50, log: logging.Logger = LOG) -> Timings:
+def time_net(net: Net, iterations: int = 50, log: logging.Logger = LOG) -> Timings:
     """Caffe's ``caffe time`` on a built net: a warm-up ``forward_backward`` (its loss is
     logged as the initial loss), then ``iterations`` passes timing each layer's forward (with
     its reshape, as Caffe's ``Layer::Forward`` does) and backward separately.
@@ -149,12 +153,12 @@ def with_dummy_data(
         batch = getattr(layer, field).batch_size
         if batch <= 0:
             raise ConfigError(f"data layer {layer.name!r} has no positive batch_size")
-        shapes = [(batch, *data_shape), (batch,)][: len(layer.top)]
         if len(layer.top) > 2:
             raise ConfigError(
                 f"data layer {layer.name!r} has {len(layer.top)} tops; --data-shape can stand "
                 "in for a data top and a label top only"
             )
+        shapes = [(batch, *data_shape), (batch,)][: len(layer.top)]
         for field_name in (*DATA_LAYERS.values(), "transform_param"):
             layer.ClearField(field_name)
         layer.type = "DummyData"
