@@ -361,8 +361,10 @@ def _stochastic_reference(x, kernel, stride, u):
 def test_stochastic_pooling_train_and_test(backend):
     x = RNG.uniform(0.1, 1.0, size=(2, 3, 6, 5))
     text = 'type: "Pooling" pooling_param { pool: STOCHASTIC kernel_size: 3 stride: 2 }'
-    (y,) = run(text, [x], backend=backend)
-    u = np.random.default_rng(SEED).random(y.shape)  # the draws the layer makes
+    layer, bottom, top = build(text, [x], backend=backend)
+    (y,) = forward(layer, bottom, top)
+    layer.rng = np.random.default_rng(SEED)  # replay the draws forward made
+    u = to_numpy(layer.random_uniform(y.shape))
     np.testing.assert_allclose(y, _stochastic_reference(x, (3, 3), (2, 2), u))
     check_gradient(text, [x], stepsize=1e-4, threshold=1e-2, backend=backend)
 

@@ -634,7 +634,7 @@ class PoolingLayer(Layer):
         total = xp.zeros(out.shape, dtype=x.dtype)
         for _, view in self._windows(xpad):
             xp.add(total, view, out=total)
-        threshold = total * xp.asarray(self.rng.random(out.shape), dtype=x.dtype)
+        threshold = total * self.random_uniform(out.shape)
         count = math.prod(self.kernel)
         self.argmax = xp.full(out.shape, count, dtype=np.int32)
         running = xp.zeros_like(total)
