@@ -520,3 +520,15 @@ def test_crop_errors():
         run('type: "Crop" crop_param { offset: 1 offset: 2 offset: 3 }', [x, small])
     with pytest.raises(ShapeError, match="cannot crop"):
         run('type: "Crop" crop_param { offset: 3 }', [x, small])
+
+
+def test_pooling_reads_the_forks_ceil_mode_alias():
+    x = np.arange(2 * 5 * 5, dtype=np.float64).reshape(1, 2, 5, 5)
+    base = 'type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 %s }'
+    (ceil,) = run(base % "ceil_mode: true", [x])
+    (floor,) = run(base % "ceil_mode: false", [x])
+    (caffe_floor,) = run(base % "round_mode: FLOOR", [x])
+    assert ceil.shape == (1, 2, 3, 3) and floor.shape == (1, 2, 2, 2)
+    np.testing.assert_array_equal(floor, caffe_floor)
+    with pytest.raises(ConfigError, match="not both"):
+        run(base % "ceil_mode: true round_mode: CEIL", [x])

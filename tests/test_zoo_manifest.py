@@ -35,8 +35,6 @@ REQUIRED = {
     "mobilenet_v2",
     "densenet121",
 }
-# Prototxts that use fields BVLC's schema lacks (a fork's), pending schema support.
-NEEDS_SCHEMA = {"densenet121": "PoolingParameter.ceil_mode (OpenCV's caffe.proto, field 13)"}
 
 
 def test_the_zoo_has_every_required_model():
@@ -64,16 +62,7 @@ def test_manifest_is_complete_and_safe(path):
         assert m.has_file(pre.labels)
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason=NEEDS_SCHEMA[p.stem], strict=True))
-        if p.stem in NEEDS_SCHEMA
-        else p
-        for p in MANIFESTS
-    ],
-    ids=lambda p: p.stem,
-)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.stem)
 def test_manifest_prototxts_parse(path):
     from netforge.prototxt import read_net, read_solver
 

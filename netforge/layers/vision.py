@@ -499,7 +499,12 @@ class PoolingLayer(Layer):
         )
         self.stride = (p.stride_h, p.stride_w) if has("stride_h") else (p.stride, p.stride)
         self.pad = (p.pad_h, p.pad_w) if has("pad_h") else (p.pad, p.pad)
-        self.ceil = p.round_mode == pb.PoolingParameter.CEIL
+        if p.HasField("ceil_mode") and p.HasField("round_mode"):
+            raise self.config_error("set round_mode or the fork's ceil_mode, not both")
+        if p.HasField("ceil_mode"):
+            self.ceil = p.ceil_mode
+        else:
+            self.ceil = p.round_mode == pb.PoolingParameter.CEIL
         if p.global_pooling and (any(self.pad) or self.stride != (1, 1)):
             raise self.config_error("global_pooling needs pad 0 and stride 1")
         if not p.global_pooling and min(self.kernel) <= 0:
