@@ -397,3 +397,51 @@ def test_pycaffe_solver_classes(tmp_path):
     assert sgd.iter == 2
     for name in ("NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver"):
         assert getattr(netforge, name).type == name.removesuffix("Solver")
+
+
+@pytest.mark.parametrize("solver_type", ["SGD", "Adam"])
+def test_updates_on_each_backend(tmp_path, backend, solver_type):
+    """The same update code on numpy and, with a GPU, cupy."""
+    from netforge.backend import to_numpy
+
+    param = solver_param(tmp_path, solver_type, "weight_decay: 0.1 clip_gradients: 2")
+    solver = get_solver(param, dtype=np.float64, backend=backend)
+    w0, b0 = (to_numpy(p.data).copy() for p in solver.net.params["innerprod"])
+    solver.step(3)
+    (w, _), _ = reference_run(solver_type, w0, b0, 3, weight_decay=0.1, clip=2.0)
+    np.testing.assert_allclose(to_numpy(solver.net.params["innerprod"][0].data), w, rtol=1e-9)
+
+
+def test_test_net_sources_and_states(tmp_path):
+    """Caffe's InitTestNets: test_net_param first, then copies of net_param for the
+    remaining test_iter entries, each with its test_state."""
+    param = solver_param(tmp_path, "SGD")
+    param.test_net_param.add().CopyFrom(param.net_param)
+    param.test_iter.extend([1, 2, 3])
+    param.test_interval = 5
+    for stage in ("a", "b", "c"):
+        param.test_state.add().stage.append(stage)
+    solver = get_solver(param)
+    assert len(solver.test_nets) == 3
+    assert all(net.phase == pb.TEST for net in solver.test_nets)
+    del param.test_state[2]
+    with pytest.raises(ConfigError, match="test_state must be absent or given once"):
+        get_solver(param)
+    param.ClearField("net_param")
+    param.train_net_param.CopyFrom(param.test_net_param[0])
+    del param.test_state[:]
+    with pytest.raises(ConfigError, match="test_iter must be given once per test net"):
+        get_solver(param)
+
+
+def test_debug_info_logs_update_lines(tmp_path, caplog):
+    solver = make_solver(tmp_path, "SGD", "debug_info: true display: 1")
+    with caplog.at_level("INFO", logger="netforge"):
+        solver.step(1)
+    lines = [r.getMessage() for r in caplog.records]
+    update = [line for line in lines if line.startswith("    [Update] Layer innerprod, param 0")]
+    assert len(update) == 1
+    weight = solver.net.params["innerprod"][0]
+    mean_abs_step = float(np.abs(weight.diff).mean())
+    assert update[0].endswith(f"diff: {mean_abs_step:.6g}")
+    assert any(line.startswith("    [Forward] Layer innerprod") for line in lines)

@@ -4,6 +4,7 @@ log read back with the regexes of Caffe's tools/extra/parse_log.py, and the erro
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -162,3 +163,30 @@ def test_divergence_exit_status(files, capsys):
 def test_missing_solver_file(tmp_path, capsys):
     assert main(["train", "--solver", str(tmp_path / "none.prototxt")]) != 0
     assert "none.prototxt" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_gpu_all_without_cupy_is_a_device_error(files, capsys, monkeypatch):
+    import netforge.backend as backends
+    from netforge.errors import DeviceError
+
+    def no_cupy():
+        raise DeviceError("GPU mode needs cupy, which is not installed")
+
+    monkeypatch.setattr(backends, "import_cupy", no_cupy)
+    _, _, solver = files
+    assert main(["train", "--solver", str(solver), "--gpu", "all"]) == 7
+    assert "needs cupy" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_progress_line_reports_rate_and_time_left():
+    from netforge.train_log import ProgressLine
+
+    stream = io.StringIO()
+    progress = ProgressLine(stream, interval=0.0)
+    progress.update(10, 100)
+    progress._start -= 2.0  # 2 s since iteration 10
+    progress.update(30, 100)
+    text = stream.getvalue()
+    assert text.startswith("\riteration 30/100  10.0 it/s  ETA 00:00:07")
+    progress.clear()
+    assert stream.getvalue().endswith("\r\x1b[K")
