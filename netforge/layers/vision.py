@@ -499,6 +499,7 @@ class PoolingLayer(Layer):
         )
         self.stride = (p.stride_h, p.stride_w) if has("stride_h") else (p.stride, p.stride)
         self.pad = (p.pad_h, p.pad_w) if has("pad_h") else (p.pad, p.pad)
+        self._divisors: dict[tuple[int, ...], Any] = {}
         if p.HasField("ceil_mode") and p.HasField("round_mode"):
             raise self.config_error("set round_mode or the fork's ceil_mode, not both")
         if p.HasField("ceil_mode"):
@@ -616,7 +617,14 @@ class PoolingLayer(Layer):
         return (rows + offsets // kw) * width + cols + offsets % kw
 
     def _divisor(self, shape: Sequence[int]) -> Any:
-        """Caffe's AVE window sizes: each window clipped to the padded extent H + 2p."""
+        """Caffe's AVE window sizes: each window clipped to the padded extent H + 2p.
+        Kept per input size, so a GPU run builds and uploads it once."""
+        key = tuple(shape[2:])
+        if key not in self._divisors:
+            self._divisors[key] = self._window_sizes(shape)
+        return self._divisors[key]
+
+    def _window_sizes(self, shape: Sequence[int]) -> Any:
         sizes = []
         for h, k, s, p, o in zip(shape[2:], self.kernel, self.stride, self.pad, self.out):
             start = np.arange(o) * s - p
