@@ -24,7 +24,7 @@ EFFECT = click.Choice(["stop", "snapshot", "none"])
 def _stages(stage: str | None) -> list[str]:
     # Caffe's quirk (an empty --stage adds one empty stage) changes nothing: no include rule
     # names the empty stage, so an absent or empty flag adds none.
-    return [s for s in stage.split(",")] if stage else []
+    return stage.split(",") if stage else []
 
 
 def _names(text: str | None) -> list[str]:
