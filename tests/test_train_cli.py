@@ -190,3 +190,24 @@ def test_progress_line_reports_rate_and_time_left():
     assert text.startswith("\riteration 30/100  10.0 it/s  ETA 00:00:07")
     progress.clear()
     assert stream.getvalue().endswith("\r\x1b[K")
+
+
+def test_missing_snapshot_folder_is_created(tmp_path):
+    from netforge.prototxt import parse_text
+    from netforge.solvers import get_solver
+
+    net = tmp_path / "net.prototxt"
+    net.write_text(
+        'layer { name: "x" type: "DummyData" top: "x" top: "y" dummy_data_param { '
+        "shape { dim: 2 dim: 3 } shape { dim: 2 dim: 1 } } }\n"
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "out" '
+        "inner_product_param { num_output: 1 } }\n"
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "out" bottom: "y" }\n'
+    )
+    prefix = tmp_path / "runs" / "deep" / "model"
+    param = parse_text(
+        f'net: "{net}" base_lr: 0.1 lr_policy: "fixed" max_iter: 1 snapshot_prefix: "{prefix}"',
+        pb.SolverParameter,
+    )
+    get_solver(param).solve()
+    assert (tmp_path / "runs" / "deep" / "model_iter_1.caffemodel").is_file()

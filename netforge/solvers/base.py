@@ -137,9 +137,11 @@ class Solver:
             )
         check_policy(param, self.source)
         self.check_param()
-        if param.snapshot > 0:
+        if param.snapshot > 0 or param.snapshot_after_train:
+            # Caffe aborts when the prefix's folder is missing; netforge creates it.
             probe = Path(snap.snapshot_filename(param.snapshot_prefix, 0, ".tempfile"))
             try:
+                probe.parent.mkdir(parents=True, exist_ok=True)
                 probe.touch()
                 probe.unlink()
             except OSError:
