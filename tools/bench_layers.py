@@ -18,9 +18,9 @@ ratios netforge / PyTorch (above 1: netforge is faster).
 "outside layers" is the share of netforge's iteration spent outside ``net.forward_backward``:
 the solver's update, regularization and bookkeeping (Caffe's ApplyUpdate and Step).
 
-Peak memory is measured in a fresh subprocess per library and net: ``ru_maxrss`` after
-building the net and training three iterations, minus ``ru_maxrss`` after the imports. It
-includes BLAS and allocator buffers (which tracemalloc misses) and is a high-water mark.
+Peak memory is measured in a fresh subprocess per library and net: the peak resident set size
+(Linux ``VmHWM``) after building the net and training three iterations, minus the peak after
+the imports. It includes BLAS and allocator buffers, which tracemalloc misses.
 
 The GEMM section times a 2048x2048 float32 product (best of 10) in subprocesses that import
 numpy directly, under different ``OPENBLAS_CORETYPE`` settings, and names the kernel family
@@ -37,7 +37,6 @@ import netforge
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from netforge import _blas
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import read_net
@@ -264,16 +264,30 @@ def bench_speed(name: str, rounds: int, seconds: float, with_torch: bool) -> dic
     return result
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux ``VmHWM``), in MiB.
+
+    Not ``ru_maxrss``: Linux carries that across ``exec`` from the parent, so a child of a
+    big benchmark process would report the parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise SystemExit("bench: no VmHWM in /proc/self/status (the memory figures need Linux)")
+
+
 def memory_child(library: str, name: str) -> None:
     """Subprocess body: print the peak RSS growth (MiB) of building and training ``name``."""
     bench = BENCHES[name]
     if library == "pytorch":
-        import torch  # noqa: F401  (import cost belongs to the baseline)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)  # the import's cost belongs to the baseline
+    baseline = peak_rss_mib()
     trainer = NetforgeTrainer(bench) if library == "netforge" else TorchTrainer(bench)
     trainer.run(3)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": peak / 1024, "growth_mib": (peak - baseline) / 1024}))
+    peak = peak_rss_mib()
+    print(json.dumps({"peak_mib": peak, "growth_mib": peak - baseline}))
 
 
 def bench_memory(library: str, name: str) -> dict:
@@ -310,8 +324,9 @@ print(2 * n**3 / best / 1e9, core)
 
 def bench_gemm() -> list[tuple[str, float, str]]:
     """(setting, GFLOP/s, OpenBLAS core) for the inherited environment and each override."""
-    inherited = os.environ.get("OPENBLAS_CORETYPE")
-    settings = [(f"inherited ({inherited or 'unset'})", inherited)]
+    # What the user's environment said, before importing netforge changed it.
+    launched = _blas.adjustment[0] if _blas.adjustment else os.environ.get("OPENBLAS_CORETYPE")
+    settings = [(f"as launched ({launched or 'unset'})", launched or None)]
     settings += [(f"OPENBLAS_CORETYPE={c}", c) for c in ("Haswell", "SkylakeX")]
     settings.append(("OPENBLAS_CORETYPE unset", None))
     results = []
@@ -354,10 +369,12 @@ def main() -> None:
         else:
             torch.set_num_threads(os.cpu_count() or 1)
             print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads")
+    core = os.environ.get("OPENBLAS_CORETYPE", "(unset)")
+    if _blas.adjustment:
+        core += f" (netforge raised it from {_blas.adjustment[0] or 'unset'})"
     print(
         f"netforge {netforge.__version__}, numpy {np.__version__}, "
-        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
-        f"{os.cpu_count()} CPUs"
+        f"OPENBLAS_CORETYPE={core}, {os.cpu_count()} CPUs"
     )
     names = args.nets.split(",")
     header = f"{'net':14} {'batch':>5} {'netforge img/s':>15} {'outside layers':>15}"
