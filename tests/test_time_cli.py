@@ -140,3 +140,13 @@ def test_with_dummy_data_keeps_tops_and_phases():
         net.forward()
         assert (net.blobs["data"].data == 0.5).all()
         assert (net.blobs["label"].data == 0).all()
+
+
+@pytest.mark.gpu
+def test_time_on_gpu(tmp_path, capsys):
+    args = ["time", "--model", _write(tmp_path, TINY), "--iterations", "2", "--gpu", "0"]
+    assert main(args) == 0
+    lines = _messages(capsys.readouterr().err)
+    assert lines[0] == "Use GPU with device ID 0"
+    assert "Testing for 2 iterations." in lines
+    assert re.fullmatch(rf"Average Forward-Backward: {NUMBER} ms.", lines[-3])
