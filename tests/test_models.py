@@ -262,8 +262,17 @@ def test_digits_solver_reaches_the_stated_accuracy(monkeypatch, tmp_path):
     solver = netforge.get_solver(param)
     solver.solve()
     assert solver.iter == 1000
-    assert (tmp_path / "digits_iter_1000.caffemodel").is_file()
+    snapshot = tmp_path / "digits_iter_1000.caffemodel"
+    assert snapshot.is_file()
     # Score the trained weights on the whole test set: 4 batches of 90.
     test_net = solver.test_nets[0]
     accuracy = np.mean([float(test_net.forward()["accuracy"]) for _ in range(4)])
     assert accuracy >= 0.98
+    # The deploy net with the snapshot classifies the whole test set the same way.
+    deploy = Net(MODELS / "digits" / "deploy.prototxt", TEST, weights=snapshot)
+    with h5py.File(DIGITS / "test.h5", "r") as f:
+        images, labels = f["data"][:], f["label"][:]
+    prob = np.asarray(deploy.forward(data=images)["prob"])
+    assert prob.shape == (360, 10)
+    np.testing.assert_allclose(prob.sum(axis=1), 1, rtol=1e-5)
+    assert np.mean(prob.argmax(axis=1) == labels) == pytest.approx(accuracy, abs=1e-6)
