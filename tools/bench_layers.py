@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     PYTHONPATH=. python tools/bench_layers.py [--nets lenet,cifar10_quick,caffenet]
-        [--rounds 3] [--seconds 2] [--no-torch] [--no-memory] [--no-gemm]
+        [--rounds 3] [--seconds 2] [--no-torch] [--no-memory] [--no-gemm] [--layers]
 
 For each net, the TRAIN-phase prototxt in models/ is read and its data layers replaced by Input
 layers holding random images and labels (one fixed batch: the benchmark measures the layers
@@ -36,6 +36,7 @@ import netforge
 # isort: split
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -47,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from netforge import _blas
+from netforge.cli.time import time_net
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import read_net
@@ -264,6 +266,17 @@ def bench_speed(name: str, rounds: int, seconds: float, with_torch: bool) -> dic
     return result
 
 
+def hot_layers(name: str, count: int = 5) -> list[tuple[str, float, float]]:
+    """netforge's ``count`` slowest layers of ``name``: (layer, forward ms, backward ms),
+    measured as ``netforge time`` does, over 3 iterations."""
+    quiet = logging.getLogger("bench_layers.quiet")
+    quiet.disabled = True
+    net = NetforgeTrainer(BENCHES[name]).solver.net
+    t = time_net(net, iterations=3, log=quiet)
+    rows = list(zip(t.layer_names, t.forward_ms, t.backward_ms))
+    return sorted(rows, key=lambda row: row[1] + row[2], reverse=True)[:count]
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size (Linux ``VmHWM``), in MiB.
 
@@ -352,6 +365,7 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-gemm", action="store_true")
+    parser.add_argument("--layers", action="store_true", help="also list the slowest layers")
     parser.add_argument(
         "--memory-child", nargs=2, metavar=("LIBRARY", "NET"), help=argparse.SUPPRESS
     )
@@ -393,6 +407,11 @@ def main() -> None:
             if with_torch:
                 line += f" {bench_memory('pytorch', name)['growth_mib']:12.0f}"
         print(line, flush=True)
+    if args.layers:
+        print("\nnetforge's slowest layers (ms per iteration, forward + backward):")
+        for name in names:
+            hot = ", ".join(f"{layer} {f:.1f}+{b:.1f}" for layer, f, b in hot_layers(name))
+            print(f"  {name:14} {hot}")
     if not args.no_gemm:
         print("\nfloat32 GEMM 2048x2048, numpy imported without netforge:")
         for label, rate, core in bench_gemm():
