@@ -91,6 +91,7 @@ def train_net_param(bench: Bench) -> pb.NetParameter:
 
 
 def random_batch(bench: Bench, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of standard normal images and uniformly drawn labels."""
     rng = np.random.default_rng(seed)
     data = rng.standard_normal((bench.batch, *bench.item), dtype=np.float32)
     labels = rng.integers(0, bench.classes, bench.batch).astype(np.float32)
@@ -164,10 +165,13 @@ class TorchTrainer:
         self._check_shapes(net)
 
     def _module(self, layer, bottom_shape):
+        """The PyTorch module (or function) computing ``layer``; None for Input."""
         nn, F = self.torch.nn, self.torch.nn.functional
         p = layer.layer_param
-        if layer.type in ("Input", "Split"):
+        if layer.type == "Input":
             return None
+        if layer.type == "Split":
+            return lambda x: x  # _forward gives every top the same tensor
         if layer.type == "Convolution":
             c = p.convolution_param
             return nn.Conv2d(
@@ -203,7 +207,8 @@ class TorchTrainer:
     def _forward(self):
         blobs = dict(self.inputs)
         for module, bottoms, tops in self.steps:
-            blobs[tops[0]] = module(*(blobs[b] for b in bottoms))
+            value = module(*(blobs[b] for b in bottoms))
+            blobs.update(dict.fromkeys(tops, value))
         return blobs
 
     def _check_shapes(self, net: Net) -> None:
@@ -238,6 +243,8 @@ def iterations_for(trainer, seconds: float) -> int:
 
 
 def bench_speed(name: str, rounds: int, seconds: float, with_torch: bool) -> dict:
+    """Images/s of each library (median over rounds), their ratio, and netforge's share of
+    time outside the layers, for net ``name``."""
     bench = BENCHES[name]
     trainers = {"netforge": NetforgeTrainer(bench)}
     if with_torch:
