@@ -61,6 +61,22 @@ class _NativeThreadId(logging.Filter):
         return True
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, so a handler installed
+    by one command keeps working after the caller swaps stderr (test captures, notebooks)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        """The stream is always the current sys.stderr."""
+
+
 def setup_logging(stream: IO[str] | None = None, log_file: str | None = None) -> logging.Logger:
     """Send the ``netforge`` logger's INFO lines to ``stream`` (stderr, as Caffe forces) and
     optionally to ``log_file``, in glog format. Returns the logger. Calling it again
@@ -69,7 +85,9 @@ def setup_logging(stream: IO[str] | None = None, log_file: str | None = None) ->
     for handler in [h for h in logger.handlers if getattr(h, "_netforge_glog", False)]:
         logger.removeHandler(handler)
         handler.close()
-    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
+    handlers: list[logging.Handler] = [
+        logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
+    ]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
     for handler in handlers:

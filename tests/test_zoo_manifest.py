@@ -4,15 +4,14 @@ own readme front matter; the front-matter reader handles the YAML subset Caffe u
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import shared_path
 
 from netforge.errors import ConfigError
 from netforge.zoo import manifest as zm
 
 MANIFESTS = sorted(zm.ZOO_DIR.glob("*.json"))
-CAFFE_MODELS = Path(__file__).resolve().parents[2] / "shared" / "caffe-models" / "models"
 # Caffe's published table (inventory §6): folder -> (caffemodel, sha1, license).
 BVLC = {
     "bvlc_alexnet": ("9116a64c0fbe4459d18f4bb6b56d647b63920377", "unrestricted"),
@@ -75,7 +74,7 @@ def test_manifest_prototxts_parse(path):
 
 @pytest.mark.parametrize("folder", sorted(BVLC))
 def test_caffe_model_folder_works_as_a_manifest(folder):
-    m = zm.read_caffe_model_dir(CAFFE_MODELS / folder)
+    m = zm.read_caffe_model_dir(shared_path("caffe-models", "models", folder))
     sha1, licence = BVLC[folder]
     weights = m.file("weights")
     assert m.name == folder
@@ -83,7 +82,7 @@ def test_caffe_model_folder_works_as_a_manifest(folder):
     assert weights.urls == (f"http://dl.caffe.berkeleyvision.org/{folder}.caffemodel",)
     assert weights.sha1 == sha1
     assert m.licence == licence
-    assert m.prototxts["deploy"] == CAFFE_MODELS / folder / "deploy.prototxt"
+    assert m.prototxts["deploy"] == shared_path("caffe-models", "models", folder, "deploy.prototxt")
     # The zoo's own manifest carries the same published SHA-1 and licence.
     ours = zm.load_manifest(folder)
     assert ours.file("weights").sha1 == sha1
