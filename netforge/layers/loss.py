@@ -86,6 +86,29 @@ class LossLayer(Layer):
         """Write the scalar loss into ``top`` in the layer's dtype."""
         top.data = self.xp.asarray(value, dtype=self.dtype).reshape(())
 
+    def write_diff(self, blob: Blob, grad: Any) -> None:
+        """Overwrite ``blob``'s diff with ``grad`` (any shape of the same count), casting to
+        the blob's dtype in the copy: the buffer sized at reshape is reused, not replaced."""
+        blob.diff[...] = grad.reshape(blob.shape)
+
+    def write_pair_diffs(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob], grad: Any
+    ) -> None:
+        """Losses of a difference a − b (Euclidean, Contrastive): bottom 0 gets
+        ``grad · loss_weight / N`` and bottom 1 its negative, each where asked for."""
+        for i, sign in ((0, 1.0), (1, -1.0)):
+            if propagate_down[i]:
+                self.write_diff(bottom[i], grad * (sign * top[0].diff / bottom[i].shape[0]))
+
+    def per_item_labels(self, bottom: Sequence[Blob]) -> tuple[Any, Any]:
+        """Bottom 0 as (N, classes) and one checked integer label per item (Hinge,
+        MultinomialLogistic)."""
+        num = bottom[0].shape[0]
+        scores = bottom[0].data.reshape(num, -1)
+        labels = _int_labels(self.xp, bottom[1].data.reshape(num))
+        self.check_label_range(labels, None, scores.shape[1])
+        return scores, labels
+
     def check_label_range(self, labels: Any, valid: Any, num_labels: int) -> None:
         """Caffe only DCHECKs the label range; an out-of-range label would index garbage (or,
         on the GPU, silently wrap), so netforge names it instead."""
@@ -167,7 +190,8 @@ class _SoftmaxLossBase(_NormalizedLoss):
             top[1].reshape(shape)
 
     def probabilities(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> tuple[Any, Any, Any]:
-        """Softmax probabilities (outer, C, inner), int labels (outer, inner), valid mask."""
+        """Softmax probabilities (outer, C, inner), int labels (outer, inner) with ignored
+        ones replaced by 0 (so they index safely), and the valid mask."""
         xp = self.xp
         scores = bottom[0].data.reshape(self.outer, self.channels, self.inner)
         prob = _softmax(xp, scores)
@@ -176,7 +200,18 @@ class _SoftmaxLossBase(_NormalizedLoss):
         self.check_label_range(labels, valid, self.channels)
         if len(top) > 1:
             top[1].data = prob.reshape(bottom[0].shape)
-        return prob, labels, valid
+        safe = labels if valid is None else xp.where(valid, labels, 0)
+        return prob, safe, valid
+
+    def write_masked_diff(
+        self, top: Sequence[Blob], bottom: Sequence[Blob], grad: Any, valid: Any
+    ) -> None:
+        """Bottom 0's diff: ``grad`` (outer, C, inner), zero where ``valid`` is False, times
+        ``loss_weight / normalizer``."""
+        if valid is not None:
+            grad = grad * valid[:, None, :]
+        scale = top[0].diff / self.normalizer(self.outer, self.inner, valid)
+        self.write_diff(bottom[0], grad * scale)
 
 
 @register("SoftmaxWithLoss")
@@ -195,8 +230,7 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
-        prob, labels, valid = self.probabilities(bottom, top)
-        safe = labels if valid is None else xp.where(valid, labels, 0)
+        prob, safe, valid = self.probabilities(bottom, top)
         picked = xp.take_along_axis(prob, safe[:, None, :], axis=1)[:, 0, :]
         log_p = xp.log(xp.maximum(picked, FLT_MIN))
         if valid is not None:
@@ -210,14 +244,9 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
         self.refuse_label_gradient(propagate_down, 1)
         if not propagate_down[0]:
             return
-        xp = self.xp
         prob, labels, valid = self._saved
-        onehot = xp.arange(self.channels)[None, :, None] == labels[:, None, :]
-        grad = prob - onehot
-        if valid is not None:
-            grad = grad * valid[:, None, :]
-        scale = top[0].diff / self.normalizer(self.outer, self.inner, valid)
-        bottom[0].diff = (grad * scale).astype(self.dtype).reshape(bottom[0].shape)
+        onehot = self.xp.arange(self.channels)[None, :, None] == labels[:, None, :]
+        self.write_masked_diff(top, bottom, prob - onehot, valid)
 
 
 @register("InfogainLoss")
@@ -265,10 +294,9 @@ class InfogainLossLayer(_SoftmaxLossBase):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
-        prob, labels, valid = self.probabilities(bottom, top)
+        prob, safe, valid = self.probabilities(bottom, top)
         matrix = self.infogain if len(bottom) < 3 else bottom[2].data
         matrix = matrix.reshape(self.channels, self.channels)
-        safe = labels if valid is None else xp.where(valid, labels, 0)
         # Row H[label] for every position, laid out like prob: (outer, C, inner).
         rows = xp.moveaxis(matrix[safe], -1, 1)
         weighted = rows * xp.log(xp.maximum(prob, LOG_THRESHOLD))
@@ -286,11 +314,7 @@ class InfogainLossLayer(_SoftmaxLossBase):
         if not propagate_down[0]:
             return
         prob, rows, row_sums, valid = self._saved
-        grad = prob * row_sums[:, None, :] - rows
-        if valid is not None:
-            grad = grad * valid[:, None, :]
-        scale = top[0].diff / self.normalizer(self.outer, self.inner, valid)
-        bottom[0].diff = (grad * scale).astype(self.dtype).reshape(bottom[0].shape)
+        self.write_masked_diff(top, bottom, prob * row_sums[:, None, :] - rows, valid)
 
 
 def read_blob_proto(path: str, layer: Layer) -> np.ndarray:
@@ -327,11 +351,7 @@ class EuclideanLossLayer(LossLayer):
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
-        for i, sign in ((0, 1.0), (1, -1.0)):
-            if propagate_down[i]:
-                alpha = sign * top[0].diff / bottom[i].shape[0]
-                grad = (alpha * self._diff).astype(self.dtype)
-                bottom[i].diff = grad.reshape(bottom[i].shape)
+        self.write_pair_diffs(top, propagate_down, bottom, self._diff)
 
 
 @register("SigmoidCrossEntropyLoss")
@@ -378,7 +398,7 @@ class SigmoidCrossEntropyLossLayer(_NormalizedLoss):
         grad = 0.5 * self.xp.tanh(0.5 * x) + 0.5 - bottom[1].data.reshape(x.shape)
         if self._valid is not None:
             grad = grad * self._valid
-        bottom[0].diff = (grad * (top[0].diff / self._normalizer)).astype(self.dtype)
+        self.write_diff(bottom[0], grad * (top[0].diff / self._normalizer))
 
 
 @register("HingeLoss")
@@ -398,9 +418,7 @@ class HingeLossLayer(LossLayer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         num = bottom[0].shape[0]
-        scores = bottom[0].data.reshape(num, -1)
-        labels = _int_labels(xp, bottom[1].data.reshape(num))
-        self.check_label_range(labels, None, scores.shape[1])
+        scores, labels = self.per_item_labels(bottom)
         # -1 at the label's column, +1 elsewhere.
         self._sign = 1 - 2 * (xp.arange(scores.shape[1])[None, :] == labels[:, None])
         self._margin = xp.maximum(0, 1 + self._sign * scores)
@@ -421,8 +439,7 @@ class HingeLossLayer(LossLayer):
             grad = self._sign * (self._margin > 0)
         else:
             grad = 2 * self._sign * self._margin
-        grad = grad * (top[0].diff / num)
-        bottom[0].diff = grad.astype(self.dtype).reshape(bottom[0].shape)
+        self.write_diff(bottom[0], grad * (top[0].diff / num))
 
 
 @register("ContrastiveLoss")
@@ -473,7 +490,6 @@ class ContrastiveLossLayer(LossLayer):
         self.refuse_label_gradient(propagate_down, 2)
         xp = self.xp
         param = self.layer_param.contrastive_loss_param
-        num = bottom[0].shape[0]
         if param.legacy_version:
             mdist = param.margin - self._dist_sq
             apart = xp.full_like(mdist, -1.0)
@@ -482,11 +498,7 @@ class ContrastiveLossLayer(LossLayer):
             mdist = param.margin - dist
             apart = -mdist / (dist + 1e-4)
         coeff = xp.where(self._similar, 1.0, xp.where(mdist > 0, apart, 0.0))
-        for i, sign in ((0, 1.0), (1, -1.0)):
-            if propagate_down[i]:
-                alpha = sign * top[0].diff / num
-                grad = (alpha * coeff[:, None] * self._diff).astype(self.dtype)
-                bottom[i].diff = grad.reshape(bottom[i].shape)
+        self.write_pair_diffs(top, propagate_down, bottom, coeff[:, None] * self._diff)
 
 
 @register("MultinomialLogisticLoss")
@@ -502,9 +514,7 @@ class MultinomialLogisticLossLayer(LossLayer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         num = bottom[0].shape[0]
-        prob = bottom[0].data.reshape(num, -1)
-        labels = _int_labels(xp, bottom[1].data.reshape(num))
-        self.check_label_range(labels, None, prob.shape[1])
+        prob, labels = self.per_item_labels(bottom)
         self._labels = labels
         self._picked = xp.maximum(xp.take_along_axis(prob, labels[:, None], axis=1), LOG_THRESHOLD)
         self.set_loss(top[0], -xp.log(self._picked).sum() / num)
@@ -518,8 +528,7 @@ class MultinomialLogisticLossLayer(LossLayer):
         xp = self.xp
         num = bottom[0].shape[0]
         onehot = xp.arange(bottom[0].count // num)[None, :] == self._labels[:, None]
-        grad = onehot * (-top[0].diff / num / self._picked)
-        bottom[0].diff = grad.astype(self.dtype).reshape(bottom[0].shape)
+        self.write_diff(bottom[0], onehot * (-top[0].diff / num / self._picked))
 
 
 @register("Accuracy")
