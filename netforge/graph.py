@@ -103,3 +103,53 @@ def insert_splits(net: pb.NetParameter) -> pb.NetParameter:
                 del new.loss_weight[:]  # Caffe clears all of the producer's weights
                 used[(i, j)] += 1  # split output 0 carries the loss, not a reader
     return split
+
+
+#: data layers that read a source, and the parameter message holding their batch size
+DATA_LAYER_PARAMS = {
+    "Data": "data_param",
+    "ImageData": "image_data_param",
+    "HDF5Data": "hdf5_data_param",
+    "WindowData": "window_data_param",
+    "MemoryData": "memory_data_param",
+}
+
+
+def replace_data_layers(
+    net: pb.NetParameter,
+    item_shape: tuple[int, ...],
+    *,
+    batch: int | None = None,
+    kind: str = "Input",
+) -> tuple[pb.NetParameter, list[str]]:
+    """A copy of ``net`` whose data layers are ``Input`` (or constant ``DummyData``) layers
+    with the same name, phase rules and tops: top 0 of shape (batch, *item_shape), the others
+    (batch,). ``batch`` defaults to each layer's own batch_size. For timing, benchmarks and
+    shape checks of nets whose data is not at hand. Returns the copy and the replaced names.
+    """
+    if kind not in ("Input", "DummyData"):
+        raise ConfigError(f"data layers can be replaced by Input or DummyData, not {kind!r}")
+    out = pb.NetParameter()
+    out.CopyFrom(net)
+    replaced = []
+    for layer in out.layer:
+        field = DATA_LAYER_PARAMS.get(layer.type)
+        if field is None:
+            continue
+        size = batch or getattr(layer, field).batch_size
+        if size <= 0:
+            raise ConfigError(f"data layer {layer.name!r} has no positive batch_size")
+        shapes = [(size, *item_shape)] + [(size,)] * (len(layer.top) - 1)
+        for name in (*DATA_LAYER_PARAMS.values(), "transform_param"):
+            layer.ClearField(name)
+        layer.type = kind
+        for i, shape in enumerate(shapes):
+            if kind == "Input":
+                layer.input_param.shape.add().dim.extend(shape)
+            else:
+                # constant fillers run once at setup, so the stand-in costs nothing per
+                # forward; labels of 0 are a valid class for any classifier
+                layer.dummy_data_param.shape.add().dim.extend(shape)
+                layer.dummy_data_param.data_filler.add(type="constant", value=0.0 if i else 0.5)
+        replaced.append(layer.name)
+    return out, replaced

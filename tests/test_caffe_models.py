@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import SHARED, shared_path
 
+from netforge.graph import replace_data_layers
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import read_net
@@ -61,33 +62,6 @@ TRAIN_DATA_SHAPES = {
 # nets whose test data layers are chosen by a stage (the solver's test_state)
 TEST_STAGES = {"examples/mnist/mnist_autoencoder.prototxt": ("test-on-test",)}
 
-DATA_LAYERS = {"Data", "ImageData", "HDF5Data", "WindowData", "MemoryData"}
-
-
-def with_input_layers(net: pb.NetParameter, item_shape: tuple[int, ...]) -> pb.NetParameter:
-    """The net with each data layer replaced by an Input layer of the shapes it would give."""
-    out = pb.NetParameter()
-    out.CopyFrom(net)
-    for layer in out.layer:
-        if layer.type not in DATA_LAYERS:
-            continue
-        params = (
-            layer.data_param,
-            layer.image_data_param,
-            layer.hdf5_data_param,
-            layer.window_data_param,
-            layer.memory_data_param,
-        )
-        batch = next(p.batch_size for p in params if p.batch_size)
-        stand_in = pb.LayerParameter(name=layer.name, type="Input", top=layer.top)
-        stand_in.include.extend(layer.include)
-        stand_in.exclude.extend(layer.exclude)
-        shapes = [(batch, *item_shape)] + [(batch,)] * (len(layer.top) - 1)
-        for shape in shapes:
-            stand_in.input_param.shape.add().dim.extend(shape)
-        layer.CopyFrom(stand_in)
-    return out
-
 
 @pytest.mark.parametrize("relative", sorted(DEPLOY_SHAPES))
 def test_deploy_nets_build_with_caffes_shapes(relative: str) -> None:
@@ -101,7 +75,9 @@ def test_deploy_nets_build_with_caffes_shapes(relative: str) -> None:
 def test_train_val_nets_build_with_input_stand_ins(relative: str, phase: int) -> None:
     param = read_net(shared_path("caffe-models", relative))
     stages = TEST_STAGES.get(relative, ()) if phase == pb.TEST else ()
-    net = Net(with_input_layers(param, TRAIN_DATA_SHAPES[relative]), phase=phase, stages=stages)
+    stand_in, replaced = replace_data_layers(param, TRAIN_DATA_SHAPES[relative])
+    assert replaced
+    net = Net(stand_in, phase=phase, stages=stages)
     losses = [name for name in net.outputs if "loss" in name]
     for name in losses:
         assert net.blobs[name].shape == ()

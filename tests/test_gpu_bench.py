@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from netforge.graph import DATA_LAYER_PARAMS
 from netforge.net import Net
 from netforge.proto import pb
 
@@ -75,7 +76,7 @@ def test_benchmark_net_takes_random_inputs(name: str) -> None:
     net = Net(param, pb.TRAIN)
     assert net.blobs["data"].shape == (3, *bench.item)
     assert net.blobs["label"].shape == (3,)
-    assert not any(layer.type in bench_gpu.DATA_LAYERS for layer in net.layers)
+    assert not any(layer.type in DATA_LAYER_PARAMS for layer in net.layers)
     # GoogLeNet trains on its two auxiliary classifiers too (weight 0.3), as the prototxt says.
     expected = {"caffenet": {"loss": 1.0}, "googlenet": {"loss1/loss1": 0.3, "loss2/loss2": 0.3}}
     for blob, weight in expected[name].items():

@@ -127,3 +127,32 @@ def test_unknown_bottom_names_layer_and_blob() -> None:
     net = parse_text('layer { name: "r" type: "ReLU" bottom: "nowhere" top: "y" }', pb.NetParameter)
     with pytest.raises(ConfigError, match="layer 'r'.*'nowhere'"):
         insert_splits(net)
+
+
+def test_replace_data_layers_keeps_names_rules_and_tops() -> None:
+    from netforge.graph import replace_data_layers
+
+    net = parse_text(
+        """
+        layer { name: "train" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+                data_param { source: "db" batch_size: 8 } transform_param { crop_size: 3 } }
+        layer { name: "test" type: "HDF5Data" top: "data" top: "label" include { phase: TEST }
+                hdf5_data_param { source: "list.txt" batch_size: 2 } }
+        layer { name: "relu" type: "ReLU" bottom: "data" top: "out" }
+        """,
+        pb.NetParameter,
+    )
+    stand_in, replaced = replace_data_layers(net, (3, 4, 4))
+    assert replaced == ["train", "test"]
+    train, test, relu = stand_in.layer
+    assert (train.type, list(train.top), train.include[0].phase) == (
+        "Input",
+        ["data", "label"],
+        pb.TRAIN,
+    )
+    assert [list(s.dim) for s in train.input_param.shape] == [[8, 3, 4, 4], [8]]
+    assert [list(s.dim) for s in test.input_param.shape] == [[2, 3, 4, 4], [2]]
+    assert not train.HasField("data_param") and not train.HasField("transform_param")
+    assert net.layer[0].type == "Data"  # the original is untouched
+    fixed, _ = replace_data_layers(net, (5,), batch=16)
+    assert list(fixed.layer[1].input_param.shape[0].dim) == [16, 5]

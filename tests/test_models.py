@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from netforge import TEST, TRAIN
+from netforge.graph import DATA_LAYER_PARAMS, replace_data_layers
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import read_net, read_solver
@@ -114,28 +115,10 @@ TRAIN_VAL = {
     "bvlc_alexnet/train_val.prototxt": ("bvlc_alexnet/deploy.prototxt", (256, 50)),
     "bvlc_googlenet/train_val.prototxt": ("bvlc_googlenet/deploy.prototxt", (32, 50)),
 }
-DATA_FIELDS = {"Data": "data_param", "HDF5Data": "hdf5_data_param"}
 
 
 def _rel(path: Path) -> str:
     return path.relative_to(MODELS).as_posix()
-
-
-def _data_as_input(param: pb.NetParameter, item_shape: tuple[int, ...]) -> list[int]:
-    """Replace the data layers in place by Input layers with tops (batch, *item_shape) and
-    (batch,); returns the batch sizes seen, in layer order."""
-    batches = []
-    for layer in param.layer:
-        if layer.type not in DATA_FIELDS:
-            continue
-        batch = getattr(layer, DATA_FIELDS[layer.type]).batch_size
-        batches.append(batch)
-        for field in (*DATA_FIELDS.values(), "transform_param"):
-            layer.ClearField(field)
-        layer.type = "Input"
-        layer.input_param.shape.add().dim.extend((batch, *item_shape))
-        layer.input_param.shape.add().dim.append(batch)
-    return batches
 
 
 def _shape_free(param: pb.NetParameter) -> pb.NetParameter:
@@ -184,8 +167,14 @@ def test_deploy_net_shapes(name):
 def test_train_val_net_shapes(name, phase):
     deploy, batches = TRAIN_VAL[name]
     item, shapes = EXPECTED[deploy]
-    param = _shape_free(read_net(MODELS / name))
-    assert _data_as_input(param, item) == list(batches)
+    source = _shape_free(read_net(MODELS / name))
+    param, replaced = replace_data_layers(source, item)
+    sizes = [
+        getattr(layer, DATA_LAYER_PARAMS[layer.type]).batch_size
+        for layer in source.layer
+        if layer.name in replaced
+    ]
+    assert sizes == list(batches)
     batch = batches[0 if phase == TRAIN else 1]
     net = Net(param, phase)
     for blob, shape in shapes.items():

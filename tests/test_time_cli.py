@@ -7,7 +7,8 @@ import re
 import pytest
 
 from netforge.cli.main import main
-from netforge.cli.time import time_net, with_dummy_data
+from netforge.cli.time import time_net
+from netforge.graph import replace_data_layers
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import parse_text
@@ -128,9 +129,9 @@ def test_data_shape_replaces_missing_data_layers(tmp_path, capsys):
     assert "Testing for 2 iterations." in lines
 
 
-def test_with_dummy_data_keeps_tops_and_phases():
+def test_dummy_data_stand_ins_keep_tops_and_phases():
     param = parse_text(MISSING_SOURCE, pb.NetParameter)
-    replaced_param, replaced = with_dummy_data(param, (2, 3, 4))
+    replaced_param, replaced = replace_data_layers(param, (2, 3, 4), kind="DummyData")
     assert replaced == ["train_data", "test_data"]
     assert param.layer[0].type == "HDF5Data"  # the input message is left alone
     for phase, batch in ((pb.TRAIN, 6), (pb.TEST, 2)):

@@ -57,18 +57,13 @@ os.environ["CUPY_TF32"] = "0"
 import numpy as np  # noqa: E402
 
 import netforge  # noqa: E402
+from netforge.graph import replace_data_layers
 from netforge.net import Net  # noqa: E402
 from netforge.proto import pb  # noqa: E402
 from netforge.prototxt import read_net  # noqa: E402
 from netforge.solvers import get_solver, read_solver_param  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA_LAYERS = {
-    "Data": "data_param",
-    "ImageData": "image_data_param",
-    "HDF5Data": "hdf5_data_param",
-    "WindowData": "window_data_param",
-}
 
 
 @dataclass(frozen=True)
@@ -98,16 +93,7 @@ BENCHES = {
 def train_net_param(bench: Bench, batch: int) -> pb.NetParameter:
     """The net of ``bench`` with every data layer replaced by an Input layer of the same name,
     rules and tops: ``data`` (batch, C, H, W) and ``label`` (batch,)."""
-    param = read_net(bench.prototxt)
-    for layer in param.layer:
-        if layer.type not in DATA_LAYERS:
-            continue
-        for name in (*DATA_LAYERS.values(), "transform_param"):
-            layer.ClearField(name)
-        layer.type = "Input"
-        shapes = [(batch, *bench.item), (batch,)][: len(layer.top)]
-        for shape in shapes:
-            layer.input_param.shape.add().dim.extend(shape)
+    param, _ = replace_data_layers(read_net(bench.prototxt), bench.item, batch=batch)
     return param
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import click
 
 from netforge.errors import ConfigError, DataError
+from netforge.graph import replace_data_layers
 from netforge.proto import pb
 from netforge.train_log import fmt
 
@@ -31,12 +32,6 @@ if TYPE_CHECKING:
 LOG = logging.getLogger("netforge")
 
 #: Caffe's data layers and the parameter message that holds their batch size.
-DATA_LAYERS = {
-    "Data": "data_param",
-    "ImageData": "image_data_param",
-    "HDF5Data": "hdf5_data_param",
-    "WindowData": "window_data_param",
-}
 
 
 @dataclass
@@ -134,42 +129,6 @@ def time_net(net: Net, iterations: int = 50, log: logging.Logger = LOG) -> Timin
     return timings
 
 
-def with_dummy_data(
-    param: pb.NetParameter, data_shape: Sequence[int]
-) -> tuple[pb.NetParameter, list[str]]:
-    """A copy of ``param`` whose data layers (Data, ImageData, HDF5Data, WindowData) are
-    DummyData layers with the same name, phase rules and tops: top 0 of shape
-    (batch_size, *data_shape), filled with 0.5 once, and top 1 (labels) of shape
-    (batch_size,), all 0, a valid class for any classifier. Constant fillers keep the
-    replacement's forward free, as a prefetched Caffe data layer nearly is.
-    Returns the new message and the names of the replaced layers."""
-    net = pb.NetParameter()
-    net.CopyFrom(param)
-    replaced = []
-    for layer in net.layer:
-        field = DATA_LAYERS.get(layer.type)
-        if field is None:
-            continue
-        batch = getattr(layer, field).batch_size
-        if batch <= 0:
-            raise ConfigError(f"data layer {layer.name!r} has no positive batch_size")
-        if len(layer.top) > 2:
-            raise ConfigError(
-                f"data layer {layer.name!r} has {len(layer.top)} tops; --data-shape can stand "
-                "in for a data top and a label top only"
-            )
-        shapes = [(batch, *data_shape), (batch,)][: len(layer.top)]
-        for field_name in (*DATA_LAYERS.values(), "transform_param"):
-            layer.ClearField(field_name)
-        layer.type = "DummyData"
-        dummy = layer.dummy_data_param
-        for shape, value in zip(shapes, (0.5, 0.0)):
-            dummy.shape.add().dim.extend(shape)
-            dummy.data_filler.add(type="constant", value=value)
-        replaced.append(layer.name)
-    return net, replaced
-
-
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -243,7 +202,7 @@ def time_command(
                 f"{model}: {exc}; create the data first, or pass --data-shape C,H,W to time "
                 "the net on constant data of that shape"
             ) from exc
-        param, replaced = with_dummy_data(param, shape)
+        param, replaced = replace_data_layers(param, shape, kind="DummyData")
         LOG.warning(
             "%s: a data source cannot be opened (%s); timing on DummyData in place of the "
             "data layers %s, data shape (batch, %s)",
