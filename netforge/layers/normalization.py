@@ -14,6 +14,7 @@ from typing import Any
 from netforge.blob import Blob
 from netforge.filler import filler_or
 from netforge.layer import Layer, register
+from netforge.layers.common import canonical_axis
 from netforge.proto import pb
 
 
@@ -90,8 +91,10 @@ class BatchNormLayer(Layer):
         x = self._by_channel(bottom[0].data)
         mean_sum, var_sum, norm = (b.data.reshape(-1) for b in self.blobs)
         if self.use_global_stats:
-            total = float(norm[0])
-            factor = 0.0 if total == 0 else 1.0 / total
+            # Caffe's 1/blob2, or 0 when blob2 is 0, as a device expression (no host sync):
+            # True/(norm + False) where norm != 0, False/(0 + True) = 0 where it is 0.
+            empty = norm == 0
+            factor = xp.logical_not(empty) / (norm + empty)
             mean, var = factor * mean_sum, factor * var_sum
         else:
             mean = x.mean(axis=(0, 2))
@@ -188,18 +191,10 @@ class MVNLayer(Layer):
 
 
 # -- Scale and Bias ------------------------------------------------------------------------
-def _axis(layer: Layer, blob: Blob, axis: int) -> int:
-    """Caffe's CanonicalAxisIndex: a negative axis counts from the end."""
-    n = blob.num_axes
-    if not -n <= axis < n:
-        raise layer.shape_error(f"axis {axis} is out of range for a bottom of shape {blob.shape}")
-    return axis % n
-
-
 def _param_shape(layer: Layer, bottom: Blob, axis: int, num_axes: int) -> tuple[int, ...]:
     """The shape of a learned scale or bias: bottom's axes from ``axis``, ``num_axes`` of
     them, or through the last axis when ``num_axes`` is −1."""
-    axis = _axis(layer, bottom, axis)
+    axis = canonical_axis(layer, bottom, axis)
     if num_axes < -1:
         raise layer.config_error(f"num_axes must be >= -1 (-1: to the last axis), got {num_axes}")
     if num_axes >= 0 and bottom.num_axes < axis + num_axes:
@@ -213,7 +208,7 @@ def _broadcast_dims(layer: Layer, bottom: Blob, axis: int, operand: Blob) -> tup
     """(outer, operand count, inner): the view of bottom in which ``operand`` broadcasts
     along the middle axis. As in Caffe, a 0-axis (scalar) operand ignores ``axis``."""
     shape = operand.shape
-    start = 0 if not shape else _axis(layer, bottom, axis)
+    start = 0 if not shape else canonical_axis(layer, bottom, axis)
     if bottom.shape[start : start + len(shape)] != shape:
         raise layer.shape_error(
             f"operand of shape {shape} does not match the bottom's shape {bottom.shape} "
