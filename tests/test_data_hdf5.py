@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from netforge.backend import to_numpy
 from netforge.data import hdf5 as nf_hdf5
 from netforge.errors import ConfigError, DataError
 from tests.conftest import FIXTURES, shared_path
@@ -168,11 +169,13 @@ def test_hdf5_output_appends_every_batch(tmp_path):
         np.testing.assert_array_equal(f["label"][()], np.concatenate([labels, labels]))
 
 
-def test_memory_data_serves_slices_cyclically():
+def test_memory_data_serves_slices_cyclically(backend):
+    """On a GPU this also runs the pinned, stream-ordered batch upload."""
     layer, _, top = build(
         'type: "MemoryData" memory_data_param { batch_size: 2 channels: 1 height: 2 width: 3 }',
         [],
         num_tops=2,
+        backend=backend,
     )
     data = np.arange(36.0).reshape(6, 1, 2, 3)
     labels = np.array([5, 6, 7, 8, 9, 10])
@@ -182,16 +185,16 @@ def test_memory_data_serves_slices_cyclically():
     seen = []
     for _ in range(4):
         layer.forward([], top)
-        seen.append((top[0].data.copy(), top[1].data.copy()))
+        seen.append((np.array(to_numpy(top[0].data)), np.array(to_numpy(top[1].data))))
     for i, (d, lab) in enumerate(seen):
         rows = slice(2 * (i % 3), 2 * (i % 3) + 2)
         np.testing.assert_array_equal(d, data[rows])
         np.testing.assert_array_equal(lab, labels[rows])
     state = layer.get_state()
     layer.forward([], top)
-    after = top[0].data.copy()
+    after = np.array(to_numpy(top[0].data))
     layer.set_state(state)
     layer.forward([], top)
-    np.testing.assert_array_equal(top[0].data, after)
+    np.testing.assert_array_equal(to_numpy(top[0].data), after)
     with pytest.raises(Exception, match="multiple of batch_size"):
         layer.reset(data[:5], labels[:5])

@@ -33,12 +33,53 @@ from netforge.errors import DataError
 from netforge.layer import Layer, register
 
 
-def load_into(blob: Blob, array: np.ndarray) -> None:
-    """Copy a host array into ``blob``'s data buffer (kept in place: other blobs may view it)."""
-    if blob.backend.is_gpu:
-        blob.data.set(np.ascontiguousarray(array, dtype=blob.dtype))
-    else:
-        np.copyto(blob.data, array, casting="unsafe")
+class BatchLoader:
+    """Copies host batches into a data layer's tops, in place (other blobs may view them).
+
+    On the CPU this is one ``copyto``. On a GPU the batch is the only transfer of an
+    iteration (issue 7), so it is made cheap and asynchronous: host → a pinned buffer → a
+    device staging buffer on a non-blocking copy stream, then, once the compute stream has
+    waited on an event recorded after that copy, staging → top on the compute stream. The
+    host never waits for the bus, and the transfer overlaps whatever compute is still queued
+    (which may be reading the top, hence the staging buffer rather than the top itself).
+    """
+
+    def __init__(self) -> None:
+        self._stream: Any = None
+        #: per top index: [pinned host buffer, device staging buffer, event after the last
+        #: staging → top copy (None before the first)].
+        self._slots: dict[int, list[Any]] = {}
+
+    def load(self, index: int, blob: Blob, array: np.ndarray) -> None:
+        """Copy ``array`` (cast to the blob's dtype) into top ``index``'s ``blob``."""
+        if not blob.backend.is_gpu:
+            np.copyto(blob.data, array, casting="unsafe")
+            return
+        import cupyx  # only reached on a GPU backend: nothing touches cupy at import time
+
+        cp = blob.xp
+        with cp.cuda.Device(blob.backend.device_id):
+            slot = self._slots.get(index)
+            if slot is not None and slot[2] is not None:
+                # Both buffers are free again once the previous batch reached the top (that
+                # copy itself waited for the transfer out of the pinned buffer).
+                slot[2].synchronize()
+            if slot is None or slot[0].shape != blob.shape or slot[0].dtype != blob.dtype:
+                slot = [
+                    cupyx.empty_pinned(blob.shape, blob.dtype),
+                    cp.empty(blob.shape, blob.dtype),
+                    None,
+                ]
+                self._slots[index] = slot
+            pinned, staging, _ = slot
+            np.copyto(pinned, array, casting="unsafe")
+            if self._stream is None:
+                self._stream = cp.cuda.Stream(non_blocking=True)
+            staging.set(pinned, stream=self._stream)
+            compute = cp.cuda.get_current_stream()
+            compute.wait_event(self._stream.record())
+            blob.data[...] = staging
+            slot[2] = compute.record()
 
 
 class PrefetchingDataLayer(Layer):
@@ -61,6 +102,7 @@ class PrefetchingDataLayer(Layer):
         self.source = self.make_source(top)
         self.top_shapes = self.source.shapes()[: len(top)]
         self.prefetcher = Prefetcher(self.source, self.prefetch, self.name)
+        self.loader = BatchLoader()
         for blob, shape in zip(top, self.top_shapes):
             blob.reshape(shape)
 
@@ -71,14 +113,14 @@ class PrefetchingDataLayer(Layer):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         batch = self.prefetcher.next()
-        for blob, array in zip(top, batch):
+        for index, (blob, array) in enumerate(zip(top, batch)):
             if tuple(array.shape) != blob.shape:
                 raise DataError(
                     f"layer {self.name!r} ({self.type}), {self.source.where}: a batch has shape "
                     f"{tuple(array.shape)} but the first record gave {blob.shape}; every "
                     "record must have the same shape (or use crop_size)"
                 )
-            load_into(blob, array)
+            self.loader.load(index, blob, array)
 
     @property
     def wait_seconds(self) -> float:
@@ -200,6 +242,7 @@ class MemoryDataLayer(Layer):
         self.labels: np.ndarray | None = None
         self.pos = 0
         self.wait_seconds = 0.0
+        self.loader = BatchLoader()
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         top[0].reshape((self.batch_size, *self.shape))
@@ -230,8 +273,8 @@ class MemoryDataLayer(Layer):
                 f"layer {self.name!r} (MemoryData) has no data: call set_input_arrays first"
             )
         rows = slice(self.pos, self.pos + self.batch_size)
-        load_into(top[0], self.data[rows])
-        load_into(top[1], self.labels[rows])
+        self.loader.load(0, top[0], self.data[rows])
+        self.loader.load(1, top[1], self.labels[rows])
         self.pos = (self.pos + self.batch_size) % len(self.data)
 
     def get_state(self) -> bytes:
