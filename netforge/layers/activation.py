@@ -49,6 +49,24 @@ class NeuronLayer(Layer):
         return bottom[0].data if self._kept is None else self._kept
 
 
+class _RectifierLayer(NeuronLayer):
+    """ReLU and ELU: backward needs where x > 0. In place, the top's sign still tells that
+    unless the negative side's coefficient is negative (which flips the sign of negative
+    inputs); only then does forward keep the mask."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._positive: Any = None
+
+    def _note_positive(self, bottom: Sequence[Blob], top: Sequence[Blob], flips: bool) -> None:
+        """Before forward writes: keep ``x > 0`` when running in place with ``flips``."""
+        self._positive = bottom[0].data > 0 if top[0] is bottom[0] and flips else None
+
+    def _positive_input(self, bottom: Sequence[Blob]) -> Any:
+        """Where the input forward saw was > 0."""
+        return bottom[0].data > 0 if self._positive is None else self._positive
+
+
 def _sigmoid(xp: Any, x: Any, out: Any = None) -> Any:
     """Caffe's sigmoid, 0.5·tanh(0.5·x) + 0.5 (no overflow for large |x|), into ``out``."""
     out = xp.multiply(x, 0.5, out=out)
@@ -80,28 +98,22 @@ def _leaky_backward(xp: Any, dy: Any, positive: Any, slope: Any, out: Any) -> No
 
 
 @register("ReLU")
-class ReLULayer(NeuronLayer):
+class ReLULayer(_RectifierLayer):
     """y = max(x, 0) + negative_slope·min(x, 0); dy/dx = 1 where x > 0, else negative_slope."""
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self.slope = self.layer_param.relu_param.negative_slope
-        self._positive: Any = None
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        xp = self.xp
-        x = bottom[0].data
-        # In place, the top's sign tells backward where x > 0 unless the slope is negative
-        # (which flips the sign of negative inputs); only then is the mask kept.
-        in_place_flip = top[0] is bottom[0] and self.slope < 0
-        self._positive = x > 0 if in_place_flip else None
-        _leaky(xp, x, self.slope, top[0].data)
+        self._note_positive(bottom, top, self.slope < 0)
+        _leaky(self.xp, bottom[0].data, self.slope, top[0].data)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
         if not propagate_down[0]:
             return
-        positive = bottom[0].data > 0 if self._positive is None else self._positive
+        positive = self._positive_input(bottom)
         dy = top[0].diff
         if self.slope == 0:
             self.xp.multiply(dy, positive, out=bottom[0].diff)
@@ -173,19 +185,16 @@ class PReLULayer(NeuronLayer):
 
 
 @register("ELU")
-class ELULayer(NeuronLayer):
+class ELULayer(_RectifierLayer):
     """y = x for x > 0, alpha·(exp(x) − 1) otherwise; dy/dx = 1 or y + alpha."""
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self.alpha = self.layer_param.elu_param.alpha
-        self._positive: Any = None
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
+        self._note_positive(bottom, top, self.alpha < 0)
         x = bottom[0].data
-        # In place, y > 0 exactly where x > 0 unless alpha < 0; only then is the mask kept.
-        in_place_flip = top[0] is bottom[0] and self.alpha < 0
-        self._positive = x > 0 if in_place_flip else None
         top[0].data[...] = xp.maximum(x, 0) + self.alpha * (xp.exp(xp.minimum(x, 0)) - 1)
 
     def backward(
@@ -193,7 +202,7 @@ class ELULayer(NeuronLayer):
     ) -> None:
         if not propagate_down[0]:
             return
-        positive = bottom[0].data > 0 if self._positive is None else self._positive
+        positive = self._positive_input(bottom)
         _leaky_backward(self.xp, top[0].diff, positive, top[0].data + self.alpha, bottom[0].diff)
 
 

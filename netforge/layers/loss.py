@@ -47,6 +47,36 @@ def _legacy_dims(blob: Blob) -> tuple[int, int, int]:
     return tuple(shape[i] if i < len(shape) else 1 for i in (1, 2, 3))
 
 
+def _class_axis_dims(layer: Layer, bottom: Sequence[Blob], axis: int) -> tuple[int, int, int]:
+    """(outer, channels, inner) of bottom 0 around its class ``axis``; bottom 1 must hold one
+    label per (outer, inner) position (SoftmaxWithLoss, InfogainLoss, Accuracy)."""
+    shape = bottom[0].shape
+    axis = bottom[0].shape_index(axis)
+    outer, channels, inner = prod(shape[:axis]), shape[axis], prod(shape[axis + 1 :])
+    if outer * inner != bottom[1].count:
+        raise layer.shape_error(
+            f"number of labels must match number of predictions: with axis {axis} and "
+            f"prediction shape {shape}, the label count must be {outer * inner}"
+            f" (integers in 0..{channels - 1}); got label shape {bottom[1].shape}"
+        )
+    return outer, channels, inner
+
+
+def _check_label_range(layer: Layer, labels: Any, valid: Any, num_labels: int) -> None:
+    """Caffe only DCHECKs the label range; an out-of-range label would index garbage (or,
+    on the GPU, silently wrap), so netforge names it instead. ``valid``: None (all count) or
+    the mask of labels that are not the ignore_label."""
+    bad = (labels < 0) | (labels >= num_labels)
+    if valid is not None:
+        bad &= valid
+    if bool(layer.xp.any(bad)):
+        value = int(labels[bad].ravel()[0])
+        raise DataError(
+            f"layer {layer.name!r} ({layer.type}): label {value} is outside [0, {num_labels})"
+            "; labels must be class indices (or the ignore_label)"
+        )
+
+
 def _softmax(xp: Any, scores: Any) -> Any:
     """Softmax over axis 1 of an (outer, channels, inner) array, as Caffe's Softmax layer."""
     shifted = scores - scores.max(axis=1, keepdims=True)
@@ -106,22 +136,8 @@ class LossLayer(Layer):
         num = bottom[0].shape[0]
         scores = bottom[0].data.reshape(num, -1)
         labels = _int_labels(self.xp, bottom[1].data.reshape(num))
-        self.check_label_range(labels, None, scores.shape[1])
+        _check_label_range(self, labels, None, scores.shape[1])
         return scores, labels
-
-    def check_label_range(self, labels: Any, valid: Any, num_labels: int) -> None:
-        """Caffe only DCHECKs the label range; an out-of-range label would index garbage (or,
-        on the GPU, silently wrap), so netforge names it instead."""
-        xp = self.xp
-        bad = (labels < 0) | (labels >= num_labels)
-        if valid is not None:
-            bad &= valid
-        if bool(xp.any(bad)):
-            value = int(labels[bad].ravel()[0])
-            raise DataError(
-                f"layer {self.name!r} ({self.type}): label {value} is outside [0, {num_labels})"
-                "; labels must be class indices (or the ignore_label)"
-            )
 
 
 class _NormalizedLoss(LossLayer):
@@ -176,18 +192,9 @@ class _SoftmaxLossBase(_NormalizedLoss):
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         super().reshape(bottom, top)
-        shape = bottom[0].shape
-        axis = bottom[0].shape_index(self.axis_param())
-        self.outer, self.channels = prod(shape[:axis]), shape[axis]
-        self.inner = prod(shape[axis + 1 :])
-        if self.outer * self.inner != bottom[1].count:
-            raise self.shape_error(
-                f"number of labels must match number of predictions: with axis {axis} and "
-                f"prediction shape {shape}, the label count must be {self.outer * self.inner}"
-                f" (integers in 0..{self.channels - 1}); got label shape {bottom[1].shape}"
-            )
+        self.outer, self.channels, self.inner = _class_axis_dims(self, bottom, self.axis_param())
         if len(top) > 1:
-            top[1].reshape(shape)
+            top[1].reshape(bottom[0].shape)
 
     def probabilities(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> tuple[Any, Any, Any]:
         """Softmax probabilities (outer, C, inner), int labels (outer, inner) with ignored
@@ -197,7 +204,7 @@ class _SoftmaxLossBase(_NormalizedLoss):
         prob = _softmax(xp, scores)
         labels = _int_labels(xp, bottom[1].data.reshape(self.outer, self.inner))
         valid = self.valid_mask(labels)
-        self.check_label_range(labels, valid, self.channels)
+        _check_label_range(self, labels, valid, self.channels)
         if len(top) > 1:
             top[1].data = prob.reshape(bottom[0].shape)
         safe = labels if valid is None else xp.where(valid, labels, 0)
@@ -559,16 +566,8 @@ class AccuracyLayer(Layer):
                 f"top_k ({self.top_k}) must be at most the number of classes "
                 f"({bottom[0].count // max(bottom[1].count, 1)})"
             )
-        shape = bottom[0].shape
-        axis = bottom[0].shape_index(self.layer_param.accuracy_param.axis)
-        self.outer, self.channels = prod(shape[:axis]), shape[axis]
-        self.inner = prod(shape[axis + 1 :])
-        if self.outer * self.inner != bottom[1].count:
-            raise self.shape_error(
-                f"number of labels must match number of predictions: with axis {axis} and "
-                f"prediction shape {shape}, the label count must be {self.outer * self.inner}"
-                f"; got label shape {bottom[1].shape}"
-            )
+        axis = self.layer_param.accuracy_param.axis
+        self.outer, self.channels, self.inner = _class_axis_dims(self, bottom, axis)
         top[0].reshape(())
         if len(top) > 1:
             top[1].reshape((self.channels,))
@@ -580,13 +579,7 @@ class AccuracyLayer(Layer):
         valid = xp.ones(labels.shape, dtype=bool)
         if self.ignore_label is not None:
             valid = labels != self.ignore_label
-        bad = valid & ((labels < 0) | (labels >= self.channels))
-        if bool(xp.any(bad)):
-            raise DataError(
-                f"layer {self.name!r} (Accuracy): label {int(labels[bad].ravel()[0])} is "
-                f"outside [0, {self.channels}); labels must be class indices (or the "
-                "ignore_label)"
-            )
+        _check_label_range(self, labels, valid, self.channels)
         safe = xp.where(valid, labels, 0)
         true_score = xp.take_along_axis(scores, safe[:, None, :], axis=1)
         # The true class itself is among the ">=" scores, hence the -1 (as Caffe counts).
