@@ -55,6 +55,17 @@ def _check_param_shapes(layer: Layer, shapes: Sequence[tuple[int, ...]]) -> None
             )
 
 
+def _weight_and_bias(layer: Layer, param: Any, weight_shape: tuple[int, ...], bias: int) -> None:
+    """Create the weight (``weight_filler``) and, when ``param.bias_term``, the ``(bias,)``
+    bias (``bias_filler``), or check the shapes of loaded ones (InnerProduct, Embed)."""
+    shapes = [weight_shape] + ([(bias,)] if param.bias_term else [])
+    if layer.blobs:
+        _check_param_shapes(layer, shapes)
+        return
+    for shape, filler in zip(shapes, ("weight_filler", "bias_filler")):
+        layer.blobs.append(layer.make_blob(shape, filler_or(param, filler)))
+
+
 def check_no_in_place(layer: Layer, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
     """Raise a ConfigError when a top is also a bottom (layers that forbid in-place)."""
     if any(t is b for t in top for b in bottom):
@@ -83,13 +94,7 @@ class InnerProductLayer(Layer):
         self.axis = canonical_axis(self, bottom[0], p.axis)
         self.k = math.prod(bottom[0].shape[self.axis :])
         n, k = self.num_output, self.k
-        shapes = [(k, n) if self.transpose else (n, k)] + ([(n,)] if self.bias_term else [])
-        if self.blobs:
-            _check_param_shapes(self, shapes)
-            return
-        self.blobs.append(self.make_blob(shapes[0], filler_or(p, "weight_filler")))
-        if self.bias_term:
-            self.blobs.append(self.make_blob(shapes[1], filler_or(p, "bias_filler")))
+        _weight_and_bias(self, p, (k, n) if self.transpose else (n, k), n)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape = bottom[0].shape
@@ -149,13 +154,7 @@ class EmbedLayer(Layer):
         if p.input_dim < 1:
             raise self.config_error("embed_param.input_dim must be positive")
         self.num_output, self.input_dim, self.bias_term = p.num_output, p.input_dim, p.bias_term
-        shapes = [(p.input_dim, p.num_output)] + ([(p.num_output,)] if p.bias_term else [])
-        if self.blobs:
-            _check_param_shapes(self, shapes)
-            return
-        self.blobs.append(self.make_blob(shapes[0], filler_or(p, "weight_filler")))
-        if self.bias_term:
-            self.blobs.append(self.make_blob(shapes[1], filler_or(p, "bias_filler")))
+        _weight_and_bias(self, p, (p.input_dim, p.num_output), p.num_output)
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         return False
