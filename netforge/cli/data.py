@@ -22,21 +22,32 @@ def _run_with_progress(list_file: str, label: str, work) -> conv.Summary:
         return work(bar.update)
 
 
+def _image_list_options(command):
+    """The options both converters share: how the listed images are read and ordered."""
+    options = (
+        click.argument("root", type=click.Path()),
+        click.argument("listfile", type=click.Path()),
+        click.option("--gray", is_flag=True, help="Read images as single-channel gray."),
+        click.option("--shuffle", is_flag=True, help="Shuffle the list before writing."),
+        click.option("--seed", type=int, default=None, help="Seed of --shuffle."),
+        click.option("--resize-height", type=int, default=0, show_default=True),
+        click.option("--resize-width", type=int, default=0, show_default=True),
+    )
+    # Decorators apply bottom-up and click lists the top one first: apply them in reverse.
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group()
 def convert() -> None:
     """Convert images into the databases and files the data layers read."""
 
 
 @convert.command("imageset")
-@click.argument("root", type=click.Path())
-@click.argument("listfile", type=click.Path())
+@_image_list_options
 @click.argument("db", type=click.Path())
-@click.option("--gray", is_flag=True, help="Store single-channel gray images.")
-@click.option("--shuffle", is_flag=True, help="Shuffle the list before writing.")
-@click.option("--seed", type=int, default=None, help="Seed of --shuffle.")
 @click.option("--backend", default="lmdb", show_default=True, help="Database backend.")
-@click.option("--resize-height", type=int, default=0, show_default=True)
-@click.option("--resize-width", type=int, default=0, show_default=True)
 @click.option("--check-size", is_flag=True, help="Fail if images differ in size.")
 @click.option("--encoded", is_flag=True, help="Store the compressed image bytes.")
 @click.option("--encode-type", default="", help="Re-encode as this type (implies --encoded).")
@@ -82,14 +93,8 @@ def imageset(
 
 
 @convert.command("hdf5")
-@click.argument("root", type=click.Path())
-@click.argument("listfile", type=click.Path())
+@_image_list_options
 @click.argument("out_dir", type=click.Path())
-@click.option("--gray", is_flag=True, help="Read images as single-channel gray.")
-@click.option("--shuffle", is_flag=True, help="Shuffle the list before writing.")
-@click.option("--seed", type=int, default=None, help="Seed of --shuffle.")
-@click.option("--resize-height", type=int, default=0, show_default=True)
-@click.option("--resize-width", type=int, default=0, show_default=True)
 @click.option(
     "--scale",
     type=float,

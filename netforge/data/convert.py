@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,9 +57,40 @@ def _entries(root: str | os.PathLike, list_file: str | os.PathLike, shuffle: boo
     return entries
 
 
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield start, items[start : start + size]
+def _resize(height: int, width: int) -> tuple[int, int]:
+    """Caffe resizes only when both sizes are > 0; (0, 0) means keep the image's size."""
+    return (height, width) if height > 0 and width > 0 else (0, 0)
+
+
+def _decoded(
+    root: str | os.PathLike,
+    entries: list[Entry],
+    decode: Callable[[str, Entry], Any],
+    summary: Summary,
+    progress: Callable[[int], None] | None,
+) -> Iterator[tuple[int, Entry, Any]]:
+    """``(index, entry, decode(path under root, entry))`` in list order, decoded ``CHUNK``
+    entries at a time on the decoding pool. An entry whose decode raises a DataError (an
+    unreadable or corrupt file) is logged, listed in ``summary.skipped`` and left out;
+    ``progress(n)`` is called after each chunk."""
+
+    def attempt(item: tuple[int, Entry]) -> tuple[int, Entry, Any]:
+        index, entry = item
+        try:
+            return index, entry, decode(os.path.join(root, entry.path), entry)
+        except DataError as exc:
+            return index, entry, exc
+
+    for start in range(0, len(entries), CHUNK):
+        chunk = entries[start : start + CHUNK]
+        for index, entry, value in decode_map(attempt, enumerate(chunk, start)):
+            if isinstance(value, DataError):
+                log.warning("skipping %s: %s", entry.path, value)
+                summary.skipped.append((entry.path, str(value)))
+                continue
+            yield index, entry, value
+        if progress is not None:
+            progress(len(chunk))
 
 
 def _encoding_of(path: str, encoded: bool, encode_type: str) -> str:
@@ -122,43 +154,27 @@ def convert_imageset(
     of the records committed so far. ``progress(n)`` is called as images are processed.
     """
     entries = _entries(root, list_file, shuffle, seed)
-    size = (resize_height, resize_width) if resize_height > 0 and resize_width > 0 else (0, 0)
+    size = _resize(resize_height, resize_width)
     summary = Summary(outputs=[Path(db)])
     data_size = None
 
-    def one(item: tuple[int, Entry]) -> tuple[int, Entry, bytes | DataError]:
-        index, entry = item
-        path = os.path.join(root, entry.path)
+    def one(path: str, entry: Entry) -> bytes:
         encoding = _encoding_of(entry.path, encoded, encode_type)
-        try:
-            return (
-                index,
-                entry,
-                datum_for(path, entry, color=not gray, size=size, encoding=encoding),
-            )
-        except DataError as exc:
-            return index, entry, exc
+        return datum_for(path, entry, color=not gray, size=size, encoding=encoding)
 
     with open_writer(db, backend, batch=COMMIT_EVERY) as writer:
-        for start, chunk in _chunks(entries, CHUNK):
-            for index, entry, value in decode_map(one, enumerate(chunk, start)):
-                if isinstance(value, DataError):
-                    log.warning("skipping %s: %s", entry.path, value)
-                    summary.skipped.append((entry.path, str(value)))
-                    continue
-                if check_size:
-                    length = len(parse_datum(value, entry.path).data)
-                    if data_size is None:
-                        data_size = length
-                    elif length != data_size:
-                        raise DataError(
-                            f"{entry.path}: {length} bytes of pixel data, the first image had "
-                            f"{data_size} (--check-size: all images must have the same size)"
-                        )
-                writer.put(f"{index:08d}_{entry.path}", value)
-                summary.written += 1
-            if progress is not None:
-                progress(len(chunk))
+        for index, entry, value in _decoded(root, entries, one, summary, progress):
+            if check_size:
+                length = len(parse_datum(value, entry.path).data)
+                if data_size is None:
+                    data_size = length
+                elif length != data_size:
+                    raise DataError(
+                        f"{entry.path}: {length} bytes of pixel data, the first image had "
+                        f"{data_size} (--check-size: all images must have the same size)"
+                    )
+            writer.put(f"{index:08d}_{entry.path}", value)
+            summary.written += 1
     return summary
 
 
@@ -188,20 +204,16 @@ def convert_hdf5(
     entries = _entries(root, list_file, shuffle, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    size = (resize_height, resize_width) if resize_height > 0 and resize_width > 0 else (0, 0)
+    size = _resize(resize_height, resize_width)
     summary = Summary()
 
-    def one(entry: Entry) -> np.ndarray | DataError:
-        path = os.path.join(root, entry.path)
-        try:
-            if path.endswith(".npy"):
-                try:
-                    return np.load(path, allow_pickle=False)
-                except (OSError, ValueError) as exc:
-                    raise DataError(f"cannot read array {path}: {exc}") from None
+    def one(path: str, entry: Entry) -> np.ndarray:
+        if not path.endswith(".npy"):
             return read_image(path, not gray, *size)
-        except DataError as exc:
-            return exc
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read array {path}: {exc}") from None
 
     rows: list[np.ndarray] = []
     labels: list = []
@@ -217,26 +229,19 @@ def convert_hdf5(
         rows.clear()
         labels.clear()
 
-    for _, chunk in _chunks(entries, CHUNK):
-        for entry, value in zip(chunk, decode_map(one, chunk)):
-            if isinstance(value, DataError):
-                log.warning("skipping %s: %s", entry.path, value)
-                summary.skipped.append((entry.path, str(value)))
-                continue
-            if shape is None:
-                shape = value.shape
-            elif value.shape != shape:
-                raise DataError(
-                    f"{entry.path}: shape {value.shape}, the first input had {shape}; resize "
-                    "images (--resize-height/--resize-width) so that all rows match"
-                )
-            rows.append(value)
-            labels.append(entry.targets if entry.targets else entry.label)
-            summary.written += 1
-            if len(rows) == rows_per_file:
-                flush()
-        if progress is not None:
-            progress(len(chunk))
+    for _, entry, value in _decoded(root, entries, one, summary, progress):
+        if shape is None:
+            shape = value.shape
+        elif value.shape != shape:
+            raise DataError(
+                f"{entry.path}: shape {value.shape}, the first input had {shape}; resize "
+                "images (--resize-height/--resize-width) so that all rows match"
+            )
+        rows.append(value)
+        labels.append(entry.targets if entry.targets else entry.label)
+        summary.written += 1
+        if len(rows) == rows_per_file:
+            flush()
     flush()
     listing = out / "list.txt"
     listing.write_text("".join(f"{p.resolve()}\n" for p in summary.outputs))
