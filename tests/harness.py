@@ -146,3 +146,14 @@ def check_gradient(
             )
             count += 1
     return count
+
+
+def assert_state_repeats_batch(layer: Layer, top: list[Blob]) -> None:
+    """A data layer's ``get_state()`` taken before a forward, restored after it, makes the
+    next forward give that batch (top 0) again: a resumed run reads what it would have."""
+    state = layer.get_state()
+    layer.forward([], top)
+    after = to_numpy(top[0].data).copy()
+    layer.set_state(state)
+    layer.forward([], top)
+    np.testing.assert_array_equal(to_numpy(top[0].data), after)

@@ -10,7 +10,7 @@ from netforge.backend import to_numpy
 from netforge.data import hdf5 as nf_hdf5
 from netforge.errors import ConfigError, DataError
 from tests.conftest import FIXTURES, shared_path
-from tests.harness import build
+from tests.harness import assert_state_repeats_batch, build
 
 
 def hdf5_layer(source, batch, tops=("data", "label"), shuffle=False, seed=1, extra=""):
@@ -190,11 +190,6 @@ def test_memory_data_serves_slices_cyclically(backend):
         rows = slice(2 * (i % 3), 2 * (i % 3) + 2)
         np.testing.assert_array_equal(d, data[rows])
         np.testing.assert_array_equal(lab, labels[rows])
-    state = layer.get_state()
-    layer.forward([], top)
-    after = np.array(to_numpy(top[0].data))
-    layer.set_state(state)
-    layer.forward([], top)
-    np.testing.assert_array_equal(to_numpy(top[0].data), after)
+    assert_state_repeats_batch(layer, top)
     with pytest.raises(Exception, match="multiple of batch_size"):
         layer.reset(data[:5], labels[:5])

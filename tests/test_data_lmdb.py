@@ -16,7 +16,7 @@ from netforge.data.datum import make_datum
 from netforge.errors import DataError
 from netforge.proto import pb
 from netforge.weights import read_mean
-from tests.harness import build
+from tests.harness import assert_state_repeats_batch, build
 
 
 def varint(n: int) -> bytes:
@@ -174,12 +174,7 @@ def test_leveldb_backend(tmp_path):
     np.testing.assert_array_equal(d1, np.stack([bgr(r) for r in rgbs[:2]]))
     np.testing.assert_array_equal(d2, np.stack([bgr(rgbs[2]), bgr(rgbs[0])]))
     np.testing.assert_array_equal(np.concatenate([l1, l2]), [0, 1, 2, 0])
-    state = layer.get_state()
-    layer.forward([], top)
-    after = top[0].data.copy()
-    layer.set_state(state)
-    layer.forward([], top)
-    np.testing.assert_array_equal(top[0].data, after)
+    assert_state_repeats_batch(layer, top)
     mean, count = conv.compute_mean(tmp_path / "db", "leveldb")
     assert count == 3
     np.testing.assert_allclose(mean, np.mean([bgr(r) for r in rgbs], axis=0, dtype=np.float64))
