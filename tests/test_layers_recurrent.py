@@ -115,15 +115,21 @@ def test_default_fillers_are_zero(backend):
     assert all(not np.any(to_numpy(b.data)) for b in layer.blobs)
 
 
-# -- RNN -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kind", "seed"), [("RNN", 1), ("LSTM", 8)])
 @pytest.mark.parametrize("static", [False, True])
-def test_rnn_forward(backend, static):
-    x, cont, xs = data(1)
+def test_forward_from_zero_state(backend, kind, seed, static):
+    x, cont, xs = data(seed)
     bottoms = [x, cont, xs] if static else [x, cont]
-    layer, bottom, top = build(rnn_text("RNN"), bottoms, backend=backend)
+    layer, bottom, top = build(rnn_text(kind), bottoms, backend=backend)
     (out,) = forward(layer, bottom, top)
-    expected, _ = rnn_ref(params_of(layer), x, cont, np.zeros((N, D)), xs if static else None)
+    zeros = np.zeros((N, D))
+    states = [zeros] if kind == "RNN" else [zeros, zeros]
+    reference = rnn_ref if kind == "RNN" else lstm_ref
+    expected = reference(params_of(layer), x, cont, *states, xs if static else None)[0]
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-14)
+
+
+# -- RNN -----------------------------------------------------------------------------------
 
 
 def test_rnn_state_carries_over_to_the_next_pass(backend):
@@ -181,17 +187,6 @@ def test_rnn_gradient_through_exposed_state(backend):
 
 
 # -- LSTM ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("static", [False, True])
-def test_lstm_forward(backend, static):
-    x, cont, xs = data(8)
-    bottoms = [x, cont, xs] if static else [x, cont]
-    layer, bottom, top = build(rnn_text("LSTM"), bottoms, backend=backend)
-    (out,) = forward(layer, bottom, top)
-    zeros = np.zeros((N, D))
-    expected, _, _ = lstm_ref(params_of(layer), x, cont, zeros, zeros, xs if static else None)
-    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-14)
-
-
 def test_lstm_state_carries_over_to_the_next_pass(backend):
     x, cont, _ = data(9)
     layer, bottom, top = build(rnn_text("LSTM"), [x, cont], backend=backend)
