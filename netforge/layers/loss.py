@@ -116,6 +116,20 @@ class LossLayer(Layer):
         """Write the scalar loss into ``top`` in the layer's dtype."""
         top.data = self.xp.asarray(value, dtype=self.dtype).reshape(())
 
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        """No gradient into the labels (bottom 1); bottom 0's diff is
+        ``prediction_gradient``. Losses with other bottoms override this."""
+        self.refuse_label_gradient(propagate_down, 1)
+        if propagate_down[0]:
+            self.write_diff(bottom[0], self.prediction_gradient(top[0].diff, bottom))
+
+    def prediction_gradient(self, loss_weight: Any, bottom: Sequence[Blob]) -> Any:
+        """d loss / d bottom 0 times ``loss_weight`` (top 0's diff), in any shape of bottom
+        0's count."""
+        raise NotImplementedError(f"layer type {self.type} does not implement its gradient")
+
     def write_diff(self, blob: Blob, grad: Any) -> None:
         """Overwrite ``blob``'s diff with ``grad`` (any shape of the same count), casting to
         the blob's dtype in the copy: the buffer sized at reshape is reused, not replaced."""
@@ -210,15 +224,12 @@ class _SoftmaxLossBase(_NormalizedLoss):
         safe = labels if valid is None else xp.where(valid, labels, 0)
         return prob, safe, valid
 
-    def write_masked_diff(
-        self, top: Sequence[Blob], bottom: Sequence[Blob], grad: Any, valid: Any
-    ) -> None:
-        """Bottom 0's diff: ``grad`` (outer, C, inner), zero where ``valid`` is False, times
+    def masked_gradient(self, grad: Any, valid: Any, loss_weight: Any) -> Any:
+        """``grad`` (outer, C, inner), zero where ``valid`` is False, times
         ``loss_weight / normalizer``."""
         if valid is not None:
             grad = grad * valid[:, None, :]
-        scale = top[0].diff / self.normalizer(self.outer, self.inner, valid)
-        self.write_diff(bottom[0], grad * scale)
+        return grad * (loss_weight / self.normalizer(self.outer, self.inner, valid))
 
 
 @register("SoftmaxWithLoss")
@@ -245,15 +256,10 @@ class SoftmaxWithLossLayer(_SoftmaxLossBase):
         self._saved = (prob, safe, valid)
         self.set_loss(top[0], -log_p.sum() / self.normalizer(self.outer, self.inner, valid))
 
-    def backward(
-        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
-    ) -> None:
-        self.refuse_label_gradient(propagate_down, 1)
-        if not propagate_down[0]:
-            return
+    def prediction_gradient(self, loss_weight: Any, bottom: Sequence[Blob]) -> Any:
         prob, labels, valid = self._saved
         onehot = self.xp.arange(self.channels)[None, :, None] == labels[:, None, :]
-        self.write_masked_diff(top, bottom, prob - onehot, valid)
+        return self.masked_gradient(prob - onehot, valid, loss_weight)
 
 
 @register("InfogainLoss")
@@ -315,13 +321,13 @@ class InfogainLossLayer(_SoftmaxLossBase):
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
-        self.refuse_label_gradient(propagate_down, 1)
         if len(propagate_down) > 2 and propagate_down[2]:
             raise self.config_error("cannot backpropagate to bottom 2 (the infogain matrix)")
-        if not propagate_down[0]:
-            return
+        super().backward(top, propagate_down, bottom)
+
+    def prediction_gradient(self, loss_weight: Any, bottom: Sequence[Blob]) -> Any:
         prob, rows, row_sums, valid = self._saved
-        self.write_masked_diff(top, bottom, prob * row_sums[:, None, :] - rows, valid)
+        return self.masked_gradient(prob * row_sums[:, None, :] - rows, valid, loss_weight)
 
 
 def read_blob_proto(path: str, layer: Layer) -> np.ndarray:
@@ -394,18 +400,13 @@ class SigmoidCrossEntropyLossLayer(_NormalizedLoss):
         self._normalizer = self.normalizer(self.outer, self.inner, valid)
         self.set_loss(top[0], -terms.sum() / self._normalizer)
 
-    def backward(
-        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
-    ) -> None:
-        self.refuse_label_gradient(propagate_down, 1)
-        if not propagate_down[0]:
-            return
+    def prediction_gradient(self, loss_weight: Any, bottom: Sequence[Blob]) -> Any:
         x = bottom[0].data
         # Caffe's Sigmoid layer form, which cannot overflow.
         grad = 0.5 * self.xp.tanh(0.5 * x) + 0.5 - bottom[1].data.reshape(x.shape)
         if self._valid is not None:
             grad = grad * self._valid
-        self.write_diff(bottom[0], grad * (top[0].diff / self._normalizer))
+        return grad * (loss_weight / self._normalizer)
 
 
 @register("HingeLoss")
@@ -435,18 +436,12 @@ class HingeLossLayer(LossLayer):
             loss = (self._margin * self._margin).sum()
         self.set_loss(top[0], loss / num)
 
-    def backward(
-        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
-    ) -> None:
-        self.refuse_label_gradient(propagate_down, 1)
-        if not propagate_down[0]:
-            return
-        num = bottom[0].shape[0]
+    def prediction_gradient(self, loss_weight: Any, bottom: Sequence[Blob]) -> Any:
         if self.layer_param.hinge_loss_param.norm == pb.HingeLossParameter.L1:
             grad = self._sign * (self._margin > 0)
         else:
             grad = 2 * self._sign * self._margin
-        self.write_diff(bottom[0], grad * (top[0].diff / num))
+        return grad * (loss_weight / bottom[0].shape[0])
 
 
 @register("ContrastiveLoss")
@@ -526,16 +521,10 @@ class MultinomialLogisticLossLayer(LossLayer):
         self._picked = xp.maximum(xp.take_along_axis(prob, labels[:, None], axis=1), LOG_THRESHOLD)
         self.set_loss(top[0], -xp.log(self._picked).sum() / num)
 
-    def backward(
-        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
-    ) -> None:
-        self.refuse_label_gradient(propagate_down, 1)
-        if not propagate_down[0]:
-            return
-        xp = self.xp
+    def prediction_gradient(self, loss_weight: Any, bottom: Sequence[Blob]) -> Any:
         num = bottom[0].shape[0]
-        onehot = xp.arange(bottom[0].count // num)[None, :] == self._labels[:, None]
-        self.write_diff(bottom[0], onehot * (-top[0].diff / num / self._picked))
+        onehot = self.xp.arange(bottom[0].count // num)[None, :] == self._labels[:, None]
+        return onehot * (-loss_weight / num / self._picked)
 
 
 @register("Accuracy")
