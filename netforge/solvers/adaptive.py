@@ -4,7 +4,8 @@ The formulas, constants and history layouts are Caffe's, including its quirks: �
 is added to the root of the history, and for Adam before the bias correction (the "ε-hat"
 form); AdaDelta reads its decay ρ from ``momentum``; Adam's β1 is ``momentum`` and β2
 ``momentum2``. AdaDelta and Adam keep two buffers per parameter, stored as Caffe stores them:
-all first buffers, then all second buffers. Updates are whole-array in-place operations.
+all first buffers, then all second buffers. Updates are in-place element-wise operations on
+one block of a parameter at a time.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ class AdaGradSolver(Solver):
         if self.param.momentum != 0:
             raise ConfigError(f"{self.source}: momentum cannot be used with AdaGrad; remove it")
 
-    def compute_update_value(self, index: int, grad: Any, local_rate: float) -> None:
-        history, scratch = self.history[index], self.scratch[index]
+    def compute_update_value(
+        self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
+    ) -> None:
+        (history,), scratch = history, scratch[0]
         self.xp.multiply(grad, grad, out=scratch)
         history += scratch
         self.xp.sqrt(history, out=scratch)
@@ -60,8 +63,10 @@ class RMSPropSolver(Solver):
                 f"{self.source}: rms_decay must be in [0, 1), got {self.param.rms_decay}"
             )
 
-    def compute_update_value(self, index: int, grad: Any, local_rate: float) -> None:
-        history, scratch = self.history[index], self.scratch[index]
+    def compute_update_value(
+        self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
+    ) -> None:
+        (history,), scratch = history, scratch[0]
         self.xp.multiply(grad, grad, out=scratch)
         _decay_into(history, self.param.rms_decay, scratch)
         self.xp.sqrt(history, out=scratch)
@@ -78,15 +83,17 @@ class AdaDeltaSolver(Solver):
     type = "AdaDelta"
     history_sets = 2
 
-    def compute_update_value(self, index: int, grad: Any, local_rate: float) -> None:
+    def compute_update_value(
+        self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
+    ) -> None:
         rho, delta, xp = self.param.momentum, self.param.delta, self.xp
-        grads_sq = self.history[index]
-        updates_sq = self.history[index + len(self.scratch)]
-        scratch = self.scratch[index]
+        grads_sq, updates_sq = history
+        scratch, denominator = scratch
         xp.multiply(grad, grad, out=scratch)
         _decay_into(grads_sq, rho, scratch)
         xp.add(updates_sq, delta, out=scratch)
-        scratch /= grads_sq + delta
+        xp.add(grads_sq, delta, out=denominator)
+        scratch /= denominator
         xp.sqrt(scratch, out=scratch)
         grad *= scratch
         xp.multiply(grad, grad, out=scratch)
@@ -103,13 +110,14 @@ class AdamSolver(Solver):
     type = "Adam"
     history_sets = 2
 
-    def compute_update_value(self, index: int, grad: Any, local_rate: float) -> None:
+    def compute_update_value(
+        self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
+    ) -> None:
         beta1, beta2 = self.param.momentum, self.param.momentum2
         t = self.iter + 1
         correction = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-        first = self.history[index]
-        second = self.history[index + len(self.scratch)]
-        scratch = self.scratch[index]
+        first, second = history
+        scratch = scratch[0]
         xp = self.xp
         xp.multiply(grad, 1.0 - beta1, out=scratch)
         first *= beta1

@@ -30,6 +30,7 @@ from netforge.backend import Backend, default_backend, to_numpy
 from netforge.errors import ConfigError, DataError, DivergenceError
 from netforge.proto import pb
 from netforge.solvers import snapshot as snap
+from netforge.solvers.blocks import Block, ParamBlocks
 from netforge.solvers.lr_policy import check_policy, learning_rate
 from netforge.solvers.scoring import group_entries, score
 from netforge.train_log import fmt, output_lines
@@ -115,7 +116,7 @@ class Solver:
             for _ in range(self.history_sets)
             for blob in self.net.learnable_params
         ]
-        self.scratch = [self.xp.zeros(b.shape, dtype=self.dtype) for b in self.net.learnable_params]
+        self._blocks = ParamBlocks(self.xp, self.dtype)
         self._losses: list[float] = []
         self._smoothed_loss = 0.0
         self._rate = 0.0
@@ -296,8 +297,7 @@ class Solver:
         self._losses, self._smoothed_loss = [], 0.0
         timer, iterations_last = time.perf_counter(), self.iter
         while self.iter < stop_iter:
-            for blob in net.learnable_params:
-                blob.diff.fill(0)
+            self._clear_param_diffs()
             if (
                 param.test_interval
                 and self.iter % param.test_interval == 0
@@ -381,12 +381,20 @@ class Solver:
     def _check_finite(self, loss: float) -> None:
         """Stop on a non-finite loss or gradient, before the update spoils the weights.
 
-        One reduction per parameter blob folded into a single host read keeps this cheap;
-        when it trips, the net names the first non-finite blob (a finite-but-huge sum that
-        overflowed is not a divergence, and training carries on).
+        One reduction per block, on the update threads, folded into a single host read keeps
+        this cheap; when it trips, the net names the first non-finite blob (a finite-but-huge
+        sum that overflowed is not a divergence, and training carries on).
         """
-        probe = sum(self.xp.sum(blob.diff) for blob in self.net.learnable_params)
-        if math.isfinite(float(loss)) and math.isfinite(float(probe)):
+        if not math.isfinite(float(loss)):
+            probe = math.nan
+        else:
+            total = self._blocks.total
+
+            def lane_sum(_: int, blocks: list[Block]) -> Any:
+                return sum(total(block.diff) for block in blocks)
+
+            probe = float(sum(self._blocks.run(self._param_lanes(), lane_sum)))
+        if math.isfinite(probe):
             return
         where = self.net.first_nonfinite()
         if where is None:
@@ -408,33 +416,64 @@ class Solver:
 
     def apply_update(self) -> None:
         """Caffe's SGDSolver::ApplyUpdate: rate, clip, then per parameter normalise,
-        regularise and compute the step, then ``w -= step`` and ``it += 1``."""
+        regularise and compute the step, ``w -= step``, and ``it += 1``.
+
+        Caffe runs each stage over all parameters before the next; here all stages run on
+        one cache-sized block before the next block (``blocks.py``). Every element goes
+        through the same operations in the same order, so the results are identical, and
+        afterwards each parameter's diff holds its step, as in Caffe."""
         param, net = self.param, self.net
         rate = self._rate = self.learning_rate()
         if param.display and self.iter % param.display == 0:
             log.info("Iteration %d, lr = %s", self.iter, fmt(rate))
         self._clip_gradients()
-        params = net.learnable_params
+        xp, blocks = self.xp, self._blocks
+        local_rates = [rate * lr_mult for lr_mult in net.params_lr]
+        local_decays = [param.weight_decay * mult for mult in net.params_weight_decay]
+        normalize = 1.0 / param.iter_size if param.iter_size > 1 else None
         decay_type_l2 = param.regularization_type == "L2"
-        for i, blob in enumerate(params):
-            grad = blob.diff
-            if param.iter_size > 1:
-                grad *= 1.0 / param.iter_size
-            local_decay = param.weight_decay * net.params_weight_decay[i]
-            if local_decay:
-                scratch = self.scratch[i]
-                if decay_type_l2:
-                    self.xp.multiply(blob.data, local_decay, out=scratch)
-                else:
-                    self.xp.sign(blob.data, out=scratch)
-                    scratch *= local_decay
-                grad += scratch
-            self.compute_update_value(i, grad, rate * net.params_lr[i])
-        if net.debug_info:
+        # With debug_info the [Update] lines show the weights before the step, so the step
+        # is subtracted afterwards; otherwise while the block is still in the cache.
+        subtract = not net.debug_info
+
+        def update(lane: int, lane_blocks: list[Block]) -> None:
+            for block in lane_blocks:
+                grad, data = block.diff, block.data
+                scratch = blocks.scratch(lane, grad)
+                if normalize is not None:
+                    grad *= normalize
+                local_decay = local_decays[block.index]
+                if local_decay:
+                    decay = scratch[0]
+                    if decay_type_l2:
+                        xp.multiply(data, local_decay, out=decay)
+                    else:
+                        xp.sign(data, out=decay)
+                        decay *= local_decay
+                    grad += decay
+                self.compute_update_value(grad, block.history, scratch, local_rates[block.index])
+                if subtract:
+                    data -= grad
+
+        blocks.run(self._param_lanes(), update)
+        if not subtract:
             self._update_debug_info()
-        for blob in params:
-            blob.data -= blob.diff
+            for blob in net.learnable_params:
+                blob.data -= blob.diff
         self.iter += 1
+
+    def _param_lanes(self) -> list[list[Block]]:
+        """The blocks of the learnable parameters and their history, one list per thread."""
+        return self._blocks.lanes(self.net.learnable_params, self.history)
+
+    def _clear_param_diffs(self) -> None:
+        """Caffe's ClearParamDiffs: zero the learnable parameters' gradients."""
+
+        def clear(_: int, lane_blocks: list[Block]) -> None:
+            for block in lane_blocks:
+                block.diff.fill(0)
+
+        self._blocks.run(self._param_lanes(), clear)
 
     def _clip_gradients(self) -> None:
         clip = self.param.clip_gradients
@@ -469,9 +508,13 @@ class Solver:
                 fmt(diff),
             )
 
-    def compute_update_value(self, index: int, grad: Any, local_rate: float) -> None:
-        """Turn the regularised gradient ``grad`` of learnable param ``index`` into the step,
-        in place (subtracted from the weights afterwards)."""
+    def compute_update_value(
+        self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
+    ) -> None:
+        """Turn the regularised gradient ``grad`` into the step, in place (subtracted from
+        the weights afterwards). Called per block: ``grad``, the ``history`` buffers (one
+        per history set) and the two ``scratch`` arrays are views of equal shape, so the
+        code must be element-wise."""
         raise NotImplementedError
 
     # -- testing -------------------------------------------------------------------------
@@ -552,7 +595,7 @@ class Solver:
         expected = len(self.history)
         found = len(state.history)
         if found != expected:
-            per_param = len(self.scratch)
+            per_param = len(self.net.learnable_params)
             hint = ""
             if per_param and found % per_param == 0 and found // per_param != self.history_sets:
                 hint = (

@@ -2,7 +2,7 @@
 
 Both fold the learning rate into the momentum history (``h = momentum·h + local_rate·g``),
 as Caffe does and PyTorch does not: changing the rate mid-run rescales only new steps.
-Each update is a few whole-array in-place operations per parameter blob.
+Each update is a few in-place element-wise operations per parameter block.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ class SGDSolver(Solver):
 
     type = "SGD"
 
-    def compute_update_value(self, index: int, grad: Any, local_rate: float) -> None:
-        history = self.history[index]
+    def compute_update_value(
+        self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
+    ) -> None:
+        (history,) = history
         history *= self.param.momentum
         grad *= local_rate
         history += grad
@@ -33,9 +35,11 @@ class NesterovSolver(Solver):
 
     type = "Nesterov"
 
-    def compute_update_value(self, index: int, grad: Any, local_rate: float) -> None:
+    def compute_update_value(
+        self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
+    ) -> None:
         momentum = self.param.momentum
-        history, previous = self.history[index], self.scratch[index]
+        (history,), previous = history, scratch[0]
         previous[...] = history
         history *= momentum
         grad *= local_rate

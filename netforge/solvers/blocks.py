@@ -1,0 +1,130 @@
+"""The solver's element-wise passes over every learnable parameter, in cache-sized blocks.
+
+An update is a chain of element-wise operations per parameter (regularise, fold into the
+history, leave the step in the diff, subtract it from the weights). Done whole-array, each
+operation streams the parameter's arrays through main memory again: for CaffeNet's 61M
+parameters about 20 passes of 244 MB per iteration. Done block by block, the weights,
+gradient and history of one block are read from memory once, every operation of the chain
+runs on them while they sit in the core's L2 cache, and they are written back once. Each
+element still goes through the same operations in the same order, so the results are
+bit-for-bit those of the whole-array code (Caffe's formulas, in Caffe's order).
+
+On numpy the blocks are shared among a few threads (numpy releases the GIL inside its
+loops, and each core brings its own L2 cache and memory bandwidth). On cupy whole-array
+operations are already fast: the blocks are large and run on one thread, only to bound
+the scratch memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import numpy as np
+
+#: Elements per block on numpy: 64 Ki float32 values are 256 KiB per array, so the four
+#: arrays an update touches (weights, gradient, history, scratch) fit a 1 MiB L2 cache.
+#: Measured on CaffeNet's parameters (2-core AMD EPYC): 16 Ki 52 ms, 32 Ki 47 ms, 64 Ki
+#: 43 ms, 128 Ki 47 ms, 512 Ki 51 ms, whole arrays 78 ms for the SGD update.
+CPU_BLOCK = 1 << 16
+#: Elements per block on cupy: large enough that kernel launches do not count.
+GPU_BLOCK = 1 << 24
+#: At most this many threads; fewer when the blocks would not keep them busy.
+MAX_THREADS = 4
+#: A thread is worth its hand-off cost only with at least this many blocks to run.
+BLOCKS_PER_THREAD = 8
+
+
+class Block(NamedTuple):
+    """One block of learnable parameter ``index``: flat views of its weights, gradient and
+    history buffers (one per history set), all of the same length."""
+
+    index: int
+    data: Any
+    diff: Any
+    history: tuple[Any, ...]
+
+
+class ParamBlocks:
+    """Cuts the learnable parameters and their history into blocks and runs a function over
+    all blocks, on one thread or several, each with its own scratch arrays.
+
+    The cut is cached and redone only when one of the arrays is replaced (a restored
+    history, weights set with ``blob.data = ...``).
+    """
+
+    def __init__(self, xp: Any, dtype: Any) -> None:
+        self.xp = xp
+        self.dtype = np.dtype(dtype)
+        self.block = CPU_BLOCK if xp is np else GPU_BLOCK
+        self._key: tuple[int, ...] | None = None
+        self._lanes: list[list[Block]] = []
+        self._scratch: list[tuple[Any, Any]] = []
+        self._ones: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads = 1
+
+    def lanes(self, params: Sequence[Any], history: Sequence[Any]) -> list[list[Block]]:
+        """The blocks of ``params`` (Blobs) and ``history`` (``k·len(params)`` arrays, set
+        by set), one list per thread."""
+        arrays = [a for blob in params for a in (blob.data, blob.diff)]
+        key = tuple(map(id, arrays + list(history)))
+        if key != self._key:
+            self._cut(params, history)
+            self._key = key
+        return self._lanes
+
+    def _cut(self, params: Sequence[Any], history: Sequence[Any]) -> None:
+        count = len(params)
+        sets = len(history) // count if count else 0
+        blocks: list[Block] = []
+        for i, blob in enumerate(params):
+            arrays = [blob.data, blob.diff, *(history[i + k * count] for k in range(sets))]
+            if not all(a.flags.c_contiguous for a in arrays):
+                # A non-contiguous array set by the user has no flat view: one whole block.
+                blocks.append(Block(i, arrays[0], arrays[1], tuple(arrays[2:])))
+                continue
+            flat = [a.reshape(-1) for a in arrays]
+            for start in range(0, blob.count, self.block):
+                views = [a[start : start + self.block] for a in flat]
+                blocks.append(Block(i, views[0], views[1], tuple(views[2:])))
+        threads = 1
+        if self.xp is np:
+            threads = max(
+                1, min(MAX_THREADS, os.cpu_count() or 1, len(blocks) // BLOCKS_PER_THREAD)
+            )
+        # Interleaved, so that every thread gets a share of the large parameters.
+        self._lanes = [blocks[t::threads] for t in range(threads)]
+        size = max((b.diff.size for b in blocks), default=0)
+        self._scratch = [
+            (self.xp.empty(size, self.dtype), self.xp.empty(size, self.dtype))
+            for _ in range(threads)
+        ]
+        self._ones = np.ones(size, self.dtype) if self.xp is np else None
+        if threads > 1 and threads != self._threads:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="netforge-update")
+        self._threads = threads
+
+    def scratch(self, lane: int, like: Any) -> tuple[Any, Any]:
+        """Two scratch arrays of ``like``'s shape for a block of lane ``lane``."""
+        return tuple(s[: like.size].reshape(like.shape) for s in self._scratch[lane])
+
+    def total(self, array: Any) -> Any:
+        """The sum of a block: a float on numpy, a device scalar on cupy (no sync).
+
+        On numpy through a BLAS dot product with ones, which reads the block at memory speed
+        where ``sum``'s pairwise loop does not; only its finiteness matters to the caller."""
+        if self.xp is np and array.ndim == 1:
+            return float(np.dot(array, self._ones[: array.size]))
+        return self.xp.sum(array)
+
+    def run(self, lanes: list[list[Block]], work: Callable[[int, list[Block]], Any]) -> list[Any]:
+        """``work(lane, blocks)`` for every lane, on threads when there are several; the
+        results in lane order. An exception in a lane is raised here."""
+        if len(lanes) == 1:
+            return [work(0, lanes[0])]
+        assert self._pool is not None
+        futures = [self._pool.submit(work, t, blocks) for t, blocks in enumerate(lanes)]
+        return [f.result() for f in futures]
