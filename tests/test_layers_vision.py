@@ -11,7 +11,7 @@ import pytest
 
 from netforge.backend import to_numpy
 from netforge.errors import ConfigError, ShapeError
-from netforge.layers import vision
+from netforge.layers import _threads, vision
 from netforge.proto import pb
 from tests.harness import SEED, build, check_gradient, forward, run
 
@@ -195,6 +195,37 @@ def test_convolution_in_batch_chunks_matches(monkeypatch, case):
     np.testing.assert_allclose(y, conv_reference(x, w, b, stride, pad, dilation, group))
     check_gradient(_conv_text("Convolution", 4, params), [x])
     check_gradient(_conv_text("Deconvolution", 4, params), [x])
+
+
+def test_run_chunks_covers_every_chunk_once_and_restores_blas_threads():
+    calls = []
+    chunks = [(i, i + 1) for i in range(7)]
+    before = _threads._set_blas_threads(2)
+    _threads._set_blas_threads(before)
+    _threads.run_chunks(np, lambda start, stop, worker: calls.append((start, worker)), chunks)
+    assert sorted(start for start, _ in calls) == list(range(7))
+    # Static assignment: chunk i goes to worker i mod W.
+    workers = min(_threads.WORKERS, len(chunks))
+    assert all(worker == start % workers for start, worker in calls)
+    assert _threads._set_blas_threads(before) == before
+
+
+def test_convolution_chunks_are_cache_sized_and_results_reproducible():
+    x = RNG.normal(size=(9, 8, 12, 12)).astype(np.float32)
+    text = _conv_text("Convolution", 16, "kernel_size: 3 pad: 1")
+    layer, bottom, top = build(text, [x], dtype=np.float32)
+    per_item = 8 * 9 * 144
+    assert len(layer.chunks) >= min(9, _threads.WORKERS)
+    assert all(
+        (stop - start) * per_item <= max(vision.CACHE_COLUMNS, per_item)
+        for start, stop in layer.chunks
+    )
+    first = forward(layer, bottom, top)[0].copy()
+    second = forward(layer, bottom, top)[0]
+    np.testing.assert_array_equal(first, second)
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    ref = conv_reference(x.astype(np.float64), w, b, (1, 1), (1, 1), (1, 1), 1)
+    np.testing.assert_allclose(second, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

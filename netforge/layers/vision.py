@@ -13,6 +13,7 @@ Pooling output with no window is a ShapeError instead of a zero-sized blob.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ import numpy as np
 from netforge.blob import Blob
 from netforge.filler import filler_or
 from netforge.layer import Layer, register
+from netforge.layers._threads import WORKERS, run_chunks
 from netforge.layers.conv_ops import (
     Geometry,
     Workspace,
@@ -37,6 +39,10 @@ from netforge.proto import pb
 
 #: Most elements one column buffer holds (128 MiB of float32); larger batches run in chunks.
 COLUMN_LIMIT = 1 << 25
+
+#: Most elements a column buffer holds on numpy: 4 MiB of float32, so that each worker's
+#: columns stay in cache between im2col and the GEMM that reads them.
+CACHE_COLUMNS = 1 << 20
 
 #: Caffe's FLT_MIN, which keeps stochastic pooling's test-time division defined.
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -161,7 +167,7 @@ class _ConvolutionBase(Layer):
                 )
         self.rows_channels = rows
         self.image_channels = image
-        self.ws = Workspace()
+        self.workspaces = [Workspace() for _ in range(WORKERS)]
         self._cached: int | None = None
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -192,6 +198,10 @@ class _ConvolutionBase(Layer):
             t.reshape(shape[: self.axis] + (self.num_output,) + out)
         per_item = self.image_channels * math.prod(self.geom.kernel) * math.prod(self.col_spatial)
         self.chunks = batch_chunks(self.num, per_item, COLUMN_LIMIT)
+        if self.xp is np:
+            # Cache-sized chunks, at least one per worker, shared among the worker threads.
+            limit = min(COLUMN_LIMIT, CACHE_COLUMNS, per_item * -(-self.num // WORKERS))
+            self.chunks = batch_chunks(self.num, per_item, limit)
         self._cached = None
         geom = self.geom
         full_pad = tuple(d * (k - 1) - p for k, p, d in zip(geom.kernel, geom.pad, geom.dilation))
@@ -214,20 +224,19 @@ class _ConvolutionBase(Layer):
         """A rows-side blob array as (N, channels, pixels)."""
         return array.reshape(self.num, self.rows_channels, -1)
 
-    def _columns(self, image: Any) -> Any:
+    def _columns(self, image: Any, ws: Workspace) -> Any:
         """im2col of an image-side chunk, as the (group, K, n·pixels) GEMM operand."""
         n = image.shape[0]
-        col = self.ws.get(
+        col = ws.get(
             "col",
             (self.image_channels, *self.geom.kernel, n, *self.col_spatial),
             image.dtype,
             self.xp,
         )
-        im2col(image, self.geom, self.col_spatial, col, self.ws)
-        self._cached = None  # the buffer now holds these columns, not the cached ones
+        im2col(image, self.geom, self.col_spatial, col, ws)
         return col.reshape(self.group, -1, n * math.prod(self.col_spatial))
 
-    def _uncolumns(self, col: Any, image: Any) -> None:
+    def _uncolumns(self, col: Any, image: Any, ws: Workspace) -> None:
         """col2im of a (group, K, n·pixels) stack into an image-side chunk (overwritten).
 
         The scatter-add runs channel-major, (C, n, ...), the order the columns are stored
@@ -237,12 +246,12 @@ class _ConvolutionBase(Layer):
         n, nk = image.shape[0], len(self.geom.kernel)
         col = col.reshape((self.image_channels, *self.geom.kernel, n, *self.col_spatial))
         order = (0, nk + 1) + tuple(range(1, nk + 1)) + tuple(range(nk + 2, 2 * nk + 2))
-        col2im(col.transpose(order), self.geom, self.col_spatial, image.swapaxes(0, 1), self.ws)
+        col2im(col.transpose(order), self.geom, self.col_spatial, image.swapaxes(0, 1), ws)
 
-    def _to_rows(self, chunk: Any, key: str) -> Any:
+    def _to_rows(self, chunk: Any, ws: Workspace) -> Any:
         """(n, channels, pixels) -> the (group, channels/group, n·pixels) GEMM operand."""
         n, c, p = chunk.shape
-        rows = self.ws.get(key, (c, n, p), chunk.dtype, self.xp)
+        rows = ws.get("rows", (c, n, p), chunk.dtype, self.xp)
         self.xp.copyto(rows, chunk.transpose(1, 0, 2))
         return rows.reshape(self.group, c // self.group, n * p)
 
@@ -255,42 +264,54 @@ class _ConvolutionBase(Layer):
         else:
             self.xp.add(view, bias.reshape(1, c, 1), out=chunk)
 
-    def _gemm_out(self, key: str, shape: Sequence[int], dtype: Any) -> Any:
-        return self.ws.get(key, shape, dtype, self.xp)
+    def _matmul(self, a: Any, b: Any, ws: Workspace, key: str) -> Any:
+        """a @ b into a workspace buffer."""
+        out = ws.get(key, a.shape[:-1] + b.shape[-1:], b.dtype, self.xp)
+        return self.xp.matmul(a, b, out=out)
+
+    def _run(self, work) -> None:
+        """``work(start, stop, workspace)`` over the batch chunks, on the worker pool."""
+        run_chunks(
+            self.xp, lambda start, stop, w: work(start, stop, self.workspaces[w]), self.chunks
+        )
+
+    def _weight_gradient_parts(self) -> list[Any]:
+        """Zeroed per-worker weight-gradient sums, added to the parameter diff in worker
+        order once all chunks are done."""
+        shape = self._weights(self.blobs[0].diff).shape
+        parts = [ws.get("dw", shape, self.dtype, self.xp) for ws in self.workspaces]
+        for part in parts:
+            part.fill(0)
+        return parts
 
     # -- forward / backward ---------------------------------------------------------------
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         weights = self._weights(self.blobs[0].data)
         bias = self.blobs[1].data if self.bias_term else None
-        single = len(self.chunks) == 1
-        for i, (b, t) in enumerate(zip(bottom, top)):
-            for start, stop in self.chunks:
-                if self.transposed:
-                    rows = self._to_rows(self._rows_view(b.data)[start:stop], "rows")
-                    col = xp.matmul(
-                        weights.transpose(0, 2, 1),
-                        rows,
-                        out=self._gemm_out(
-                            "colgemm", (self.group, weights.shape[2], rows.shape[2]), rows.dtype
-                        ),
-                    )
-                    self._uncolumns(col, self._image(t.data)[start:stop])
-                else:
-                    col = self._columns(self._image(b.data)[start:stop])
-                    rows = xp.matmul(
-                        weights,
-                        col,
-                        out=self._gemm_out(
-                            "rowsgemm", (self.group, weights.shape[1], col.shape[2]), col.dtype
-                        ),
-                    )
-                    self._from_rows(rows, self._rows_view(t.data)[start:stop], bias)
+        # Blob memory is allocated on first access: touch it here, not in the workers.
+        for b, t in zip(bottom, top):
+            if self.transposed:
+
+                def work(start, stop, ws, x=b.data, y=t.data):
+                    rows = self._to_rows(self._rows_view(x)[start:stop], ws)
+                    col = self._matmul(weights.transpose(0, 2, 1), rows, ws, "colgemm")
+                    self._uncolumns(col, self._image(y)[start:stop], ws)
+
+            else:
+
+                def work(start, stop, ws, x=b.data, y=t.data):
+                    col = self._columns(self._image(x)[start:stop], ws)
+                    rows = self._matmul(weights, col, ws, "rowsgemm")
+                    self._from_rows(rows, self._rows_view(y)[start:stop], bias)
+
+            self._run(work)
             if self.transposed and bias is not None:
                 out = t.data.reshape(self.num, self.num_output, -1)
                 xp.add(out, bias.reshape(1, -1, 1), out=out)
-            # With the whole batch in one chunk, the columns stay valid for backward.
-            self._cached = i if single and not self.transposed else None
+        # With the whole batch in one chunk, the last bottom's columns stay valid for backward.
+        single = len(self.chunks) == 1 and not self.transposed
+        self._cached = len(bottom) - 1 if single else None
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
@@ -306,41 +327,48 @@ class _ConvolutionBase(Layer):
                 self.blobs[1].diff += dy.sum(axis=(0, 2), dtype=dy.dtype)
             if not (want_w or propagate_down[i]):
                 continue
-            for start, stop in self.chunks:
-                if self.transposed:
-                    self._backward_transposed(b, t, start, stop, weights, want_w, propagate_down[i])
-                else:
-                    self._backward_direct(i, b, t, start, stop, weights, want_w, propagate_down[i])
+            parts = self._weight_gradient_parts() if want_w else None
+            backward = self._backward_transposed if self.transposed else self._backward_direct
+            self._run(
+                functools.partial(
+                    backward,
+                    b.data,
+                    t.diff,
+                    b.diff if propagate_down[i] else None,
+                    weights,
+                    parts,
+                    self._cached == i,
+                )
+            )
+            self._cached = None  # the column buffers now hold other columns
+            if want_w:
+                dw = self._weights(self.blobs[0].diff)
+                for part in parts:
+                    dw += part
 
-    def _backward_direct(self, i, b, t, start, stop, weights, want_w, want_x) -> None:
+    def _backward_direct(self, x, dy_all, dx_all, weights, parts, cached, start, stop, ws) -> None:
         xp = self.xp
-        dy = self._to_rows(self._rows_view(t.diff)[start:stop], "rows")
-        if want_w:
-            if self._cached == i:
+        dy = self._to_rows(self._rows_view(dy_all)[start:stop], ws)
+        if parts is not None:
+            if cached:
                 n = stop - start
-                col = self.ws.get(
+                col = ws.get(
                     "col",
                     (self.image_channels, *self.geom.kernel, n, *self.col_spatial),
                     dy.dtype,
                     xp,
                 ).reshape(self.group, -1, dy.shape[2])
             else:
-                col = self._columns(self._image(b.data)[start:stop])
-            dw = self._weights(self.blobs[0].diff)
-            dw += xp.matmul(dy, col.transpose(0, 2, 1))
-        if want_x and self._full_geom is not None:
-            self._data_gradient_by_full_correlation(t, b, start, stop)
-        elif want_x:
-            dcol = xp.matmul(
-                weights.transpose(0, 2, 1),
-                dy,
-                out=self._gemm_out(
-                    "colgemm", (self.group, weights.shape[2], dy.shape[2]), dy.dtype
-                ),
-            )
-            self._uncolumns(dcol, self._image(b.diff)[start:stop])
+                col = self._columns(self._image(x)[start:stop], ws)
+            part = parts[self.workspaces.index(ws)]
+            part += xp.matmul(dy, col.transpose(0, 2, 1))
+        if dx_all is not None and self._full_geom is not None:
+            self._data_gradient_by_full_correlation(dy_all, dx_all, start, stop, ws)
+        elif dx_all is not None:
+            dcol = self._matmul(weights.transpose(0, 2, 1), dy, ws, "colgemm")
+            self._uncolumns(dcol, self._image(dx_all)[start:stop], ws)
 
-    def _data_gradient_by_full_correlation(self, t: Blob, b: Blob, start: int, stop: int) -> None:
+    def _data_gradient_by_full_correlation(self, dy_all, dx_all, start, stop, ws) -> None:
         """dx for a stride-1 convolution: the top gradient, padded by d(k − 1) − p, correlated
         with the spatially flipped, channel-transposed filters. The same FLOPs as Caffe's
         GEMM + col2im, but the data movement is one im2col copy instead of prod(kernel)
@@ -356,35 +384,27 @@ class _ConvolutionBase(Layer):
             .reshape(group, self.channels // group, -1)
         )
         n = stop - start
-        dy = t.diff.reshape((self.num, self.num_output) + tuple(self.out_spatial))[start:stop]
-        col = self.ws.get(
+        dy = dy_all.reshape((self.num, self.num_output) + tuple(self.out_spatial))[start:stop]
+        col = ws.get(
             "fullcol", (self.num_output, *self.geom.kernel, n, *self.in_spatial), dy.dtype, xp
         )
-        im2col(dy, self._full_geom, self.in_spatial, col, self.ws)
+        im2col(dy, self._full_geom, self.in_spatial, col, ws)
         pixels = n * math.prod(self.in_spatial)
-        dx = xp.matmul(
-            w,
-            col.reshape(group, -1, pixels),
-            out=self._gemm_out("fullgemm", (group, w.shape[1], pixels), dy.dtype),
-        )
-        self._from_rows(dx, b.diff.reshape(self.num, self.channels, -1)[start:stop])
+        dx = self._matmul(w, col.reshape(group, -1, pixels), ws, "fullgemm")
+        self._from_rows(dx, dx_all.reshape(self.num, self.channels, -1)[start:stop])
 
-    def _backward_transposed(self, b, t, start, stop, weights, want_w, want_x) -> None:
+    def _backward_transposed(
+        self, x, dy_all, dx_all, weights, parts, cached, start, stop, ws
+    ) -> None:
         xp = self.xp
-        col = self._columns(self._image(t.diff)[start:stop])
-        if want_w:
-            x = self._to_rows(self._rows_view(b.data)[start:stop], "rows")
-            dw = self._weights(self.blobs[0].diff)
-            dw += xp.matmul(x, col.transpose(0, 2, 1))
-        if want_x:
-            dx = xp.matmul(
-                weights,
-                col,
-                out=self._gemm_out(
-                    "rowsgemm", (self.group, weights.shape[1], col.shape[2]), col.dtype
-                ),
-            )
-            self._from_rows(dx, self._rows_view(b.diff)[start:stop])
+        col = self._columns(self._image(dy_all)[start:stop], ws)
+        if parts is not None:
+            rows = self._to_rows(self._rows_view(x)[start:stop], ws)
+            part = parts[self.workspaces.index(ws)]
+            part += xp.matmul(rows, col.transpose(0, 2, 1))
+        if dx_all is not None:
+            dx = self._matmul(weights, col, ws, "rowsgemm")
+            self._from_rows(dx, self._rows_view(dx_all)[start:stop])
 
 
 @register("Convolution")
