@@ -47,9 +47,11 @@ class Geometry(NamedTuple):
 class Workspace:
     """Buffers a layer reuses from one pass to the next, keyed by purpose.
 
-    A buffer is reallocated only when the requested shape or dtype changes. A new buffer
-    is set to ``fill`` when one is given, which padded copies rely on: their border is
-    written once and only their interior is rewritten on every pass.
+    A buffer without ``fill`` is a contiguous view of a flat allocation that grows when a
+    larger size is asked for, so chunks of different sizes share it. A buffer with ``fill``
+    keeps its exact shape (reallocated, and set to ``fill``, when the shape or dtype
+    changes), which padded copies rely on: their border is written once and only their
+    interior is rewritten on every pass.
     """
 
     def __init__(self) -> None:
@@ -60,13 +62,17 @@ class Workspace:
     ) -> Any:
         shape = tuple(shape)
         buf = self._buffers.get(key)
-        stale = buf is None or buf.shape != shape or buf.dtype != dtype
+        size = math.prod(shape)
+        if fill is None:
+            stale = buf is None or buf.size < size or buf.dtype != dtype
+        else:
+            stale = buf is None or buf.shape != shape or buf.dtype != dtype
         if stale or get_array_module(buf) is not xp:
-            buf = xp.empty(shape, dtype=dtype)
+            buf = xp.empty(shape if fill is not None else size, dtype=dtype)
             if fill is not None:
                 buf.fill(fill)
             self._buffers[key] = buf
-        return buf
+        return buf if fill is not None else buf[:size].reshape(shape)
 
 
 def interior(pad_before: Sequence[int], spatial: Sequence[int]) -> tuple[slice, ...]:

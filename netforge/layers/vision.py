@@ -44,6 +44,9 @@ COLUMN_LIMIT = 1 << 25
 #: columns stay in cache between im2col and the GEMM that reads them.
 CACHE_COLUMNS = 1 << 20
 
+#: Most input elements one pooling chunk covers on numpy (1 MiB of float32).
+POOL_CHUNK = 1 << 18
+
 #: Caffe's FLT_MIN, which keeps stochastic pooling's test-time division defined.
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
@@ -537,7 +540,9 @@ class PoolingLayer(Layer):
                 raise self.config_error("padding works only with MAX and AVE pooling")
             if self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]:
                 raise self.config_error(f"pad {self.pad} must be smaller than kernel {self.kernel}")
-        self.ws = Workspace()
+        # One workspace per pool worker; the first also holds the whole-batch buffers.
+        self.workspaces = [Workspace() for _ in range(WORKERS)]
+        self.ws = self.workspaces[0]
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape = bottom[0].shape
@@ -558,6 +563,13 @@ class PoolingLayer(Layer):
         self.geom = Geometry(tuple(self.kernel), self.stride, self.pad, (1, 1))
         for t in top:
             t.reshape(shape[:2] + self.out)
+        per_item = math.prod(shape[1:])
+        if self.xp is np:
+            limit = min(POOL_CHUNK, per_item * -(-shape[0] // WORKERS))
+            self.chunks = batch_chunks(shape[0], per_item, limit)
+        else:
+            self.chunks = [(0, shape[0])]
+        self.step = max(stop - start for start, stop in self.chunks)
 
     def _padded_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """A buffer padded by ``pad`` before and, after, as far as the last window reaches
@@ -567,20 +579,28 @@ class PoolingLayer(Layer):
             for h, k, s, p, o in zip(shape[2:], self.kernel, self.stride, self.pad, self.out)
         )
 
-    def _padded(self, x: Any, fill: float) -> Any:
+    def _padded(self, x: Any, fill: float, ws: Workspace) -> Any:
         shape = self._padded_shape(x.shape)
         if shape == x.shape:
             return x  # no padding and no window past the far edge: view the input itself
-        buf = self.ws.get("in", shape, x.dtype, self.xp, fill=fill)
+        # Sized for the largest chunk, so that a smaller last chunk keeps the written border.
+        full = (max(self.step, shape[0]),) + shape[1:]
+        buf = ws.get("in", full, x.dtype, self.xp, fill=fill)[: shape[0]]
         buf[interior(self.pad, x.shape[2:])] = x
         return buf
 
-    def _zeroed_grad(self, diff: Any) -> Any:
+    def _zeroed_grad(self, diff: Any, ws: Workspace) -> Any:
         """A zeroed gradient buffer shaped like ``_padded``'s (``diff`` itself if no pad)."""
         shape = self._padded_shape(diff.shape)
-        buf = diff if shape == diff.shape else self.ws.get("grad", shape, diff.dtype, self.xp)
+        buf = diff if shape == diff.shape else ws.get("grad", shape, diff.dtype, self.xp)
         buf.fill(0)
         return buf
+
+    def _run(self, work) -> None:
+        """``work(start, stop, workspace)`` over the batch chunks, on the worker pool."""
+        run_chunks(
+            self.xp, lambda start, stop, w: work(start, stop, self.workspaces[w]), self.chunks
+        )
 
     def _windows(self, padded_x: Any):
         """(offset number, input view) for each kernel offset, in Caffe's scan order."""
@@ -603,27 +623,32 @@ class PoolingLayer(Layer):
         xp = self.xp
         # Caffe starts each window at -FLT_MAX; padding with the dtype's lowest value keeps
         # padding from ever winning, and gives Caffe's value for a window with no input.
-        xpad = self._padded(x, float(np.finfo(x.dtype).min))
+        lowest = float(np.finfo(x.dtype).min)
         kernel_count = math.prod(self.kernel)
         dtype = np.uint8 if kernel_count <= 256 else np.uint32
-        best = top[0].data
-        self.argmax = arg = self.ws.get("argmax", best.shape, dtype, xp)
-        greater = self.ws.get("greater", best.shape, np.bool_, xp)
-        step = self.ws.get("step", best.shape, dtype, xp)
-        for number, view in self._windows(xpad):
-            if number == 0:
-                best[...] = view
-                arg.fill(0)
-                continue
-            # Strictly greater: the first maximum in scan order wins, as in Caffe. The
-            # argmax update is arithmetic, arg += greater·(number − arg) (modular in the
-            # unsigned type), because masked copies with random masks run several times
-            # slower on the CPU (branch mispredictions).
-            xp.greater(view, best, out=greater)
-            xp.maximum(best, view, out=best)
-            xp.subtract(dtype(number), arg, out=step)
-            xp.multiply(step, greater.view(np.uint8), out=step)
-            xp.add(arg, step, out=arg)
+        best_all = top[0].data
+        self.argmax = self.ws.get("argmax", best_all.shape, dtype, xp)
+
+        def work(start: int, stop: int, ws: Workspace) -> None:
+            best, arg = best_all[start:stop], self.argmax[start:stop]
+            greater = ws.get("greater", best.shape, np.bool_, xp)
+            step = ws.get("step", best.shape, dtype, xp)
+            for number, view in self._windows(self._padded(x[start:stop], lowest, ws)):
+                if number == 0:
+                    best[...] = view
+                    arg.fill(0)
+                    continue
+                # Strictly greater: the first maximum in scan order wins, as in Caffe. The
+                # argmax update is arithmetic, arg += greater·(number − arg) (modular in the
+                # unsigned type), because masked copies with random masks run several times
+                # slower on the CPU (branch mispredictions).
+                xp.greater(view, best, out=greater)
+                xp.maximum(best, view, out=best)
+                xp.subtract(dtype(number), arg, out=step)
+                xp.multiply(step, greater.view(np.uint8), out=step)
+                xp.add(arg, step, out=arg)
+
+        self._run(work)
         if len(top) > 1:
             top[1].data[...] = self._flat_index(self.argmax, x.shape[3])
 
@@ -651,19 +676,25 @@ class PoolingLayer(Layer):
             sizes.append(np.minimum(start + k, h + p) - start)
         return self.xp.asarray(1.0 / np.outer(sizes[0], sizes[1]), dtype=self.dtype)
 
-    def _forward_ave(self, x: Any, out: Any) -> None:
+    def _forward_ave(self, x: Any, out_all: Any) -> None:
         xp = self.xp
-        for number, view in self._windows(self._padded(x, 0.0)):
-            if number == 0:
-                out[...] = view
-            else:
-                xp.add(out, view, out=out)
-        xp.multiply(out, self._divisor(x.shape), out=out)
+        divisor = self._divisor(x.shape)
+
+        def work(start: int, stop: int, ws: Workspace) -> None:
+            out = out_all[start:stop]
+            for number, view in self._windows(self._padded(x[start:stop], 0.0, ws)):
+                if number == 0:
+                    out[...] = view
+                else:
+                    xp.add(out, view, out=out)
+            xp.multiply(out, divisor, out=out)
+
+        self._run(work)
 
     def _forward_sample(self, x: Any, out: Any) -> None:
         """Pick, per window, the first element whose running sum reaches u·Σ, u ~ U[0, 1)."""
         xp = self.xp
-        xpad = self._padded(x, 0.0)
+        xpad = self._padded(x, 0.0, self.ws)
         total = xp.zeros(out.shape, dtype=x.dtype)
         for _, view in self._windows(xpad):
             xp.add(total, view, out=total)
@@ -681,7 +712,7 @@ class PoolingLayer(Layer):
         xp = self.xp
         self.total = xp.full(out.shape, FLT_MIN, dtype=x.dtype)
         squares = xp.zeros_like(self.total)
-        for _, view in self._windows(self._padded(x, 0.0)):
+        for _, view in self._windows(self._padded(x, 0.0, self.ws)):
             xp.add(self.total, view, out=self.total)
             squares += view * view
         xp.divide(squares, self.total, out=out)
@@ -693,28 +724,35 @@ class PoolingLayer(Layer):
         if not propagate_down[0]:
             return
         xp = self.xp
-        dy = top[0].diff
-        diff = bottom[0].diff
-        grad = self._zeroed_grad(diff)
-        views = self._windows(grad)
-        if self.method == pb.PoolingParameter.AVE:
-            scaled = dy * self._divisor(bottom[0].shape)
-            for _, view in views:
-                xp.add(view, scaled, out=view)
-        elif self.method == pb.PoolingParameter.STOCHASTIC and self.phase != pb.TRAIN:
+        dy_all = top[0].diff
+        diff_all = bottom[0].diff
+        if self.method == pb.PoolingParameter.STOCHASTIC and self.phase != pb.TRAIN:
             # d/dx of Σx²/(FLT_MIN + Σx) is (2x − y)/(FLT_MIN + Σx) for every x in the window.
-            ratio = dy / self.total
+            grad = self._zeroed_grad(diff_all, self.ws)
+            ratio = dy_all / self.total
             y = top[0].data
-            xpad = self._padded(bottom[0].data, 0.0)
-            for (_, view), (_, x) in zip(views, self._windows(xpad)):
+            xpad = self._padded(bottom[0].data, 0.0, self.ws)
+            for (_, view), (_, x) in zip(self._windows(grad), self._windows(xpad)):
                 view += ratio * (2 * x - y)
-        else:
-            routed = self.ws.get("routed", dy.shape, dy.dtype, xp)
-            for number, view in views:
-                xp.multiply(dy, self.argmax == number, out=routed)
+            if grad is not diff_all:
+                diff_all[...] = grad[interior(self.pad, diff_all.shape[2:])]
+            return
+        divisor = self._divisor(bottom[0].shape) if self.method == pb.PoolingParameter.AVE else None
+
+        def work(start: int, stop: int, ws: Workspace) -> None:
+            dy, diff = dy_all[start:stop], diff_all[start:stop]
+            grad = self._zeroed_grad(diff, ws)
+            routed = ws.get("routed", dy.shape, dy.dtype, xp)
+            if divisor is not None:
+                xp.multiply(dy, divisor, out=routed)
+            for number, view in self._windows(grad):
+                if divisor is None:  # MAX and STOCHASTIC TRAIN: to the recorded element
+                    xp.multiply(dy, self.argmax[start:stop] == number, out=routed)
                 xp.add(view, routed, out=view)
-        if grad is not diff:
-            diff[...] = grad[interior(self.pad, diff.shape[2:])]
+            if grad is not diff:
+                diff[...] = grad[interior(self.pad, diff.shape[2:])]
+
+        self._run(work)
 
 
 # -- spatial pyramid pooling ---------------------------------------------------------------
