@@ -11,7 +11,7 @@ import pytest
 
 from netforge.backend import to_numpy
 from netforge.errors import ConfigError, ShapeError
-from netforge.layers import _threads, vision
+from netforge.layers import _threads, conv_ops, vision
 from netforge.proto import pb
 from tests.harness import SEED, build, check_gradient, forward, run
 
@@ -208,6 +208,21 @@ def test_run_chunks_covers_every_chunk_once_and_restores_blas_threads():
     workers = min(_threads.WORKERS, len(chunks))
     assert all(worker == start % workers for start, worker in calls)
     assert _threads._set_blas_threads(before) == before
+
+
+def test_workspace_serves_smaller_chunks_from_one_buffer():
+    ws = conv_ops.Workspace()
+    big = ws.get("a", (4, 3), np.float32, np)
+    small = ws.get("a", (2, 5), np.float32, np)
+    assert small.base is big.base and small.flags.c_contiguous
+    padded = ws.get("p", (4, 2, 3), np.float32, np, fill=-1)
+    padded[:, :, 1] = 7  # the "interior"
+    part = ws.get("p", (3, 2, 3), np.float32, np, fill=-1)
+    assert part.shape == (3, 2, 3)
+    np.testing.assert_array_equal(part[:, :, 0], -1)  # the border written at allocation
+    np.testing.assert_array_equal(part[:, :, 1], 7)
+    other = ws.get("p", (3, 2, 4), np.float32, np, fill=-1)
+    np.testing.assert_array_equal(other, -1)
 
 
 def test_convolution_chunks_are_cache_sized_and_results_reproducible():

@@ -48,10 +48,11 @@ class Workspace:
     """Buffers a layer reuses from one pass to the next, keyed by purpose.
 
     A buffer without ``fill`` is a contiguous view of a flat allocation that grows when a
-    larger size is asked for, so chunks of different sizes share it. A buffer with ``fill``
-    keeps its exact shape (reallocated, and set to ``fill``, when the shape or dtype
-    changes), which padded copies rely on: their border is written once and only their
-    interior is rewritten on every pass.
+    larger size is asked for, so batch chunks of different sizes share it. A buffer with
+    ``fill`` is set to ``fill`` when it is allocated, and padded copies rely on that: their
+    border is written once and only their interior is rewritten on every pass. It serves
+    any leading (batch) size up to its own, as a view of its first items, so a smaller last
+    chunk keeps the border; other shape or dtype changes reallocate it.
     """
 
     def __init__(self) -> None:
@@ -64,15 +65,15 @@ class Workspace:
         buf = self._buffers.get(key)
         size = math.prod(shape)
         if fill is None:
-            stale = buf is None or buf.size < size or buf.dtype != dtype
+            stale = buf is None or buf.size < size
         else:
-            stale = buf is None or buf.shape != shape or buf.dtype != dtype
-        if stale or get_array_module(buf) is not xp:
+            stale = buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]
+        if stale or buf.dtype != dtype or get_array_module(buf) is not xp:
             buf = xp.empty(shape if fill is not None else size, dtype=dtype)
             if fill is not None:
                 buf.fill(fill)
             self._buffers[key] = buf
-        return buf if fill is not None else buf[:size].reshape(shape)
+        return buf[: shape[0]] if fill is not None else buf[:size].reshape(shape)
 
 
 def interior(pad_before: Sequence[int], spatial: Sequence[int]) -> tuple[slice, ...]:
@@ -120,9 +121,12 @@ def offset_slices(geom: Geometry, out: Sequence[int]) -> Iterator[tuple[tuple[in
         yield offset, (slice(None), slice(None)) + index
 
 
-def im2col(x: Any, geom: Geometry, out: Sequence[int], col: Any, ws: Workspace) -> Any:
-    """Write the columns of ``x`` (N, C, *spatial) into ``col``, shaped (C, *kernel, N, *out)."""
-    view = windows(padded(x, geom.pad, ws, "im2col_pad"), geom, out)
+def im2col(
+    x: Any, geom: Geometry, out: Sequence[int], col: Any, ws: Workspace, key: str = "im2col_pad"
+) -> Any:
+    """Write the columns of ``x`` (N, C, *spatial) into ``col``, shaped (C, *kernel, N, *out);
+    the padded copy of ``x``, if needed, is the workspace buffer ``key``."""
+    view = windows(padded(x, geom.pad, ws, key), geom, out)
     nk = len(geom.kernel)
     order = (1,) + tuple(range(2, 2 + nk)) + (0,) + tuple(range(2 + nk, 2 + 2 * nk))
     xp = get_array_module(x)

@@ -391,7 +391,7 @@ class _ConvolutionBase(Layer):
         col = ws.get(
             "fullcol", (self.num_output, *self.geom.kernel, n, *self.in_spatial), dy.dtype, xp
         )
-        im2col(dy, self._full_geom, self.in_spatial, col, ws)
+        im2col(dy, self._full_geom, self.in_spatial, col, ws, "fullcol_pad")
         pixels = n * math.prod(self.in_spatial)
         dx = self._matmul(w, col.reshape(group, -1, pixels), ws, "fullgemm")
         self._from_rows(dx, dx_all.reshape(self.num, self.channels, -1)[start:stop])
@@ -569,7 +569,6 @@ class PoolingLayer(Layer):
             self.chunks = batch_chunks(shape[0], per_item, limit)
         else:
             self.chunks = [(0, shape[0])]
-        self.step = max(stop - start for start, stop in self.chunks)
 
     def _padded_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """A buffer padded by ``pad`` before and, after, as far as the last window reaches
@@ -583,9 +582,7 @@ class PoolingLayer(Layer):
         shape = self._padded_shape(x.shape)
         if shape == x.shape:
             return x  # no padding and no window past the far edge: view the input itself
-        # Sized for the largest chunk, so that a smaller last chunk keeps the written border.
-        full = (max(self.step, shape[0]),) + shape[1:]
-        buf = ws.get("in", full, x.dtype, self.xp, fill=fill)[: shape[0]]
+        buf = ws.get("in", shape, x.dtype, self.xp, fill=fill)
         buf[interior(self.pad, x.shape[2:])] = x
         return buf
 
