@@ -390,7 +390,7 @@ class Solver:
         else:
             total = self._blocks.total
 
-            def lane_sum(_: int, blocks: list[Block]) -> Any:
+            def lane_sum(blocks: list[Block]) -> Any:
                 return sum(total(block.diff) for block in blocks)
 
             probe = float(sum(self._blocks.run(self._param_lanes(), lane_sum)))
@@ -427,7 +427,7 @@ class Solver:
         if param.display and self.iter % param.display == 0:
             log.info("Iteration %d, lr = %s", self.iter, fmt(rate))
         self._clip_gradients()
-        xp, blocks = self.xp, self._blocks
+        xp = self.xp
         local_rates = [rate * lr_mult for lr_mult in net.params_lr]
         local_decays = [param.weight_decay * mult for mult in net.params_weight_decay]
         normalize = 1.0 / param.iter_size if param.iter_size > 1 else None
@@ -436,10 +436,9 @@ class Solver:
         # is subtracted afterwards; otherwise while the block is still in the cache.
         subtract = not net.debug_info
 
-        def update(lane: int, lane_blocks: list[Block]) -> None:
+        def update(lane_blocks: list[Block]) -> None:
             for block in lane_blocks:
-                grad, data = block.diff, block.data
-                scratch = blocks.scratch(lane, grad)
+                grad, data, scratch = block.diff, block.data, block.scratch
                 if normalize is not None:
                     grad *= normalize
                 local_decay = local_decays[block.index]
@@ -455,7 +454,7 @@ class Solver:
                 if subtract:
                     data -= grad
 
-        blocks.run(self._param_lanes(), update)
+        self._blocks.run(self._param_lanes(), update)
         if not subtract:
             self._update_debug_info()
             for blob in net.learnable_params:
@@ -469,7 +468,7 @@ class Solver:
     def _clear_param_diffs(self) -> None:
         """Caffe's ClearParamDiffs: zero the learnable parameters' gradients."""
 
-        def clear(_: int, lane_blocks: list[Block]) -> None:
+        def clear(lane_blocks: list[Block]) -> None:
             for block in lane_blocks:
                 block.diff.fill(0)
 

@@ -38,18 +38,19 @@ BLOCKS_PER_THREAD = 8
 
 
 class Block(NamedTuple):
-    """One block of learnable parameter ``index``: flat views of its weights, gradient and
-    history buffers (one per history set), all of the same length."""
+    """One block of learnable parameter ``index``: views of its weights, gradient and history
+    buffers (one per history set), and two scratch arrays of its thread, all of one shape."""
 
     index: int
     data: Any
     diff: Any
     history: tuple[Any, ...]
+    scratch: tuple[Any, Any]
 
 
 class ParamBlocks:
     """Cuts the learnable parameters and their history into blocks and runs a function over
-    all blocks, on one thread or several, each with its own scratch arrays.
+    all blocks, on one thread or several (each thread with its own scratch arrays).
 
     The cut is cached and redone only when one of the arrays is replaced (a restored
     history, weights set with ``blob.data = ...``).
@@ -61,7 +62,6 @@ class ParamBlocks:
         self.block = CPU_BLOCK if xp is np else GPU_BLOCK
         self._key: tuple[int, ...] | None = None
         self._lanes: list[list[Block]] = []
-        self._scratch: list[tuple[Any, Any]] = []
         self._ones: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._threads = 1
@@ -79,37 +79,37 @@ class ParamBlocks:
     def _cut(self, params: Sequence[Any], history: Sequence[Any]) -> None:
         count = len(params)
         sets = len(history) // count if count else 0
-        blocks: list[Block] = []
+        pieces: list[list[Any]] = []
         for i, blob in enumerate(params):
             arrays = [blob.data, blob.diff, *(history[i + k * count] for k in range(sets))]
             if not all(a.flags.c_contiguous for a in arrays):
                 # A non-contiguous array set by the user has no flat view: one whole block.
-                blocks.append(Block(i, arrays[0], arrays[1], tuple(arrays[2:])))
+                pieces.append([i, *arrays])
                 continue
             flat = [a.reshape(-1) for a in arrays]
             for start in range(0, blob.count, self.block):
-                views = [a[start : start + self.block] for a in flat]
-                blocks.append(Block(i, views[0], views[1], tuple(views[2:])))
+                pieces.append([i, *(a[start : start + self.block] for a in flat)])
         threads = 1
         if self.xp is np:
-            threads = max(
-                1, min(MAX_THREADS, os.cpu_count() or 1, len(blocks) // BLOCKS_PER_THREAD)
-            )
-        # Interleaved, so that every thread gets a share of the large parameters.
-        self._lanes = [blocks[t::threads] for t in range(threads)]
-        size = max((b.diff.size for b in blocks), default=0)
-        self._scratch = [
+            threads = min(MAX_THREADS, os.cpu_count() or 1, len(pieces) // BLOCKS_PER_THREAD)
+            threads = max(1, threads)
+        size = max((p[2].size for p in pieces), default=0)
+        scratch = [
             (self.xp.empty(size, self.dtype), self.xp.empty(size, self.dtype))
             for _ in range(threads)
+        ]
+        # Interleaved, so that every thread gets a share of the large parameters.
+        self._lanes = [
+            [
+                Block(p[0], p[1], p[2], tuple(p[3:]), _views(scratch[t], p[2]))
+                for p in pieces[t::threads]
+            ]
+            for t in range(threads)
         ]
         self._ones = np.ones(size, self.dtype) if self.xp is np else None
         if threads > 1 and threads != self._threads:
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="netforge-update")
         self._threads = threads
-
-    def scratch(self, lane: int, like: Any) -> tuple[Any, Any]:
-        """Two scratch arrays of ``like``'s shape for a block of lane ``lane``."""
-        return tuple(s[: like.size].reshape(like.shape) for s in self._scratch[lane])
 
     def total(self, array: Any) -> Any:
         """The sum of a block: a float on numpy, a device scalar on cupy (no sync).
@@ -120,11 +120,17 @@ class ParamBlocks:
             return float(np.dot(array, self._ones[: array.size]))
         return self.xp.sum(array)
 
-    def run(self, lanes: list[list[Block]], work: Callable[[int, list[Block]], Any]) -> list[Any]:
-        """``work(lane, blocks)`` for every lane, on threads when there are several; the
-        results in lane order. An exception in a lane is raised here."""
+    def run(self, lanes: list[list[Block]], work: Callable[[list[Block]], Any]) -> list[Any]:
+        """``work(blocks)`` for every lane, on threads when there are several; the results
+        in lane order. An exception in a lane is raised here."""
         if len(lanes) == 1:
-            return [work(0, lanes[0])]
+            return [work(lanes[0])]
         assert self._pool is not None
-        futures = [self._pool.submit(work, t, blocks) for t, blocks in enumerate(lanes)]
+        futures = [self._pool.submit(work, blocks) for blocks in lanes]
         return [f.result() for f in futures]
+
+
+def _views(scratch: tuple[Any, Any], like: Any) -> tuple[Any, Any]:
+    """Views of the two scratch arrays with ``like``'s shape."""
+    first, second = scratch
+    return first[: like.size].reshape(like.shape), second[: like.size].reshape(like.shape)
