@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from netforge.cli.options import allow_python_layers
 from netforge.errors import ConfigError, DataError
 from netforge.graph import replace_data_layers
 from netforge.proto import pb
@@ -161,6 +162,7 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     help="If a data layer's source cannot be opened, time on constant data of this "
     "per-item shape instead (DummyData with the layer's batch size).",
 )
+@allow_python_layers
 def time_command(
     model: str,
     iterations: int,
@@ -169,6 +171,7 @@ def time_command(
     stage: str | None,
     level: int,
     data_shape: str | None,
+    allow_python_layers: bool,
 ) -> None:
     """Benchmark a net's layers: Caffe's ``caffe time``."""
     from netforge import backend as backends
@@ -192,6 +195,7 @@ def time_command(
         stages=tuple(stage.split(",")) if stage else (),
         level=level,
         backend=backend,
+        allow_python_layers=allow_python_layers,
     )
     param = read_net(model)
     try:

@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from netforge.cli.options import allow_python_layers
 from netforge.errors import ConfigError
 
 log = logging.getLogger("netforge")
@@ -45,6 +46,7 @@ def _names(text: str | None) -> list[str]:
 @click.option("--freeze", multiple=True, help="Glob of layers to freeze (lr_mult 0).")
 @click.option("--metrics", default=None, help="JSON-lines metrics file.")
 @click.option("--allow-nonfinite", is_flag=True, help="Carry on when the loss diverges.")
+@allow_python_layers
 def train(
     solver: str,
     weights: str | None,
@@ -59,6 +61,7 @@ def train(
     freeze: tuple[str, ...],
     metrics: str | None,
     allow_nonfinite: bool,
+    allow_python_layers: bool,
 ) -> None:
     """Train (or resume training) the net of a solver prototxt."""
     from netforge.prototxt import read_solver
@@ -90,6 +93,7 @@ def train(
             reinit=_names(reinit),
             freeze=freeze,
             allow_nonfinite=allow_nonfinite,
+            allow_python_layers=allow_python_layers,
             source=solver,
         )
         for path, report in the_solver.copy_reports:
@@ -120,8 +124,15 @@ def train(
 @click.option("--gpu", default=None, help="GPU id (the first of a comma list); CPU if absent.")
 @click.option("--stage", default=None, help="Comma-separated NetState stages.")
 @click.option("--level", default=0, show_default=True, help="NetState level.")
+@allow_python_layers
 def test(
-    model: str, weights: str, iterations: int, gpu: str | None, stage: str | None, level: int
+    model: str,
+    weights: str,
+    iterations: int,
+    gpu: str | None,
+    stage: str | None,
+    level: int,
+    allow_python_layers: bool,
 ) -> None:
     """Score a trained model: mean outputs over --iterations batches (Caffe's caffe test)."""
     from netforge import backend as backends
@@ -142,7 +153,14 @@ def test(
     else:
         log.info("Use CPU.")
         backend = backends.CPU
-    net = Net(model, phase=pb.TEST, stages=_stages(stage), level=level, backend=backend)
+    net = Net(
+        model,
+        phase=pb.TEST,
+        stages=_stages(stage),
+        level=level,
+        backend=backend,
+        allow_python_layers=allow_python_layers,
+    )
     for name in _names(weights):
         path = resolve_weights(name)
         report = net.copy_from(path)

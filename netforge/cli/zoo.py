@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from netforge import zoo as nz
+from netforge.cli.options import allow_python_layers
 from netforge.zoo.manifest import Manifest
 
 
@@ -113,11 +114,7 @@ def download_command(name: str, folder: str | None, timeout: float) -> None:
 @click.option("--input-scale", type=float, default=None, help="Multiplies after the mean.")
 @click.option("--images-dim", default=None, help="H,W to resize to before the centre crop.")
 @click.option("--channel-swap", default=None, help="Order of RGB channels for the net (2,1,0).")
-@click.option(
-    "--allow-python-layers",
-    is_flag=True,
-    help="Run the prototxt's Python layers (code it names); off for safety.",
-)
+@allow_python_layers
 def classify(
     images: tuple[str, ...],
     weights: str,
