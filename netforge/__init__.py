@@ -14,6 +14,7 @@ from netforge.backend import set_device, set_mode_cpu, set_mode_gpu  # noqa: E40
 from netforge.blob import Blob  # noqa: E402
 from netforge.errors import NetforgeError  # noqa: E402
 from netforge.layer import Layer, register  # noqa: E402
+from netforge.net import Net  # noqa: E402
 from netforge.proto import pb  # noqa: E402
 from netforge.solvers import (  # noqa: E402
     AdaDeltaSolver,
@@ -40,6 +41,7 @@ __all__ = [
     "TEST",
     "Blob",
     "Layer",
+    "Net",
     "NetforgeError",
     "register",
     "set_device",
