@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -42,5 +43,7 @@ def shared_path(*parts: str) -> Path:
     """A file under ../shared, or a skip when this checkout has no ../shared beside it."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
+        if os.environ.get("NETFORGE_REQUIRE_SHARED"):
+            pytest.fail(f"{path} is missing and NETFORGE_REQUIRE_SHARED is set (as in CI)")
         pytest.skip(f"{path} is not present (../shared is optional for the core tests)")
     return path

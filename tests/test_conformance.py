@@ -8,13 +8,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import SHARED, shared_path
 
 from netforge.backend import to_numpy
 from netforge.net import Net
 from netforge.proto import pb
 
 FOLDERS = sorted(p for p in (SHARED / "conformance").glob("*") if p.is_dir())
+
+
+def test_every_conformance_model_is_checked() -> None:
+    shared_path("conformance")
+    assert [folder.name for folder in FOLDERS] == [
+        "lenet_mnist",
+        "mtcnn_det1",
+        "mtcnn_det2",
+        "mtcnn_det4",
+        "ultraface_slim320",
+    ]
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)

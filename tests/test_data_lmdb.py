@@ -362,3 +362,17 @@ def test_shuffled_cropped_mirrored_runs_resume_exactly(tmp_path, kind):
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
     assert resumed.wait_seconds > 0
+
+
+def test_convert_imageset_cli_takes_caffes_flag_spellings(tmp_path):
+    from netforge.cli.main import main
+
+    make_images(tmp_path, count=2)
+    args = ["convert", "imageset", str(tmp_path) + "/", str(tmp_path / "list.txt")]
+    assert main([*args, str(tmp_path / "a"), "--resize_height", "4", "--resize_width", "5",
+                 "--gray", "--check_size"]) == 0  # fmt: skip
+    assert main([*args, str(tmp_path / "b"), "--resize-height", "4", "--resize-width", "5",
+                 "--gray", "--check-size"]) == 0  # fmt: skip
+    for db in ("a", "b"):
+        _, top = data_layer(tmp_path / db, 2, tops=1)
+        assert top[0].shape == (2, 1, 4, 5)

@@ -30,8 +30,8 @@ def _image_list_options(command):
         click.option("--gray", is_flag=True, help="Read images as single-channel gray."),
         click.option("--shuffle", is_flag=True, help="Shuffle the list before writing."),
         click.option("--seed", type=int, default=None, help="Seed of --shuffle."),
-        click.option("--resize-height", type=int, default=0, show_default=True),
-        click.option("--resize-width", type=int, default=0, show_default=True),
+        click.option("--resize-height", "--resize_height", type=int, default=0, show_default=True),
+        click.option("--resize-width", "--resize_width", type=int, default=0, show_default=True),
     )
     # Decorators apply bottom-up and click lists the top one first: apply them in reverse.
     for option in reversed(options):
@@ -48,9 +48,11 @@ def convert() -> None:
 @_image_list_options
 @click.argument("db", type=click.Path())
 @click.option("--backend", default="lmdb", show_default=True, help="Database backend.")
-@click.option("--check-size", is_flag=True, help="Fail if images differ in size.")
+@click.option("--check-size", "--check_size", is_flag=True, help="Fail if images differ in size.")
 @click.option("--encoded", is_flag=True, help="Store the compressed image bytes.")
-@click.option("--encode-type", default="", help="Re-encode as this type (implies --encoded).")
+@click.option(
+    "--encode-type", "--encode_type", default="", help="Re-encode as this type (implies --encoded)."
+)
 def imageset(
     root,
     listfile,
