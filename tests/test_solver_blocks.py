@@ -12,6 +12,7 @@ import pytest
 from test_solver import CASES, TYPE_SETTINGS, make_solver, record_losses, reference_run
 
 from netforge.errors import DivergenceError
+from netforge.proto import pb
 from netforge.solvers import blocks
 
 
@@ -36,7 +37,8 @@ def test_small_blocks_match_reference_and_whole_arrays(tmp_path, solver_type, ca
     whole.step(5)
     request.getfixturevalue("small_blocks")
     blocked = make_solver(tmp_path, solver_type, settings, **net_options)
-    assert len(blocked._param_lanes()) == expected_lanes()
+    assert len(blocked._param_blocks()) == 43 + 1
+    assert blocked._blocks._threads == expected_lanes()
     w0, b0 = (p.data.copy() for p in blocked.net.params["innerprod"])
     losses = record_losses(blocked)
     blocked.step(5)
@@ -57,7 +59,7 @@ def test_float32_blocks_equal_whole_arrays_bit_for_bit(tmp_path, small_blocks, m
     monkeypatch.setattr(blocks, "CPU_BLOCK", 1 << 16)
     monkeypatch.setattr(blocks, "BLOCKS_PER_THREAD", 8)
     whole = make_solver(tmp_path, "Nesterov", "weight_decay: 0.01", dtype=np.float32)
-    assert len(whole._param_lanes()) == 1
+    assert len(whole._param_blocks()) == 2 and whole._blocks._threads == 1
     whole.step(4)
     for mine, theirs in zip(blocked.net.learnable_params, whole.net.learnable_params):
         assert mine.data.dtype == np.float32
@@ -110,3 +112,57 @@ def test_restore_uses_the_restored_history(tmp_path, small_blocks):
     solver.step(3)
     for blob, want in zip(solver.net.learnable_params, expected):
         np.testing.assert_array_equal(blob.data, want)
+
+
+@pytest.mark.parametrize("calls", [[3], [1, 1, 1]])
+def test_sgd_diff_holds_the_step_after_step(tmp_path, small_blocks, calls):
+    """SGD's update leaves zeros in the diffs inside ``step`` (its step lives in the
+    history); what users see is still Caffe's: zero diffs at the start of each iteration
+    and, after ``step``, each diff holding the last step."""
+    solver = make_solver(tmp_path, "SGD", "weight_decay: 0.1")
+    params = solver.net.learnable_params
+    at_start: list[float] = []
+    before_update: list[list[np.ndarray]] = []
+    solver.add_callback(
+        on_start=lambda: at_start.append(sum(abs(p.diff).sum() for p in params)),
+        on_gradients_ready=lambda: before_update.append(
+            [p.data.copy() for p in params] + [h.copy() for h in solver.history]
+        ),
+    )
+    for n in calls:
+        solver.step(n)
+    assert at_start == [0.0] * 3
+    before, previous_history = before_update[-1][:2], before_update[-1][2:]
+    for blob, old, history, old_history in zip(params, before, solver.history, previous_history):
+        np.testing.assert_array_equal(blob.diff, history)
+        np.testing.assert_array_equal(old - blob.diff, blob.data)
+        assert not np.array_equal(history, old_history)
+
+
+@pytest.mark.parametrize("how", ["interval", "request", "stop"])
+def test_sgd_diffs_seen_mid_step_hold_the_step(tmp_path, how):
+    """Snapshots written inside ``step`` (by interval or on request) save the step as the
+    diff, and ``step`` stopped early leaves it in the diffs."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    settings = "snapshot_diff: true weight_decay: 0.1" + (
+        " snapshot: 2" if how == "interval" else ""
+    )
+    solver = make_solver(tmp_path / "a", "SGD", settings)
+    if how != "interval":
+        solver.set_action_function(
+            lambda: ("snapshot" if how == "request" else how) if solver.iter == 2 else "none"
+        )
+    solver.step(4)
+    reference = make_solver(tmp_path / "b", "SGD", "weight_decay: 0.1")
+    reference.step(2)
+    if how == "stop":
+        assert solver.iter == 2
+        diffs = [p.diff.ravel() for p in solver.net.learnable_params]
+    else:
+        saved = pb.NetParameter.FromString((tmp_path / "a" / "snap_iter_2.caffemodel").read_bytes())
+        layer = next(layer for layer in saved.layer if layer.name == "innerprod")
+        diffs = [np.array(blob.double_diff or blob.diff) for blob in layer.blobs]
+    for diff, expected in zip(diffs, reference.net.learnable_params, strict=True):
+        assert diff.any()
+        np.testing.assert_array_equal(diff, expected.diff.ravel())

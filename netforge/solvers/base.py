@@ -72,6 +72,14 @@ class Solver:
     type: ClassVar[str] = ""
     #: history buffers per learnable parameter (AdaDelta and Adam keep two).
     history_sets: ClassVar[int] = 1
+    #: The history set that holds the step after ``compute_update_value`` (SGD, whose step
+    #: is its history), or None when the step is left in ``grad``. With a set named, an
+    #: update that another iteration of the same ``step`` call follows writes zeros to the
+    #: gradient block instead of the step, which saves that iteration's separate pass
+    #: zeroing the diffs (Caffe's ClearParamDiffs). Nothing can read the diffs in between;
+    #: should ``step`` end early or a snapshot be requested, the steps are copied into the
+    #: diffs first, so "the diff holds the step" holds wherever it can be observed.
+    step_history: ClassVar[int | None] = None
 
     def __init__(
         self,
@@ -82,6 +90,7 @@ class Solver:
         reinit: Sequence[str] = (),
         freeze: Sequence[str] = (),
         allow_nonfinite: bool = False,
+        allow_python_layers: bool = True,
         dtype: Any = np.float32,
         source: str | None = None,
     ) -> None:
@@ -95,6 +104,7 @@ class Solver:
         self.xp = self.backend.xp
         self.dtype = np.dtype(dtype)
         self.allow_nonfinite = allow_nonfinite
+        self.allow_python_layers = allow_python_layers
         self._check_param()
         seed = self.param.random_seed
         #: The one generator of the train and test nets (Caffe's global RNG).
@@ -122,6 +132,9 @@ class Solver:
         self._rate = 0.0
         #: The last iteration's loss (the mean over its ``iter_size`` passes).
         self.loss = math.nan
+        #: The last update left zeros in the diffs and the steps in history set
+        #: ``step_history``.
+        self._steps_owed = False
         log.info("Solver scaffolding done.")
 
     # -- set-up --------------------------------------------------------------------------
@@ -166,7 +179,14 @@ class Solver:
         state.MergeFrom(net_param.state)
         state.MergeFrom(extra)
         net_param.state.CopyFrom(state)
-        return Net(net_param, state.phase, backend=self.backend, dtype=self.dtype, rng=self.rng)
+        return Net(
+            net_param,
+            state.phase,
+            backend=self.backend,
+            dtype=self.dtype,
+            rng=self.rng,
+            allow_python_layers=self.allow_python_layers,
+        )
 
     def _build_train_net(self) -> Any:
         param = self.param
@@ -291,13 +311,25 @@ class Solver:
         log.info("Optimization Done.")
 
     def step(self, iters: int) -> None:
-        """Run ``iters`` iterations (Caffe's Solver::Step)."""
+        """Run ``iters`` iterations (Caffe's Solver::Step); afterwards each parameter's diff
+        holds its last step, as in Caffe."""
+        try:
+            self._iterate(iters)
+        finally:
+            self._settle_steps()
+
+    def _iterate(self, iters: int) -> None:
         param, net = self.param, self.net
         start_iter, stop_iter = self.iter, self.iter + iters
         self._losses, self._smoothed_loss = [], 0.0
         timer, iterations_last = time.perf_counter(), self.iter
         while self.iter < stop_iter:
-            self._clear_param_diffs()
+            if self._steps_owed:
+                # The last update left the diffs zero; Caffe's ClearParamDiffs would drop
+                # its steps from them here anyway.
+                self._steps_owed = False
+            else:
+                self._clear_param_diffs()
             if (
                 param.test_interval
                 and self.iter % param.test_interval == 0
@@ -337,7 +369,12 @@ class Solver:
             for _, on_gradients_ready in self.callbacks:
                 if on_gradients_ready:
                     on_gradients_ready()
-            self.apply_update()
+            # An iteration follows in this call, with no snapshot in between: the diffs
+            # may be left zero for it.
+            follows = self.iter + 1 < stop_iter and not (
+                param.snapshot and (self.iter + 1) % param.snapshot == 0
+            )
+            self._apply_update(defer=follows)
             if display and self.metrics is not None:
                 self.metrics.train(
                     self.iter - 1,
@@ -390,10 +427,8 @@ class Solver:
         else:
             total = self._blocks.total
 
-            def lane_sum(blocks: list[Block]) -> Any:
-                return sum(total(block.diff) for block in blocks)
-
-            probe = float(sum(self._blocks.run(self._param_lanes(), lane_sum)))
+            sums = self._blocks.run(self._param_blocks(), lambda block, _: total(block.diff))
+            probe = float(sum(sums))
         if math.isfinite(probe):
             return
         where = self.net.first_nonfinite()
@@ -422,6 +457,11 @@ class Solver:
         one cache-sized block before the next block (``blocks.py``). Every element goes
         through the same operations in the same order, so the results are identical, and
         afterwards each parameter's diff holds its step, as in Caffe."""
+        self._apply_update(defer=False)
+
+    def _apply_update(self, defer: bool) -> None:
+        """``apply_update``; with ``defer``, solvers with a ``step_history`` leave the
+        diffs zero and the steps in the history."""
         param, net = self.param, self.net
         rate = self._rate = self.learning_rate()
         if param.display and self.iter % param.display == 0:
@@ -435,44 +475,60 @@ class Solver:
         # With debug_info the [Update] lines show the weights before the step, so the step
         # is subtracted afterwards; otherwise while the block is still in the cache.
         subtract = not net.debug_info
+        held = self.step_history
+        defer = defer and subtract and held is not None
 
-        def update(lane_blocks: list[Block]) -> None:
-            for block in lane_blocks:
-                grad, data, scratch = block.diff, block.data, block.scratch
-                if normalize is not None:
-                    grad *= normalize
-                local_decay = local_decays[block.index]
-                if local_decay:
-                    decay = scratch[0]
-                    if decay_type_l2:
-                        xp.multiply(data, local_decay, out=decay)
-                    else:
-                        xp.sign(data, out=decay)
-                        decay *= local_decay
-                    grad += decay
-                self.compute_update_value(grad, block.history, scratch, local_rates[block.index])
-                if subtract:
-                    data -= grad
+        def update(block: Block, scratch: tuple[Any, Any]) -> None:
+            grad, data = block.diff, block.data
+            if normalize is not None:
+                grad *= normalize
+            local_decay = local_decays[block.index]
+            if local_decay:
+                decay = scratch[0]
+                if decay_type_l2:
+                    xp.multiply(data, local_decay, out=decay)
+                else:
+                    xp.sign(data, out=decay)
+                    decay *= local_decay
+                grad += decay
+            self.compute_update_value(grad, block.history, scratch, local_rates[block.index])
+            step = grad if held is None else block.history[held]
+            if subtract:
+                data -= step
+            if step is not grad:
+                if defer:
+                    grad.fill(0)
+                else:
+                    grad[...] = step
 
-        self._blocks.run(self._param_lanes(), update)
+        self._blocks.run(self._param_blocks(), update)
+        self._steps_owed = defer
         if not subtract:
             self._update_debug_info()
             for blob in net.learnable_params:
                 blob.data -= blob.diff
         self.iter += 1
 
-    def _param_lanes(self) -> list[list[Block]]:
-        """The blocks of the learnable parameters and their history, one list per thread."""
-        return self._blocks.lanes(self.net.learnable_params, self.history)
+    def _param_blocks(self) -> list[Block]:
+        """The blocks of the learnable parameters and their history."""
+        return self._blocks.blocks(self.net.learnable_params, self.history)
 
     def _clear_param_diffs(self) -> None:
         """Caffe's ClearParamDiffs: zero the learnable parameters' gradients."""
 
-        def clear(lane_blocks: list[Block]) -> None:
-            for block in lane_blocks:
-                block.diff.fill(0)
+        self._blocks.run(self._param_blocks(), lambda block, _: block.diff.fill(0))
 
-        self._blocks.run(self._param_lanes(), clear)
+    def _settle_steps(self) -> None:
+        """Copy the steps an update left in the history into the diffs (``step_history``)."""
+        if not self._steps_owed:
+            return
+        self._steps_owed = False
+        held = self.step_history
+
+        def settle(block: Block, _: Any) -> None:
+            block.diff[...] = block.history[held]
+
+        self._blocks.run(self._param_blocks(), settle)
 
     def _clip_gradients(self) -> None:
         clip = self.param.clip_gradients
@@ -511,7 +567,8 @@ class Solver:
         self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
     ) -> None:
         """Turn the regularised gradient ``grad`` into the step, in place (subtracted from
-        the weights afterwards). Called per block: ``grad``, the ``history`` buffers (one
+        the weights afterwards), or into history set ``step_history``, leaving ``grad`` as
+        scratch. Called per block: ``grad``, the ``history`` buffers (one
         per history set) and the two ``scratch`` arrays are views of equal shape, so the
         code must be element-wise."""
         raise NotImplementedError
@@ -554,6 +611,7 @@ class Solver:
     def snapshot(self) -> Path:
         """Write ``<prefix>_iter_<it>.caffemodel[.h5]`` and ``.solverstate[.h5]``; returns the
         solverstate's path. Each file appears whole or not at all."""
+        self._settle_steps()
         param = self.param
         hdf5 = param.snapshot_format == pb.SolverParameter.HDF5
         suffix = ".h5" if hdf5 else ""

@@ -17,6 +17,7 @@ the scratch memory.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,20 +40,24 @@ BLOCKS_PER_THREAD = 8
 
 class Block(NamedTuple):
     """One block of learnable parameter ``index``: views of its weights, gradient and history
-    buffers (one per history set), and two scratch arrays of its thread, all of one shape."""
+    buffers (one per history set), and per thread a pair of scratch arrays, all of one shape.
+    """
 
     index: int
     data: Any
     diff: Any
     history: tuple[Any, ...]
-    scratch: tuple[Any, Any]
+    scratch: tuple[tuple[Any, Any], ...]
 
 
 class ParamBlocks:
     """Cuts the learnable parameters and their history into blocks and runs a function over
-    all blocks, on one thread or several (each thread with its own scratch arrays).
+    all blocks, on one thread or several.
 
-    The cut is cached and redone only when one of the arrays is replaced (a restored
+    Threads claim blocks one at a time from a shared counter rather than taking fixed
+    shares: on a machine other processes also load, a thread that loses its core for a
+    while then simply runs fewer blocks, instead of holding every other thread up at the
+    end. The cut is cached and redone only when one of the arrays is replaced (a restored
     history, weights set with ``blob.data = ...``).
     """
 
@@ -61,20 +66,20 @@ class ParamBlocks:
         self.dtype = np.dtype(dtype)
         self.block = CPU_BLOCK if xp is np else GPU_BLOCK
         self._key: tuple[int, ...] | None = None
-        self._lanes: list[list[Block]] = []
+        self._blocks: list[Block] = []
         self._ones: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._threads = 1
 
-    def lanes(self, params: Sequence[Any], history: Sequence[Any]) -> list[list[Block]]:
+    def blocks(self, params: Sequence[Any], history: Sequence[Any]) -> list[Block]:
         """The blocks of ``params`` (Blobs) and ``history`` (``k·len(params)`` arrays, set
-        by set), one list per thread."""
+        by set), parameter by parameter."""
         arrays = [a for blob in params for a in (blob.data, blob.diff)]
         key = tuple(map(id, arrays + list(history)))
         if key != self._key:
             self._cut(params, history)
             self._key = key
-        return self._lanes
+        return self._blocks
 
     def _cut(self, params: Sequence[Any], history: Sequence[Any]) -> None:
         count = len(params)
@@ -98,13 +103,9 @@ class ParamBlocks:
             (self.xp.empty(size, self.dtype), self.xp.empty(size, self.dtype))
             for _ in range(threads)
         ]
-        # Interleaved, so that every thread gets a share of the large parameters.
-        self._lanes = [
-            [
-                Block(p[0], p[1], p[2], tuple(p[3:]), _views(scratch[t], p[2]))
-                for p in pieces[t::threads]
-            ]
-            for t in range(threads)
+        self._blocks = [
+            Block(p[0], p[1], p[2], tuple(p[3:]), tuple(_views(pair, p[2]) for pair in scratch))
+            for p in pieces
         ]
         self._ones = np.ones(size, self.dtype) if self.xp is np else None
         if threads > 1 and threads != self._threads:
@@ -120,14 +121,25 @@ class ParamBlocks:
             return float(np.dot(array, self._ones[: array.size]))
         return self.xp.sum(array)
 
-    def run(self, lanes: list[list[Block]], work: Callable[[list[Block]], Any]) -> list[Any]:
-        """``work(blocks)`` for every lane, on threads when there are several; the results
-        in lane order. An exception in a lane is raised here."""
-        if len(lanes) == 1:
-            return [work(lanes[0])]
+    def run(self, blocks: list[Block], work: Callable[[Block, tuple[Any, Any]], Any]) -> list[Any]:
+        """``work(block, scratch)`` for every block, on threads when there are several; the
+        results, in block order on one thread, in no fixed order on several. An exception
+        in a thread is raised here."""
+        if self._threads == 1:
+            return [work(block, block.scratch[0]) for block in blocks]
         assert self._pool is not None
-        futures = [self._pool.submit(work, blocks) for blocks in lanes]
-        return [f.result() for f in futures]
+        # ``next`` on itertools.count runs under the GIL: each block is claimed once.
+        claims = itertools.count()
+
+        def lane(thread: int) -> list[Any]:
+            results = []
+            while (i := next(claims)) < len(blocks):
+                block = blocks[i]
+                results.append(work(block, block.scratch[thread]))
+            return results
+
+        futures = [self._pool.submit(lane, t) for t in range(self._threads)]
+        return [result for future in futures for result in future.result()]
 
 
 def _views(scratch: tuple[Any, Any], like: Any) -> tuple[Any, Any]:

@@ -14,9 +14,11 @@ from netforge.solvers.base import Solver, register_solver
 
 @register_solver
 class SGDSolver(Solver):
-    """Caffe's "SGD": ``h ← momentum·h + local_rate·g``; the step is ``h``."""
+    """Caffe's "SGD": ``h ← momentum·h + local_rate·g``; the step is ``h``, left in the
+    history (``step_history``) rather than copied into the diff at every iteration."""
 
     type = "SGD"
+    step_history = 0
 
     def compute_update_value(
         self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
@@ -25,7 +27,6 @@ class SGDSolver(Solver):
         history *= self.param.momentum
         grad *= local_rate
         history += grad
-        grad[...] = history
 
 
 @register_solver
