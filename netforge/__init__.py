@@ -6,9 +6,9 @@ Python API follows pycaffe, so ``import netforge as caffe`` ports most pycaffe s
 
 __version__ = "0.1.0"
 
-from netforge._blas import choose_openblas_core
+from netforge._blas import configure_openblas
 
-choose_openblas_core()  # must run before numpy is imported (see netforge/_blas.py)
+configure_openblas()  # must run before numpy is imported (see netforge/_blas.py)
 
 from netforge.backend import set_device, set_mode_cpu, set_mode_gpu  # noqa: E402
 from netforge.blob import Blob  # noqa: E402

@@ -38,6 +38,8 @@ def blas_info() -> dict[str, Any]:
     info["core_type"] = _openblas_core()
     info["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE", "")
     info["adjusted_from"] = _blas.adjustment[0] if _blas.adjustment else None
+    info["OPENBLAS_THREAD_TIMEOUT"] = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")
+    info["thread_timeout_set_by_netforge"] = _blas.thread_timeout is not None
     return info
 
 

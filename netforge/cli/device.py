@@ -44,6 +44,11 @@ def device_query(gpu_ids: str, as_json: bool) -> None:
         )
     elif blas["OPENBLAS_CORETYPE"]:
         click.echo(f"  OPENBLAS_CORETYPE={blas['OPENBLAS_CORETYPE']}")
+    if blas["thread_timeout_set_by_netforge"]:
+        click.echo(
+            f"  OPENBLAS_THREAD_TIMEOUT={blas['OPENBLAS_THREAD_TIMEOUT']} set by netforge "
+            "(idle BLAS threads sleep instead of spinning)"
+        )
     click.echo(f"  float32 GEMM (1024^3): {report['gemm_gflops_float32']:.1f} GFLOP/s")
     if not report["gpus"]:
         click.echo("GPU: none (cupy not installed or no CUDA device)")
