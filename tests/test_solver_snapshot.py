@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -166,8 +167,18 @@ def test_restore_errors(tmp_path):
     sgd = make_solver(tmp_path, "SGD")
     sgd.step(1)
     state = sgd.snapshot()
+    # netforge's snapshots name their solver type: same-sized histories are refused too
+    for other in ("Nesterov", "Adam"):
+        with pytest.raises(
+            ConfigError, match=f"written by a SGD solver, but this solver is {other}"
+        ):
+            make_solver(tmp_path, other).restore(state)
+    # a Caffe solverstate has no type: the history count still tells SGD from Adam
+    caffe_state = pb.SolverState.FromString(Path(state).read_bytes())
+    caffe_state.ClearField("solver_type")
+    Path(tmp_path / "caffe.solverstate").write_bytes(caffe_state.SerializeToString())
     with pytest.raises(ConfigError, match="solver type differs"):
-        make_solver(tmp_path, "Adam").restore(state)
+        make_solver(tmp_path, "Adam").restore(tmp_path / "caffe.solverstate")
     with pytest.raises(ConfigError, match="caffemodel"):
         make_solver(tmp_path, "SGD").restore(tmp_path / "snap_iter_1.caffemodel")
     with pytest.raises(DataError, match="no such solver state"):

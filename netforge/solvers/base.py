@@ -642,6 +642,7 @@ class Solver:
             history=[to_numpy(h) for h in self.history],
             rng_state=json.dumps(self.rng.bit_generator.state).encode(),
             layer_states=layer_states,
+            solver_type=self.type,
         )
 
     def restore(self, path: str | os.PathLike) -> None:
@@ -649,6 +650,12 @@ class Solver:
         iteration, LR step, history, the weights of ``learned_net`` and, in netforge's own
         snapshots, the random generator and the data cursors."""
         state = snap.read_state(path)
+        if state.solver_type is not None and state.solver_type != self.type:
+            raise ConfigError(
+                f"{path}: written by a {state.solver_type} solver, but this solver is "
+                f'{self.type}; resume with type: "{state.solver_type}", or start the new '
+                "solver from the weights alone (--weights with the caffemodel)"
+            )
         expected = len(self.history)
         found = len(state.history)
         if found != expected:

@@ -5,8 +5,9 @@ The layouts are Caffe's (SGDSolver::SnapshotSolverStateTo{BinaryProto,HDF5}): ``
 (for AdaDelta and Adam: first every param's first buffer, then every param's second).
 netforge adds what Caffe forgets, so a resumed run repeats the uninterrupted one exactly:
 the random generator's state and each data layer's cursor. In the binary file they are the
-SolverState fields 1000 and 1001; in the HDF5 file the datasets ``rng_state`` and
-``layer_state/names`` + ``layer_state/<i>``. Caffe ignores both when it reads these files.
+SolverState fields 1000–1002 (with the solver type); in the HDF5 file the datasets
+``rng_state``, ``solver_type`` and ``layer_state/names`` + ``layer_state/<i>``. Caffe ignores
+them when it reads these files.
 Every file is written through a temporary file and a rename (``netforge.atomic``).
 """
 
@@ -39,6 +40,8 @@ class SolverSnapshot:
     rng_state: bytes | None = None
     #: (layer name, opaque state) per resumable layer; test nets' names carry a prefix.
     layer_states: list[tuple[str, bytes]] = field(default_factory=list)
+    #: the solver type that wrote the history; None in Caffe's own files.
+    solver_type: str | None = None
 
 
 def snapshot_filename(prefix: str, iteration: int, extension: str) -> str:
@@ -78,6 +81,8 @@ def _to_proto(state: SolverSnapshot) -> pb.SolverState:
     if state.rng_state is not None:
         message.rng_state = state.rng_state
     message.layer_state.extend(pb.LayerState(layer=n, state=s) for n, s in state.layer_states)
+    if state.solver_type is not None:
+        message.solver_type = state.solver_type
     return message
 
 
@@ -89,6 +94,7 @@ def _from_proto(message: pb.SolverState) -> SolverSnapshot:
         history=[array_from_proto(blob) for blob in message.history],
         rng_state=message.rng_state if message.HasField("rng_state") else None,
         layer_states=[(entry.layer, entry.state) for entry in message.layer_state],
+        solver_type=message.solver_type if message.HasField("solver_type") else None,
     )
 
 
@@ -107,6 +113,8 @@ def _write_hdf5(path: str | os.PathLike, state: SolverSnapshot) -> None:
             history.create_dataset(str(index), data=values)
         if state.rng_state is not None:
             handle.create_dataset("rng_state", data=np.bytes_(state.rng_state))
+        if state.solver_type is not None:
+            handle.create_dataset("solver_type", data=np.bytes_(state.solver_type.encode()))
         if state.layer_states:
             group = handle.create_group("layer_state")
             names = [name.encode() for name, _ in state.layer_states]
@@ -135,6 +143,9 @@ def _read_hdf5(path: str) -> SolverSnapshot:
                 learned_net=_string(handle["learned_net"][()]) if "learned_net" in handle else None,
                 history=[np.asarray(history_group[key][()]) for key in keys],
                 rng_state=bytes(handle["rng_state"][()]) if "rng_state" in handle else None,
+                solver_type=(
+                    bytes(handle["solver_type"][()]).decode() if "solver_type" in handle else None
+                ),
             )
             if "layer_state" in handle:
                 group = handle["layer_state"]
