@@ -344,8 +344,11 @@ class Solver:
             display = bool(param.display) and self.iter % param.display == 0
             net.debug_info = display and param.debug_info
             loss = 0.0
-            for _ in range(param.iter_size):
-                loss += net.forward_backward()
+            # Overflow and NaN are checked below (naming the layer); numpy's own warnings
+            # would only print source lines before that message.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                for _ in range(param.iter_size):
+                    loss += net.forward_backward()
             loss /= param.iter_size
             self.loss = loss
             if not self.allow_nonfinite:
@@ -374,7 +377,8 @@ class Solver:
             follows = self.iter + 1 < stop_iter and not (
                 param.snapshot and (self.iter + 1) % param.snapshot == 0
             )
-            self._apply_update(defer=follows)
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._apply_update(defer=follows)
             if display and self.metrics is not None:
                 self.metrics.train(
                     self.iter - 1,
