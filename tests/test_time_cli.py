@@ -7,11 +7,11 @@ import re
 import pytest
 
 from netforge.cli.main import main
-from netforge.cli.time import time_net
 from netforge.graph import replace_data_layers
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import parse_text
+from netforge.timing import time_net
 
 TINY = """
 name: "Tiny"

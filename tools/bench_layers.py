@@ -48,10 +48,10 @@ from pathlib import Path
 import numpy as np
 
 from netforge import _blas
-from netforge.cli.time import time_net
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import read_net
+from netforge.timing import time_net
 
 ROOT = Path(__file__).resolve().parent.parent
 
