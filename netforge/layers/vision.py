@@ -44,6 +44,10 @@ COLUMN_LIMIT = 1 << 25
 #: columns stay in cache between im2col and the GEMM that reads them.
 CACHE_COLUMNS = 1 << 20
 
+#: Most column elements a Convolution keeps from forward for its weight gradient (all chunks
+#: together, 128 MiB of float32); beyond it, backward recomputes each chunk's columns.
+KEPT_COLUMNS = 1 << 25
+
 #: Most input elements one pooling chunk covers on numpy (1 MiB of float32).
 POOL_CHUNK = 1 << 18
 
@@ -205,6 +209,9 @@ class _ConvolutionBase(Layer):
             # Cache-sized chunks, at least one per worker, shared among the worker threads.
             limit = min(COLUMN_LIMIT, CACHE_COLUMNS, per_item * -(-self.num // WORKERS))
             self.chunks = batch_chunks(self.num, per_item, limit)
+        # Forward writes each chunk's columns to a buffer of its own when all of them fit, so
+        # that the weight gradient reuses them instead of running im2col again.
+        self._keep = not self.transposed and self.num * per_item <= KEPT_COLUMNS
         self._cached = None
         geom = self.geom
         full_pad = tuple(d * (k - 1) - p for k, p, d in zip(geom.kernel, geom.pad, geom.dilation))
@@ -227,17 +234,21 @@ class _ConvolutionBase(Layer):
         """A rows-side blob array as (N, channels, pixels)."""
         return array.reshape(self.num, self.rows_channels, -1)
 
-    def _columns(self, image: Any, ws: Workspace) -> Any:
-        """im2col of an image-side chunk, as the (group, K, n·pixels) GEMM operand."""
-        n = image.shape[0]
-        col = ws.get(
-            "col",
-            (self.image_channels, *self.geom.kernel, n, *self.col_spatial),
-            image.dtype,
-            self.xp,
-        )
-        im2col(image, self.geom, self.col_spatial, col, ws)
+    def _column_buffer(self, start: int, stop: int, dtype: Any, ws: Workspace) -> Any:
+        """The (group, K, n·pixels) column buffer of chunk ``start:stop``: its own when the
+        layer keeps columns for backward, else one shared by the worker's chunks."""
+        n = stop - start
+        key = f"col{start}" if self._keep else "col"
+        shape = (self.image_channels, *self.geom.kernel, n, *self.col_spatial)
+        col = ws.get(key, shape, dtype, self.xp)
         return col.reshape(self.group, -1, n * math.prod(self.col_spatial))
+
+    def _columns(self, image: Any, start: int, stop: int, ws: Workspace) -> Any:
+        """im2col of an image-side chunk into its column buffer (see ``_column_buffer``)."""
+        col = self._column_buffer(start, stop, image.dtype, ws)
+        shape = (self.image_channels, *self.geom.kernel, stop - start, *self.col_spatial)
+        im2col(image, self.geom, self.col_spatial, col.reshape(shape), ws)
+        return col
 
     def _uncolumns(self, col: Any, image: Any, ws: Workspace) -> None:
         """col2im of a (group, K, n·pixels) stack into an image-side chunk (overwritten).
@@ -279,13 +290,20 @@ class _ConvolutionBase(Layer):
         )
 
     def _weight_gradient_parts(self) -> list[Any]:
-        """Zeroed per-worker weight-gradient sums, added to the parameter diff in worker
-        order once all chunks are done."""
-        shape = self._weights(self.blobs[0].diff).shape
+        """Zeroed per-worker weight-gradient sums, transposed to (group, K, rows/group), added
+        to the parameter diff in worker order once all chunks are done."""
+        shape = self._weights(self.blobs[0].diff).transpose(0, 2, 1).shape
         parts = [ws.get("dw", shape, self.dtype, self.xp) for ws in self.workspaces]
         for part in parts:
             part.fill(0)
         return parts
+
+    def _add_weight_gradient(self, parts: list[Any], col: Any, rows: Any, ws: Workspace) -> None:
+        """Add one chunk's col · rowsᵀ to its worker's part. The product is formed
+        transposed, (K, n·pixels) · (n·pixels, rows), because OpenBLAS runs that shape
+        about 1.7x faster than rows · colᵀ (measured on CIFAR-10 quick's conv2 chunks)."""
+        part = parts[self.workspaces.index(ws)]
+        part += self._matmul(col, rows.transpose(0, 2, 1), ws, "dwgemm")
 
     # -- forward / backward ---------------------------------------------------------------
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -304,7 +322,7 @@ class _ConvolutionBase(Layer):
             else:
 
                 def work(start, stop, ws, x=b.data, y=t.data):
-                    col = self._columns(self._image(x)[start:stop], ws)
+                    col = self._columns(self._image(x)[start:stop], start, stop, ws)
                     rows = self._matmul(weights, col, ws, "rowsgemm")
                     self._from_rows(rows, self._rows_view(y)[start:stop], bias)
 
@@ -312,9 +330,10 @@ class _ConvolutionBase(Layer):
             if self.transposed and bias is not None:
                 out = t.data.reshape(self.num, self.num_output, -1)
                 xp.add(out, bias.reshape(1, -1, 1), out=out)
-        # With the whole batch in one chunk, the last bottom's columns stay valid for backward.
+        # Kept columns (or, with the whole batch in one chunk, the shared buffer) hold the last
+        # bottom's columns until backward.
         single = len(self.chunks) == 1 and not self.transposed
-        self._cached = len(bottom) - 1 if single else None
+        self._cached = len(bottom) - 1 if single or self._keep else None
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
@@ -347,24 +366,16 @@ class _ConvolutionBase(Layer):
             if want_w:
                 dw = self._weights(self.blobs[0].diff)
                 for part in parts:
-                    dw += part
+                    dw += part.transpose(0, 2, 1)
 
     def _backward_direct(self, x, dy_all, dx_all, weights, parts, cached, start, stop, ws) -> None:
-        xp = self.xp
         dy = self._to_rows(self._rows_view(dy_all)[start:stop], ws)
         if parts is not None:
             if cached:
-                n = stop - start
-                col = ws.get(
-                    "col",
-                    (self.image_channels, *self.geom.kernel, n, *self.col_spatial),
-                    dy.dtype,
-                    xp,
-                ).reshape(self.group, -1, dy.shape[2])
+                col = self._column_buffer(start, stop, dy.dtype, ws)
             else:
-                col = self._columns(self._image(x)[start:stop], ws)
-            part = parts[self.workspaces.index(ws)]
-            part += xp.matmul(dy, col.transpose(0, 2, 1))
+                col = self._columns(self._image(x)[start:stop], start, stop, ws)
+            self._add_weight_gradient(parts, col, dy, ws)
         if dx_all is not None and self._full_geom is not None:
             self._data_gradient_by_full_correlation(dy_all, dx_all, start, stop, ws)
         elif dx_all is not None:
@@ -399,12 +410,11 @@ class _ConvolutionBase(Layer):
     def _backward_transposed(
         self, x, dy_all, dx_all, weights, parts, cached, start, stop, ws
     ) -> None:
-        xp = self.xp
-        col = self._columns(self._image(dy_all)[start:stop], ws)
+        col = self._columns(self._image(dy_all)[start:stop], start, stop, ws)
         if parts is not None:
-            rows = self._to_rows(self._rows_view(x)[start:stop], ws)
-            part = parts[self.workspaces.index(ws)]
-            part += xp.matmul(rows, col.transpose(0, 2, 1))
+            self._add_weight_gradient(
+                parts, col, self._to_rows(self._rows_view(x)[start:stop], ws), ws
+            )
         if dx_all is not None:
             dx = self._matmul(weights, col, ws, "rowsgemm")
             self._from_rows(dx, self._rows_view(dx_all)[start:stop])
