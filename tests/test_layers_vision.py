@@ -183,9 +183,11 @@ def test_convolution_axis_folds_leading_axes_into_the_batch():
     np.testing.assert_allclose(y, ref.reshape(2, 3, 5, 4))
 
 
+@pytest.mark.parametrize("kept", [1 << 25, 0])  # forward's columns kept, or recomputed
 @pytest.mark.parametrize("case", [0, 1])  # stride 1 (full-correlation dx) and stride 2
-def test_convolution_in_batch_chunks_matches(monkeypatch, case):
+def test_convolution_in_batch_chunks_matches(monkeypatch, case, kept):
     monkeypatch.setattr(vision, "COLUMN_LIMIT", 100)  # one item per chunk
+    monkeypatch.setattr(vision, "KEPT_COLUMNS", kept)
     shape, params, stride, pad, dilation, group = CONV_CASES[case]
     x = RNG.normal(size=(3,) + shape[1:])
     layer, bottom, top = build(_conv_text("Convolution", 4, params), [x])
@@ -195,6 +197,22 @@ def test_convolution_in_batch_chunks_matches(monkeypatch, case):
     np.testing.assert_allclose(y, conv_reference(x, w, b, stride, pad, dilation, group))
     check_gradient(_conv_text("Convolution", 4, params), [x])
     check_gradient(_conv_text("Deconvolution", 4, params), [x])
+
+
+@pytest.mark.parametrize(
+    ("num", "per_item", "limit", "multiple", "sizes"),
+    [
+        (100, 51200, 1 << 20, 2, [16, 17, 17, 16, 17, 17]),  # 5 runs of 20 -> 6 balanced
+        (10, 1, 3, 1, [2, 3, 2, 3]),
+        (3, 10, 100, 2, [1, 2]),
+        (1, 10, 1, 2, [1]),
+        (0, 10, 1, 2, []),
+    ],
+)
+def test_batch_chunks_are_bounded_contiguous_and_balanced(num, per_item, limit, multiple, sizes):
+    chunks = conv_ops.batch_chunks(num, per_item, limit, multiple)
+    assert [stop - start for start, stop in chunks] == sizes
+    assert [start for start, _ in chunks] == [0, *(stop for _, stop in chunks[:-1])][:num]
 
 
 def test_run_chunks_covers_every_chunk_once_and_restores_blas_threads():

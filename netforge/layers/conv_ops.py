@@ -160,9 +160,15 @@ def col2im(cols: Any, geom: Geometry, out: Sequence[int], image: Any, ws: Worksp
     return image
 
 
-def batch_chunks(num: int, per_item: int, limit: int) -> list[tuple[int, int]]:
+def batch_chunks(num: int, per_item: int, limit: int, multiple: int = 1) -> list[tuple[int, int]]:
     """Split ``num`` batch items into runs whose buffers hold at most ``limit`` elements
-    (at least one item per run), so that column buffers stay bounded on large batches."""
+    (at least one item per run), so that column buffers stay bounded on large batches.
+
+    The number of runs is rounded up to a multiple of ``multiple`` where there are items
+    enough, so that a pool of that many workers gets equal shares (an odd run count on two
+    workers leaves one idle for a whole run).
+    """
     step = max(1, min(num, limit // max(per_item, 1)))
     count = math.ceil(num / step) if num else 0
-    return [(i * step, min(num, (i + 1) * step)) for i in range(count)]
+    count = min(num, -(-count // multiple) * multiple)
+    return [(i * num // count, (i + 1) * num // count) for i in range(count)]

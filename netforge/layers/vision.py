@@ -208,7 +208,7 @@ class _ConvolutionBase(Layer):
         if self.xp is np:
             # Cache-sized chunks, at least one per worker, shared among the worker threads.
             limit = min(COLUMN_LIMIT, CACHE_COLUMNS, per_item * -(-self.num // WORKERS))
-            self.chunks = batch_chunks(self.num, per_item, limit)
+            self.chunks = batch_chunks(self.num, per_item, limit, WORKERS)
         # Forward writes each chunk's columns to a buffer of its own when all of them fit, so
         # that the weight gradient reuses them instead of running im2col again.
         self._keep = not self.transposed and self.num * per_item <= KEPT_COLUMNS
@@ -576,7 +576,7 @@ class PoolingLayer(Layer):
         per_item = math.prod(shape[1:])
         if self.xp is np:
             limit = min(POOL_CHUNK, per_item * -(-shape[0] // WORKERS))
-            self.chunks = batch_chunks(shape[0], per_item, limit)
+            self.chunks = batch_chunks(shape[0], per_item, limit, WORKERS)
         else:
             self.chunks = [(0, shape[0])]
 
