@@ -596,3 +596,26 @@ def test_pooling_reads_the_forks_ceil_mode_alias():
     np.testing.assert_array_equal(floor, caffe_floor)
     with pytest.raises(ConfigError, match="not both"):
         run(base % "ceil_mode: true round_mode: CEIL", [x])
+
+
+@pytest.mark.parametrize("kernel,stride,pad,ceil", POOL_CASES)
+def test_max_pooling_in_batch_chunks_routes_each_gradient_to_its_mask(
+    monkeypatch, kernel, stride, pad, ceil
+):
+    monkeypatch.setattr(vision, "POOL_CHUNK", 100)  # one item per chunk, on every worker
+    x = distinct(5, 2, 9, 10)
+    text = _pool_text("MAX", kernel, stride, pad, ceil)
+    layer, bottom, top = build(text, [x], num_tops=2)
+    assert len(layer.chunks) >= 4
+    y, mask = forward(layer, bottom, top)
+    ref, ref_mask = pool_reference(x, kernel, stride, pad, "MAX", ceil)
+    np.testing.assert_array_equal(y, ref)
+    np.testing.assert_array_equal(mask, ref_mask)
+    dy = RNG.normal(size=ref.shape)
+    expected = np.zeros((5 * 2, 9 * 10))
+    np.add.at(
+        expected, (np.arange(10)[:, None], ref_mask.reshape(10, -1).astype(int)), dy.reshape(10, -1)
+    )
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    np.testing.assert_allclose(bottom[0].diff, expected.reshape(x.shape), rtol=1e-12)
