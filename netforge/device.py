@@ -45,27 +45,16 @@ def blas_info() -> dict[str, Any]:
 
 def _openblas_core() -> str | None:
     """The kernel family the loaded OpenBLAS runs (its get_corename), if it is OpenBLAS."""
-    try:
-        with open("/proc/self/maps") as handle:
-            paths = sorted({line.split()[-1] for line in handle if "openblas" in line.lower()})
-    except OSError:
+    function = _blas.openblas_symbol(
+        "scipy_openblas_get_corename64_",
+        "scipy_openblas_get_corename",
+        "openblas_get_corename64_",
+        "openblas_get_corename",
+    )
+    if function is None:
         return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in (
-            "scipy_openblas_get_corename64_",
-            "scipy_openblas_get_corename",
-            "openblas_get_corename64_",
-            "openblas_get_corename",
-        ):
-            function = getattr(lib, symbol, None)
-            if function is not None:
-                function.restype = ctypes.c_char_p
-                return function().decode()
-    return None
+    function.restype = ctypes.c_char_p
+    return function().decode()
 
 
 def gpu_info() -> list[dict[str, Any]]:

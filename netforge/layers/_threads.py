@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from netforge._blas import openblas_symbol
+
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _blas_threads: Callable[[int], int] | None | bool = False  # False: not looked up yet
@@ -41,22 +43,12 @@ WORKERS = _cores()
 
 
 def _openblas_local_threads() -> Callable[[int], int] | None:
-    """numpy's OpenBLAS ``openblas_set_num_threads_local``, found among the loaded
-    libraries (Linux ``/proc/self/maps``), or None when it cannot be found."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        try:
-            function = ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
+    """numpy's OpenBLAS ``openblas_set_num_threads_local``, or None when it is not loaded."""
+    function = openblas_symbol("openblas_set_num_threads_local")
+    if function is not None:
         function.argtypes = [ctypes.c_int]
         function.restype = ctypes.c_int
-        return function
-    return None
+    return function
 
 
 def _set_blas_threads(count: int) -> int:
