@@ -124,6 +124,11 @@ def parse_binary(data: bytes, message_cls: type[M], filename: str = "<bytes>") -
     return message
 
 
+def read_binary(path: str | os.PathLike, message_cls: type[M]) -> M:
+    """Parse a wire-format file (a caffemodel, a binaryproto, a solverstate)."""
+    return parse_binary(_read_bytes(path), message_cls, str(path))
+
+
 def read_text(path: str | os.PathLike, message_cls: type[M]) -> M:
     """Parse a text-format file."""
     data = _read_bytes(path)

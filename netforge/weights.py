@@ -107,10 +107,10 @@ def is_hdf5(path: str | os.PathLike) -> bool:
 
 def load_weights(path: str | os.PathLike) -> pb.NetParameter:
     """A binary ``.caffemodel`` as a NetParameter, upgraded from V0/V1 as Caffe does."""
-    from netforge.prototxt import _read_bytes, parse_binary
+    from netforge.prototxt import read_binary
     from netforge.upgrade import upgrade_net
 
-    net = parse_binary(_read_bytes(path), pb.NetParameter, str(path))
+    net = read_binary(path, pb.NetParameter)
     if not net.layer and not net.layers:
         raise DataError(f"{path}: holds no layers; is it a caffemodel?")
     upgrade_net(net, str(path))
@@ -192,9 +192,9 @@ def resolve_weights(spec: str | os.PathLike) -> Path:
 # -- means -----------------------------------------------------------------------------------
 def read_mean(path: str | os.PathLike) -> np.ndarray:
     """A mean ``.binaryproto`` as a float32 (C, H, W) array (the first image if num > 1)."""
-    from netforge.prototxt import _read_bytes, parse_binary
+    from netforge.prototxt import read_binary
 
-    blob = parse_binary(_read_bytes(path), pb.BlobProto, str(path))
+    blob = read_binary(path, pb.BlobProto)
     array = stored_blob(blob, str(path)).data.astype(np.float32)
     if array.ndim == 4:
         array = array[0]

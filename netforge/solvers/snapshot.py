@@ -22,7 +22,7 @@ import numpy as np
 from netforge.atomic import atomic_path
 from netforge.errors import ConfigError, DataError
 from netforge.proto import pb
-from netforge.prototxt import parse_binary, write_binary
+from netforge.prototxt import read_binary, write_binary
 from netforge.weights import array_from_proto, array_to_proto
 
 MODEL_SUFFIXES = (".caffemodel", ".caffemodel.h5")
@@ -70,7 +70,7 @@ def read_state(path: str | os.PathLike) -> SolverSnapshot:
         raise DataError(f"{text}: no such solver state file")
     if text.endswith(".h5"):
         return _read_hdf5(text)
-    return _from_proto(parse_binary(Path(text).read_bytes(), pb.SolverState, text))
+    return _from_proto(read_binary(text, pb.SolverState))
 
 
 def _to_proto(state: SolverSnapshot) -> pb.SolverState:
