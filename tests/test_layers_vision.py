@@ -199,6 +199,73 @@ def test_convolution_in_batch_chunks_matches(monkeypatch, case, kept):
     check_gradient(_conv_text("Deconvolution", 4, params), [x])
 
 
+ROW_SHIFT_CASES = [
+    # (bottom shape, conv_param text, pad, dilation, group): stride-1 2-D convolutions
+    ((2, 3, 6, 5), "kernel_size: 3", (0, 0), (1, 1), 1),  # unpadded: pixel ratio 30/12
+    ((2, 4, 7, 6), "kernel_size: 3 pad: 1 group: 2", (1, 1), (1, 1), 2),
+    ((1, 2, 7, 8), "kernel_h: 3 kernel_w: 2 pad_h: 1 pad_w: 0", (1, 0), (1, 1), 1),
+    ((2, 2, 8, 7), "kernel_size: 3 dilation: 2 pad: 2", (2, 2), (2, 2), 1),
+    ((1, 3, 6, 7), "kernel_size: 2 kernel_size: 3 dilation: 2 dilation: 1", (0, 0), (2, 1), 1),
+    ((2, 4, 5, 5), "kernel_size: 3 pad: 1 group: 4", (1, 1), (1, 1), 4),  # depthwise
+    ((2, 2, 5, 6), "kernel_size: 2 pad: 3", (3, 3), (1, 1), 1),  # pad beyond the kernel
+]
+
+
+@pytest.mark.parametrize("waste", [0.0, 100.0])  # bottom gradient by adjoint / full correlation
+@pytest.mark.parametrize("shape,params,pad,dilation,group", ROW_SHIFT_CASES)
+def test_row_shift_convolution(monkeypatch, shape, params, pad, dilation, group, waste):
+    monkeypatch.setattr(vision, "ROW_SHIFT_MIN_DEPTH", 0)
+    monkeypatch.setattr(vision, "FULL_CORRELATION_WASTE", waste)
+    x = RNG.normal(size=shape)
+    text = _conv_text("Convolution", 4, params)
+    layer, bottom, top = build(text, [x])
+    assert layer._rowshift is not None
+    full_possible = all(p <= d * (k - 1) for p, d, k in zip(pad, dilation, layer.geom.kernel))
+    if waste == 0.0 or not full_possible:
+        assert layer._rowshift_dx is None
+    (y,) = forward(layer, bottom, top)
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    ref = conv_reference(x, w, b, (1, 1), pad, dilation, group)
+    np.testing.assert_allclose(y, ref, atol=1e-12)
+    assert check_gradient(text, [x]) > 0
+
+
+@pytest.mark.parametrize("kept", [1 << 25, 0])
+def test_row_shift_convolution_in_batch_chunks(monkeypatch, kept):
+    monkeypatch.setattr(vision, "ROW_SHIFT_MIN_DEPTH", 0)
+    monkeypatch.setattr(vision, "COLUMN_LIMIT", 100)  # one item per chunk
+    monkeypatch.setattr(vision, "KEPT_COLUMNS", kept)
+    x = RNG.normal(size=(3, 4, 7, 6))
+    text = _conv_text("Convolution", 4, "kernel_size: 3 pad: 1 group: 2")
+    layer, bottom, top = build(text, [x])
+    assert layer._rowshift is not None and len(layer.chunks) == 3
+    (y,) = forward(layer, bottom, top)
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    ref = conv_reference(x, w, b, (1, 1), (1, 1), (1, 1), 2)
+    np.testing.assert_allclose(y, ref, atol=1e-12)
+    check_gradient(text, [x])
+
+
+@pytest.mark.parametrize(
+    "channels,params,row_shift",
+    [
+        (32, "kernel_size: 5 pad: 2", True),  # CIFAR-10 quick's conv2: depth 5·32
+        (20, "kernel_size: 5", True),  # LeNet's conv2: depth 5·20
+        (3, "kernel_size: 5 pad: 2", False),  # CIFAR-10 quick's conv1: depth 15, too thin
+        (32, "kernel_size: 5 pad: 2 stride: 2", False),
+    ],
+)
+def test_row_shift_is_chosen_for_deep_stride_one_convolutions(channels, params, row_shift):
+    x = RNG.normal(size=(2, channels, 12, 12)).astype(np.float32)
+    layer, bottom, top = build(_conv_text("Convolution", 8, params), [x], dtype=np.float32)
+    assert (layer._rowshift is not None) is row_shift
+    (y,) = forward(layer, bottom, top)
+    w, b = (p.data.astype(np.float64) for p in layer.blobs)
+    geom = layer.geom
+    ref = conv_reference(x.astype(np.float64), w, b, geom.stride, geom.pad, geom.dilation, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("num", "per_item", "limit", "multiple", "sizes"),
     [

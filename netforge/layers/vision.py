@@ -3,8 +3,10 @@
 Each computes what Caffe's layer of the same type computes (src/caffe/layers/
 {base_conv,conv,deconv,im2col,pooling,spp,lrn,crop}_layer.cpp), with the same parameters,
 defaults, output sizes and parameter blob shapes. The work is whole-array: convolution is
-im2col + one batched GEMM over the groups per batch chunk (``conv_ops``); pooling and LRN
-loop at most over kernel or window offsets, never over items, channels or pixels.
+im2col + one batched GEMM over the groups per batch chunk (``conv_ops``), or, for deep
+stride-1 2-D convolutions on numpy, one such GEMM per kernel row over shared window rows
+(``conv_rows``); pooling and LRN loop at most over kernel or window offsets, never over
+items, channels or pixels.
 
 Deliberate differences from Caffe, all on inputs Caffe mishandles: an input smaller than
 the (dilated) kernel is a ShapeError instead of C++ integer-division output sizes, and a
@@ -35,6 +37,7 @@ from netforge.layers.conv_ops import (
     padded,
     windows,
 )
+from netforge.layers.conv_rows import RowShiftConv
 from netforge.proto import pb
 
 #: Most elements one column buffer holds (128 MiB of float32); larger batches run in chunks.
@@ -47,6 +50,17 @@ CACHE_COLUMNS = 1 << 20
 #: Most column elements a Convolution keeps from forward for its weight gradient (all chunks
 #: together, 128 MiB of float32); beyond it, backward recomputes each chunk's columns.
 KEPT_COLUMNS = 1 << 25
+
+#: Least GEMM depth (kernel width × channels per group) at which a stride-1 2-D Convolution
+#: on numpy uses kernel-row shifts (``conv_rows``) instead of im2col. Below it the shifted
+#: GEMMs are too thin: CIFAR-10 quick's conv1 (3 channels, depth 15) is faster with im2col,
+#: its conv2 (depth 160) and LeNet's conv2 (depth 100) are faster with shifts.
+ROW_SHIFT_MIN_DEPTH = 64
+
+#: Most bottom pixels per top pixel at which the row-shift Convolution computes its bottom
+#: gradient as a full correlation rather than as the adjoint of forward (see
+#: ``_ConvolutionBase._full_correlation``).
+FULL_CORRELATION_WASTE = 1.5
 
 #: Most input elements one pooling chunk covers on numpy (1 MiB of float32).
 POOL_CHUNK = 1 << 18
@@ -203,7 +217,14 @@ class _ConvolutionBase(Layer):
         self.in_spatial, self.out_spatial = spatial, out
         for t in top:
             t.reshape(shape[: self.axis] + (self.num_output,) + out)
-        per_item = self.image_channels * math.prod(self.geom.kernel) * math.prod(self.col_spatial)
+        self._rowshift = self._row_shift_conv(spatial)
+        if self._rowshift is not None:
+            self._rowshift_dx = self._full_correlation(self._rowshift)
+            per_item = self._rowshift.items_size(1)
+        else:
+            per_item = (
+                self.image_channels * math.prod(self.geom.kernel) * math.prod(self.col_spatial)
+            )
         self.chunks = batch_chunks(self.num, per_item, COLUMN_LIMIT)
         if self.xp is np:
             # Cache-sized chunks, at least one per worker, shared among the worker threads.
@@ -222,6 +243,34 @@ class _ConvolutionBase(Layer):
             else None
         )
 
+    def _row_shift_conv(self, spatial: Sequence[int]) -> RowShiftConv | None:
+        """The kernel-row-shift form of this convolution (``conv_rows``) where it applies
+        and pays: numpy, 2-D, stride 1, a deep enough GEMM, padding within the kernel."""
+        geom = self.geom
+        if self.xp is not np or self.transposed or len(geom.kernel) != 2:
+            return None
+        if geom.stride != (1, 1):
+            return None
+        conv = RowShiftConv(self.channels, self.num_output, self.group, geom, tuple(spatial))
+        return conv if conv.depth >= ROW_SHIFT_MIN_DEPTH else None
+
+    @staticmethod
+    def _full_correlation(conv: RowShiftConv) -> RowShiftConv | None:
+        """The full correlation that computes the bottom gradient, where it beats the
+        adjoint of forward (``RowShiftConv.data_gradient``), else None. It moves kh times
+        less data, but its GEMMs cost as many FLOPs per bottom pixel as forward's do per
+        top pixel, with the bottom's channels as their short side. So the adjoint wins on
+        an unpadded convolution of a small image (LeNet's conv2, 12×12 → 8×8: 2.1 ms
+        against 3.6 ms for the layer's backward) and where the top has at least twice the
+        bottom's channels (CIFAR-10 quick's conv3: 5.5 ms against 6.4 ms); the same rule
+        as ``_full_geom`` on the im2col path."""
+        full = conv.data_gradient_conv()
+        if full is None or conv.out_group >= 2 * conv.in_group:
+            return None
+        if math.prod(conv.spatial) > FULL_CORRELATION_WASTE * math.prod(conv.out):
+            return None
+        return full
+
     # -- pieces of the GEMM formulation ---------------------------------------------------
     def _weights(self, array: Any) -> Any:
         """A weight-shaped array as the (group, rows/group, K) stack."""
@@ -234,11 +283,19 @@ class _ConvolutionBase(Layer):
         """A rows-side blob array as (N, channels, pixels)."""
         return array.reshape(self.num, self.rows_channels, -1)
 
+    def _output(self, array: Any) -> Any:
+        """A top-shaped array (for Convolution) as (N, num_output, *out)."""
+        return array.reshape((self.num, self.num_output) + tuple(self.out_spatial))
+
+    def _columns_key(self, start: int) -> str:
+        """The workspace key of chunk ``start``'s columns: its own when the layer keeps
+        columns for backward, else one shared by the worker's chunks."""
+        return f"col{start}" if self._keep else "col"
+
     def _column_buffer(self, start: int, stop: int, dtype: Any, ws: Workspace) -> Any:
-        """The (group, K, n·pixels) column buffer of chunk ``start:stop``: its own when the
-        layer keeps columns for backward, else one shared by the worker's chunks."""
+        """The (group, K, n·pixels) column buffer of chunk ``start:stop`` (``_columns_key``)."""
         n = stop - start
-        key = f"col{start}" if self._keep else "col"
+        key = self._columns_key(start)
         shape = (self.image_channels, *self.geom.kernel, n, *self.col_spatial)
         col = ws.get(key, shape, dtype, self.xp)
         return col.reshape(self.group, -1, n * math.prod(self.col_spatial))
@@ -289,10 +346,9 @@ class _ConvolutionBase(Layer):
             self.xp, lambda start, stop, w: work(start, stop, self.workspaces[w]), self.chunks
         )
 
-    def _weight_gradient_parts(self) -> list[Any]:
-        """Zeroed per-worker weight-gradient sums, transposed to (group, K, rows/group), added
-        to the parameter diff in worker order once all chunks are done."""
-        shape = self._weights(self.blobs[0].diff).transpose(0, 2, 1).shape
+    def _weight_gradient_parts(self, shape: Sequence[int]) -> list[Any]:
+        """Zeroed per-worker weight-gradient sums of ``shape``, added to the parameter diff
+        in worker order once all chunks are done."""
         parts = [ws.get("dw", shape, self.dtype, self.xp) for ws in self.workspaces]
         for part in parts:
             part.fill(0)
@@ -310,6 +366,8 @@ class _ConvolutionBase(Layer):
         xp = self.xp
         weights = self._weights(self.blobs[0].data)
         bias = self.blobs[1].data if self.bias_term else None
+        conv = self._rowshift
+        stack = conv.weights(self.blobs[0].data) if conv is not None else None
         # Blob memory is allocated on first access: touch it here, not in the workers.
         for b, t in zip(bottom, top):
             if self.transposed:
@@ -318,6 +376,12 @@ class _ConvolutionBase(Layer):
                     rows = self._to_rows(self._rows_view(x)[start:stop], ws)
                     col = self._matmul(weights.transpose(0, 2, 1), rows, ws, "colgemm")
                     self._uncolumns(col, self._image(y)[start:stop], ws)
+
+            elif conv is not None:
+
+                def work(start, stop, ws, x=b.data, y=t.data):
+                    rows = conv.rows(self._image(x)[start:stop], ws, self._columns_key(start))
+                    conv.apply(rows, stack, self._output(y)[start:stop], bias, ws)
 
             else:
 
@@ -349,24 +413,61 @@ class _ConvolutionBase(Layer):
                 self.blobs[1].diff += dy.sum(axis=(0, 2), dtype=dy.dtype)
             if not (want_w or propagate_down[i]):
                 continue
-            parts = self._weight_gradient_parts() if want_w else None
-            backward = self._backward_transposed if self.transposed else self._backward_direct
-            self._run(
-                functools.partial(
-                    backward,
-                    b.data,
-                    t.diff,
-                    b.diff if propagate_down[i] else None,
-                    weights,
-                    parts,
-                    self._cached == i,
+            dx = b.diff if propagate_down[i] else None
+            if self._rowshift is not None:
+                self._backward_row_shifts(b.data, t.diff, dx, want_w, self._cached == i)
+            else:
+                parts = (
+                    self._weight_gradient_parts(weights.transpose(0, 2, 1).shape)
+                    if want_w
+                    else None
                 )
-            )
+                backward = self._backward_transposed if self.transposed else self._backward_direct
+                self._run(
+                    functools.partial(
+                        backward, b.data, t.diff, dx, weights, parts, self._cached == i
+                    )
+                )
+                if want_w:
+                    dw = self._weights(self.blobs[0].diff)
+                    for part in parts:
+                        dw += part.transpose(0, 2, 1)
             self._cached = None  # the column buffers now hold other columns
-            if want_w:
-                dw = self._weights(self.blobs[0].diff)
-                for part in parts:
-                    dw += part.transpose(0, 2, 1)
+
+    def _backward_row_shifts(self, x, dy_all, dx_all, want_w: bool, cached: bool) -> None:
+        """Backward in the kernel-row-shift form: the filter gradient from the forward
+        rows (kept, or rebuilt per chunk), the bottom gradient as the full correlation of
+        the top gradient (``RowShiftConv.data_gradient_conv``)."""
+        conv, full = self._rowshift, self._rowshift_dx
+        w = self.blobs[0].data
+        stack = conv.weights(w)
+        parts = self._weight_gradient_parts(stack.shape) if want_w else None
+        adjoint = dx_all is not None and full is None
+        stack_full = (
+            full.weights(conv.transposed_filters(w)) if dx_all is not None and full else None
+        )
+
+        def work(start: int, stop: int, ws: Workspace) -> None:
+            dy = self._output(dy_all)[start:stop]
+            dy_last = conv.channels_last(dy, ws) if parts is not None or adjoint else None
+            if parts is not None:
+                key = self._columns_key(start)
+                if cached:
+                    rows = conv.rows_buffer(ws, key, stop - start, dy.dtype, self.xp)
+                else:
+                    rows = conv.rows(self._image(x)[start:stop], ws, key)
+                conv.add_weight_gradient(rows, dy_last, parts[self.workspaces.index(ws)], ws)
+            if adjoint:
+                conv.data_gradient(dy_last, stack, self._image(dx_all)[start:stop], ws)
+            elif stack_full is not None:
+                rows_full = full.rows(dy, ws, "rows_dx")
+                full.apply(rows_full, stack_full, self._image(dx_all)[start:stop], None, ws)
+
+        self._run(work)
+        if want_w:
+            dw = self.blobs[0].diff
+            for part in parts:
+                dw += conv.weight_diff(part)
 
     def _backward_direct(self, x, dy_all, dx_all, weights, parts, cached, start, stop, ws) -> None:
         dy = self._to_rows(self._rows_view(dy_all)[start:stop], ws)
