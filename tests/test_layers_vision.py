@@ -686,3 +686,16 @@ def test_max_pooling_in_batch_chunks_routes_each_gradient_to_its_mask(
     top[0].diff[...] = dy
     layer.backward(top, [True], bottom)
     np.testing.assert_allclose(bottom[0].diff, expected.reshape(x.shape), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,stride,pad,ceil", POOL_CASES)
+def test_ave_pooling_in_batch_chunks(monkeypatch, kernel, stride, pad, ceil):
+    monkeypatch.setattr(vision, "POOL_CHUNK", 100)  # one item per chunk, on every worker
+    x = RNG.normal(size=(5, 2, 9, 10))
+    text = _pool_text("AVE", kernel, stride, pad, ceil)
+    layer, bottom, top = build(text, [x])
+    assert len(layer.chunks) >= 4
+    (y,) = forward(layer, bottom, top)
+    ref, _ = pool_reference(x, kernel, stride, pad, "AVE", ceil)
+    np.testing.assert_allclose(y, ref, rtol=1e-12)
+    check_gradient(text, [x])

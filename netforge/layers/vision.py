@@ -841,6 +841,9 @@ class PoolingLayer(Layer):
     def _forward_ave(self, x: Any, out_all: Any) -> None:
         xp = self.xp
         divisor = self._divisor(x.shape)
+        if xp is np:
+            self._run(functools.partial(self._forward_ave_phases, x, out_all, divisor))
+            return
 
         def work(start: int, stop: int, ws: Workspace) -> None:
             out = out_all[start:stop]
@@ -852,6 +855,28 @@ class PoolingLayer(Layer):
             xp.multiply(out, divisor, out=out)
 
         self._run(work)
+
+    def _forward_ave_phases(self, x, out_all, divisor, start: int, stop: int, ws) -> None:
+        """AVE forward on numpy, separably over the phase layout (``_PhaseLayout``): the sum
+        of each window row (one add per kernel column), then of each window's rows (one
+        add per kernel row), times Caffe's divisor. Each window is summed row by row
+        instead of in scan order, which can change the last bit of a float32 mean."""
+        lay, (kh, kw), (sh, _) = self.layout, self.kernel, self.stride
+        count = (stop - start) * x.shape[1]
+        phases = lay.load(x[start:stop], ws, 0.0)
+        size = lay.rows * count * lay.width
+        row_sum = ws.get("row_sum", (size,), x.dtype, np)
+        np.copyto(row_sum, lay.column_view(phases, 0, size))
+        for k in range(1, kw):
+            np.add(row_sum, lay.column_view(phases, k, size), out=row_sum)
+        row_sum = row_sum.reshape(lay.rows, count, lay.width)
+        span = sh * (self.out[0] - 1) + 1
+        total = ws.get("total", (self.out[0], count, lay.width), x.dtype, np)
+        np.copyto(total, row_sum[0:span:sh])
+        for k in range(1, kh):
+            np.add(total, row_sum[k : k + span : sh], out=total)
+        out = out_all[start:stop].reshape(count, *self.out)
+        np.multiply(total[..., : self.out[1]].transpose(1, 0, 2), divisor, out=out)
 
     def _forward_sample(self, x: Any, out: Any) -> None:
         """Pick, per window, the first element whose running sum reaches u·Σ, u ~ U[0, 1)."""
@@ -903,6 +928,9 @@ class PoolingLayer(Layer):
         if self.method == pb.PoolingParameter.MAX and xp is np:
             self._run(functools.partial(self._backward_max_phases, dy_all, diff_all))
             return
+        if divisor is not None and xp is np:
+            self._run(functools.partial(self._backward_ave_phases, dy_all, diff_all, divisor))
+            return
 
         def work(start: int, stop: int, ws: Workspace) -> None:
             dy, diff = dy_all[start:stop], diff_all[start:stop]
@@ -951,6 +979,31 @@ class PoolingLayer(Layer):
             np.multiply(rows, chosen, out=routed)
             target = lay.column_view(phases, k, size)
             np.add(target, routed, out=target)
+        lay.store(phases, diff_all[start:stop])
+
+    def _backward_ave_phases(self, dy_all, diff_all, divisor, start: int, stop: int, ws) -> None:
+        """AVE backward on numpy, the adjoint of ``_forward_ave_phases``: each scaled top
+        gradient is added to its window's rows (one add per kernel row), each row's sum to
+        its columns (one add per kernel column)."""
+        lay, (kh, kw), (sh, _) = self.layout, self.kernel, self.stride
+        count = (stop - start) * diff_all.shape[1]
+        shape = (self.out[0], count, lay.width)
+        dy = ws.get("dy", shape, dy_all.dtype, np)
+        dy[..., self.out[1] :] = 0  # windows past the output width: padding of the layout
+        top = dy_all[start:stop].reshape(count, *self.out).transpose(1, 0, 2)
+        np.multiply(top, divisor[:, None], out=dy[..., : self.out[1]])
+        rows = ws.get("row_grad", (lay.rows, count, lay.width), dy.dtype, np)
+        rows.fill(0)
+        span = sh * (self.out[0] - 1) + 1
+        for k in range(kh):
+            target = rows[k : k + span : sh]
+            np.add(target, dy, out=target)
+        phases = lay.zeroed(count, dy.dtype, ws)
+        size = rows.size
+        rows = rows.reshape(-1)
+        for k in range(kw):
+            target = lay.column_view(phases, k, size)
+            np.add(target, rows, out=target)
         lay.store(phases, diff_all[start:stop])
 
 
