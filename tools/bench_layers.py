@@ -275,11 +275,11 @@ def bench_speed(name: str, rounds: int, seconds: float, with_torch: bool) -> dic
 
 def hot_layers(name: str, count: int = 5) -> list[tuple[str, float, float]]:
     """netforge's ``count`` slowest layers of ``name``: (layer, forward ms, backward ms),
-    measured as ``netforge time`` does, over 3 iterations."""
+    measured as ``netforge time`` does, over 10 iterations."""
     quiet = logging.getLogger("bench_layers.quiet")
     quiet.disabled = True
     net = NetforgeTrainer(BENCHES[name]).solver.net
-    t = time_net(net, iterations=3, log=quiet)
+    t = time_net(net, iterations=10, log=quiet)
     rows = list(zip(t.layer_names, t.forward_ms, t.backward_ms))
     return sorted(rows, key=lambda row: row[1] + row[2], reverse=True)[:count]
 

@@ -11,8 +11,10 @@ comes out channels-last.
 The copy is kw·Hp/Ho times the input where im2col's is kh·kw times. The GEMMs have a long
 M and a short N, a shape OpenBLAS runs faster than im2col's (O, K) · (K, n·pixels). One
 forward chunk of CIFAR-10 quick's conv2 (5 items, 1 core) takes 0.44 ms this way and
-0.73 ms with im2col + GEMM. The data gradient is the same computation run on the top
-gradient: a "full" correlation with the flipped, channel-transposed filters.
+0.73 ms with im2col + GEMM. The data gradient is either the same computation run on the
+top gradient (a "full" correlation with the flipped, channel-transposed filters:
+``data_gradient_conv``) or the adjoint of the forward GEMMs (``data_gradient``); the layer
+picks whichever moves less data for its shapes.
 
 Groups are the leading axis of every operand, so each GEMM is one batched ``matmul``.
 Everything here is plain xp code, but the layer uses it only on numpy: on a GPU, im2col
