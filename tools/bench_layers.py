@@ -16,7 +16,8 @@ load; the figures are the medians over rounds, and the ratio is the median of th
 ratios netforge / PyTorch (above 1: netforge is faster).
 
 "outside layers" is the share of netforge's iteration spent outside ``net.forward_backward``:
-the solver's update, regularization and bookkeeping (Caffe's ApplyUpdate and Step).
+the solver's update, regularization and bookkeeping (Caffe's ApplyUpdate and Step). For
+PyTorch the same column counts ``optimizer.zero_grad`` and ``optimizer.step``.
 
 Peak memory is measured in a fresh subprocess per library and net: the peak resident set size
 (Linux ``VmHWM``) after building the net and training three iterations, minus the peak after
@@ -130,6 +131,13 @@ class NetforgeTrainer:
 
         net.forward_backward = timed  # the solver calls it once per iteration
 
+    def reset_clock(self) -> None:
+        self.layer_seconds = 0.0
+
+    def outside_seconds(self, elapsed: float) -> float:
+        """Time outside the layers since ``reset_clock``, of ``elapsed`` in all."""
+        return elapsed - self.layer_seconds
+
     def run(self, iterations: int) -> None:
         self.solver.step(iterations)
 
@@ -160,6 +168,7 @@ class TorchTrainer:
             momentum=momentum,
             weight_decay=decay,
         )
+        self.optimizer_seconds = 0.0
         data, labels = random_batch(bench)
         self.inputs = {"data": torch.from_numpy(data), "label": torch.from_numpy(labels).long()}
         self._check_shapes(net)
@@ -221,12 +230,24 @@ class TorchTrainer:
                     f"{net.blobs[name].shape}"
                 )
 
+    def reset_clock(self) -> None:
+        self.optimizer_seconds = 0.0
+
+    def outside_seconds(self, elapsed: float) -> float:
+        """Time in ``zero_grad`` and ``step`` since ``reset_clock``."""
+        return self.optimizer_seconds
+
     def run(self, iterations: int) -> None:
+        clock = time.perf_counter
         for _ in range(iterations):
+            start = clock()
             self.optimizer.zero_grad()
+            self.optimizer_seconds += clock() - start
             loss = self._forward()["loss"]
             loss.backward()
+            start = clock()
             self.optimizer.step()
+            self.optimizer_seconds += clock() - start
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -251,23 +272,22 @@ def bench_speed(name: str, rounds: int, seconds: float, with_torch: bool) -> dic
         trainers["pytorch"] = TorchTrainer(bench)
     counts = {k: iterations_for(t, seconds) for k, t in trainers.items()}
     rates = {k: [] for k in trainers}
-    outside = []
+    outside = {k: [] for k in trainers}
     for _ in range(rounds):
         for key, trainer in trainers.items():
-            if key == "netforge":
-                trainer.layer_seconds = 0.0
+            trainer.reset_clock()
             elapsed = timed_run(trainer, counts[key])
             rates[key].append(counts[key] * bench.batch / elapsed)
-            if key == "netforge":
-                outside.append(1 - trainer.layer_seconds / elapsed)
+            outside[key].append(trainer.outside_seconds(elapsed) / elapsed)
     result = {
         "net": name,
         "batch": bench.batch,
         "netforge_img_s": statistics.median(rates["netforge"]),
-        "outside_layers": statistics.median(outside),
+        "outside_layers": statistics.median(outside["netforge"]),
     }
     if with_torch:
         result["pytorch_img_s"] = statistics.median(rates["pytorch"])
+        result["pytorch_outside"] = statistics.median(outside["pytorch"])
         ratios = [a / b for a, b in zip(rates["netforge"], rates["pytorch"])]
         result["ratio"] = statistics.median(ratios)
     return result
@@ -400,7 +420,7 @@ def main() -> None:
     names = args.nets.split(",")
     header = f"{'net':14} {'batch':>5} {'netforge img/s':>15} {'outside layers':>15}"
     if with_torch:
-        header += f" {'PyTorch img/s':>14} {'ratio':>6}"
+        header += f" {'PyTorch img/s':>14} {'outside':>8} {'ratio':>6}"
     if not args.no_memory:
         header += f" {'netforge MiB':>13}" + (f" {'PyTorch MiB':>12}" if with_torch else "")
     print(header)
@@ -408,7 +428,7 @@ def main() -> None:
         r = bench_speed(name, args.rounds, args.seconds, with_torch)
         line = f"{name:14} {r['batch']:5d} {r['netforge_img_s']:15.1f} {r['outside_layers']:14.1%}"
         if with_torch:
-            line += f" {r['pytorch_img_s']:14.1f} {r['ratio']:6.2f}"
+            line += f" {r['pytorch_img_s']:14.1f} {r['pytorch_outside']:7.1%} {r['ratio']:6.2f}"
         if not args.no_memory:
             line += f" {bench_memory('netforge', name)['growth_mib']:13.0f}"
             if with_torch:
