@@ -245,7 +245,7 @@ class _ConvolutionBase(Layer):
 
     def _row_shift_conv(self, spatial: Sequence[int]) -> RowShiftConv | None:
         """The kernel-row-shift form of this convolution (``conv_rows``) where it applies
-        and pays: numpy, 2-D, stride 1, a deep enough GEMM, padding within the kernel."""
+        and pays: numpy, 2-D, stride 1, GEMMs at least ``ROW_SHIFT_MIN_DEPTH`` deep."""
         geom = self.geom
         if self.xp is not np or self.transposed or len(geom.kernel) != 2:
             return None
@@ -439,8 +439,8 @@ class _ConvolutionBase(Layer):
 
     def _backward_row_shifts(self, x, dy_all, dx_all, want_w: bool, cached: bool) -> None:
         """Backward in the kernel-row-shift form: the filter gradient from the forward
-        rows (kept, or rebuilt per chunk), the bottom gradient as the full correlation of
-        the top gradient (``RowShiftConv.data_gradient_conv``)."""
+        rows (kept, or rebuilt per chunk); the bottom gradient as the full correlation of
+        the top gradient or as the adjoint of forward (``_full_correlation`` decides)."""
         conv, full = self._rowshift, self._rowshift_dx
         w = self.blobs[0].data
         stack = conv.weights(w)
@@ -952,12 +952,8 @@ class PoolingLayer(Layer):
         goes to its window's chosen row (a masked add per kernel row), and each row's sum to
         that row's chosen column (a masked add per kernel column)."""
         lay, (kh, kw), (sh, _) = self.layout, self.kernel, self.stride
-        count = (stop - start) * diff_all.shape[1]
-        shape = (self.out[0], count, lay.width)
-        # Columns past the output width are padding of the layout: their gradient is zero.
-        dy = ws.get("dy", shape, dy_all.dtype, np)
-        dy[..., self.out[1] :] = 0
-        dy[..., : self.out[1]] = dy_all[start:stop].reshape(count, *self.out).transpose(1, 0, 2)
+        dy = self._laid_out_top_grad(dy_all, start, stop, ws)
+        shape, count = dy.shape, dy.shape[1]
         arg = ws.get(f"arg{start}", shape, np.uint8 if max(kh, kw) <= 256 else np.uint32, np)
         size = lay.rows * count * lay.width
         row_arg = ws.get(f"row_arg{start}", (size,), arg.dtype, np)
@@ -981,24 +977,33 @@ class PoolingLayer(Layer):
             np.add(target, routed, out=target)
         lay.store(phases, diff_all[start:stop])
 
+    def _laid_out_top_grad(self, dy_all, start: int, stop: int, ws, divisor=None) -> Any:
+        """The top gradient of chunk ``start:stop`` as (out rows, planes, layout width), times
+        ``divisor`` if given; windows past the output width are padding of the layout, and
+        their gradient is zero."""
+        count = (stop - start) * dy_all.shape[1]
+        dy = ws.get("dy", (self.out[0], count, self.layout.width), dy_all.dtype, np)
+        dy[..., self.out[1] :] = 0
+        top = dy_all[start:stop].reshape(count, *self.out).transpose(1, 0, 2)
+        if divisor is None:
+            dy[..., : self.out[1]] = top
+        else:
+            np.multiply(top, divisor[:, None], out=dy[..., : self.out[1]])
+        return dy
+
     def _backward_ave_phases(self, dy_all, diff_all, divisor, start: int, stop: int, ws) -> None:
         """AVE backward on numpy, the adjoint of ``_forward_ave_phases``: each scaled top
         gradient is added to its window's rows (one add per kernel row), each row's sum to
         its columns (one add per kernel column)."""
         lay, (kh, kw), (sh, _) = self.layout, self.kernel, self.stride
-        count = (stop - start) * diff_all.shape[1]
-        shape = (self.out[0], count, lay.width)
-        dy = ws.get("dy", shape, dy_all.dtype, np)
-        dy[..., self.out[1] :] = 0  # windows past the output width: padding of the layout
-        top = dy_all[start:stop].reshape(count, *self.out).transpose(1, 0, 2)
-        np.multiply(top, divisor[:, None], out=dy[..., : self.out[1]])
-        rows = ws.get("row_grad", (lay.rows, count, lay.width), dy.dtype, np)
+        dy = self._laid_out_top_grad(dy_all, start, stop, ws, divisor)
+        rows = ws.get("row_grad", (lay.rows, dy.shape[1], lay.width), dy.dtype, np)
         rows.fill(0)
         span = sh * (self.out[0] - 1) + 1
         for k in range(kh):
             target = rows[k : k + span : sh]
             np.add(target, dy, out=target)
-        phases = lay.zeroed(count, dy.dtype, ws)
+        phases = lay.zeroed(dy.shape[1], dy.dtype, ws)
         size = rows.size
         rows = rows.reshape(-1)
         for k in range(kw):
