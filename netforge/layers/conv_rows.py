@@ -59,6 +59,11 @@ class RowShiftConv:
         """The GEMMs' inner dimension, kw · channels per group."""
         return self.kernel[1] * self.in_group
 
+    @property
+    def stack_shape(self) -> tuple[int, int, int, int]:
+        """The shape ``weights`` gives the filters: (kh, group, kw·in_group, out_group)."""
+        return (self.kernel[0], self.group, self.depth, self.out_group)
+
     def items_size(self, n: int) -> int:
         """Elements of the ``rows`` matrix for ``n`` items."""
         return self.group * self.padded[0] * n * self.out[1] * self.depth
@@ -69,7 +74,7 @@ class RowShiftConv:
         g, kh, kw = self.group, *self.kernel
         stack = w.reshape(g, self.out_group, self.in_group, kh, kw).transpose(3, 0, 4, 2, 1)
         xp = get_array_module(w)
-        return xp.ascontiguousarray(stack).reshape(kh, g, self.depth, self.out_group)
+        return xp.ascontiguousarray(stack).reshape(self.stack_shape)
 
     def weight_diff(self, stack: Any) -> Any:
         """The inverse of ``weights``: a stack viewed as filters (num_output, in_group, kh, kw)."""

@@ -443,9 +443,9 @@ class _ConvolutionBase(Layer):
         the top gradient or as the adjoint of forward (``_full_correlation`` decides)."""
         conv, full = self._rowshift, self._rowshift_dx
         w = self.blobs[0].data
-        stack = conv.weights(w)
-        parts = self._weight_gradient_parts(stack.shape) if want_w else None
+        parts = self._weight_gradient_parts(conv.stack_shape) if want_w else None
         adjoint = dx_all is not None and full is None
+        stack = conv.weights(w) if adjoint else None
         stack_full = (
             full.weights(conv.transposed_filters(w)) if dx_all is not None and full else None
         )
