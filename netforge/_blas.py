@@ -1,5 +1,6 @@
 """Configure numpy's OpenBLAS before numpy loads: the fastest kernels, and idle threads
-that sleep instead of spinning.
+that sleep instead of spinning; and reach the one BLAS call numpy does not offer, a GEMM
+that adds into its output (``matmul_add``).
 
 numpy's bundled OpenBLAS reads ``OPENBLAS_CORETYPE`` once, when it is loaded. Machines that
 pin it to an older family (Haswell) on AVX-512 CPUs halve float32 GEMM speed (measured on
@@ -79,3 +80,78 @@ def openblas_symbol(*names: str) -> Any:
             if function is not None:
                 return function
     return None
+
+
+# -- C += A·B in one GEMM ---------------------------------------------------------------------
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+#: numpy's OpenBLAS builds are ILP64 (64-bit integers) and say so with the ``64_`` suffix;
+#: an unsuffixed ``cblas_?gemm`` could take 32-bit integers, so it is never called.
+_GEMM_NAMES = {
+    "float32": ("scipy_cblas_sgemm64_", "cblas_sgemm64_"),
+    "float64": ("scipy_cblas_dgemm64_", "cblas_dgemm64_"),
+}
+_gemms: dict[str, Any] = {}
+
+
+def _gemm(dtype: Any) -> Any:
+    """numpy's OpenBLAS ``cblas_?gemm`` for ``dtype`` with its ILP64 signature, or None."""
+    name = str(dtype)
+    if name not in _gemms:
+        function = openblas_symbol(*_GEMM_NAMES[name]) if name in _GEMM_NAMES else None
+        if function is not None:
+            scalar = ctypes.c_float if name == "float32" else ctypes.c_double
+            index, pointer = ctypes.c_int64, ctypes.c_void_p
+            function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            function.argtypes += [index, index, index, scalar, pointer, index, pointer, index]
+            function.argtypes += [scalar, pointer, index]
+            function.restype = None
+        _gemms[name] = function
+    return _gemms[name]
+
+
+def _operand(array: Any) -> tuple[int, int] | None:
+    """(CBLAS transpose flag, leading dimension) of a 2-D row-major or transposed view, or
+    None for a layout BLAS cannot take as it is."""
+    rows, cols = array.shape
+    if any(s % array.itemsize for s in array.strides):
+        return None
+    step_row, step_col = (s // array.itemsize for s in array.strides)
+    if step_col == 1 and step_row >= max(1, cols):
+        return _NO_TRANS, step_row
+    if step_row == 1 and step_col >= max(1, rows):
+        return _TRANS, step_col
+    return None
+
+
+def matmul_add(a: Any, b: Any, out: Any) -> None:
+    """``out += a @ b`` for 2-D arrays, the way Caffe accumulates parameter gradients: on
+    numpy, one GEMM with beta = 1 into ``out`` (numpy's ``matmul`` has no beta).
+
+    ``out += a @ b`` writes the product to a temporary, then reads ``out`` and the temporary
+    and writes ``out``. For InnerProduct's weight gradient, the product of two thin matrices
+    (a batch of rows), that traffic is most of the time: CaffeNet's fc6 (4096 × 9216, batch
+    32) takes 27 ms that way and 12 ms as one GEMM on 2 cores, and the 151 MB temporary no
+    longer faults its pages in at every iteration. Other array modules, mixed dtypes,
+    overlapping operands and layouts BLAS cannot take as they are use the expression.
+    """
+    import numpy as np
+
+    gemm = _gemm(out.dtype) if isinstance(out, np.ndarray) else None
+    (m, k), n = a.shape, b.shape[1]
+    layouts = (_operand(a), _operand(b)) if gemm is not None else (None, None)
+    if (
+        None in layouts
+        or a.dtype != out.dtype
+        or b.dtype != out.dtype
+        or not out.flags.c_contiguous
+        or out.shape != (m, n)
+        or b.shape[0] != k
+        or min(m, n, k) == 0
+        or np.may_share_memory(a, out)
+        or np.may_share_memory(b, out)
+    ):
+        out += a @ b
+        return
+    (trans_a, lda), (trans_b, ldb) = layouts
+    data = (a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, out.ctypes.data, n)
+    gemm(_ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, *data)

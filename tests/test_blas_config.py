@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 from conftest import REPO
+
+from netforge import _blas
 
 PROBE = (
     "import netforge, os, json; print(json.dumps({k: os.environ.get(k, '') for k in "
@@ -44,3 +48,48 @@ def test_user_settings_win() -> None:
     assert probe(NETFORGE_BLAS_CORETYPE="Haswell")["OPENBLAS_CORETYPE"] == "Haswell"
     kept = probe(OPENBLAS_CORETYPE="Haswell", NETFORGE_BLAS_CORETYPE="keep")
     assert kept == {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_THREAD_TIMEOUT": ""}
+
+
+def layouts(rows: int, cols: int, dtype, seed: int):
+    """A (rows, cols) matrix as a C-ordered array, a transposed one, and a row-major view
+    with a leading dimension wider than its rows."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((rows, cols)).astype(dtype)
+    wide = np.zeros((rows, cols + 3), dtype)
+    wide[:, :cols] = base
+    return [base, np.ascontiguousarray(base.T).T, wide[:, :cols]]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_add_adds_the_product_for_every_operand_layout(dtype) -> None:
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    for a in layouts(7, 4, dtype, seed=0):
+        for b in layouts(4, 9, dtype, seed=1):
+            out = np.random.default_rng(2).standard_normal((7, 9)).astype(dtype)
+            expected = out.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+            _blas.matmul_add(a, b, out)
+            np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_matmul_add_falls_back_where_blas_cannot_take_the_operands() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((5, 3)), rng.standard_normal((3, 5))
+    cases = {
+        "integers": (np.arange(6).reshape(2, 3), np.arange(6).reshape(3, 2), np.ones((2, 2), int)),
+        "mixed dtypes": (a.astype(np.float32), b, np.zeros((5, 5))),
+        "strided rows": (a[:, ::2], b[:2], np.zeros((5, 5))),
+        "output aliases an operand": (np.eye(5), None, a @ b),
+    }
+    for name, (left, right, out) in cases.items():
+        right = out if right is None else right
+        expected = out + left @ right
+        _blas.matmul_add(left, right, out)
+        np.testing.assert_allclose(out, expected, rtol=1e-12, err_msg=name)
+
+
+def test_matmul_add_reaches_the_gemm_of_numpys_openblas() -> None:
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    if blas != "scipy-openblas":
+        pytest.skip(f"numpy is built with {blas}, not its own OpenBLAS")
+    assert _blas._gemm(np.dtype(np.float32)) is not None
+    assert _blas._gemm(np.dtype(np.float64)) is not None

@@ -58,6 +58,22 @@ def test_inner_product_float32_hot_path():
     np.testing.assert_allclose(y, x @ w.T + b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_inner_product_weight_gradient_adds_to_the_diff(transpose):
+    """Parameter gradients accumulate (shared weights, iter_size): the float32 GEMM that adds
+    into the diff keeps what was there."""
+    x, dy = rand(6, 8).astype(np.float32), rand(6, 5, seed=1).astype(np.float32)
+    text = IP.format(n=5, extra=f"transpose: {str(transpose).lower()}")
+    layer, bottom, top = build(text, [x], dtype=np.float32)
+    forward(layer, bottom, top)
+    before = rand(*layer.blobs[0].shape, seed=2).astype(np.float32)
+    layer.blobs[0].diff[...] = before
+    top[0].diff[...] = dy
+    layer.backward(top, [False], bottom)
+    product = x.astype(np.float64).T @ dy if transpose else dy.astype(np.float64).T @ x
+    np.testing.assert_allclose(layer.blobs[0].diff, before + product, rtol=1e-5, atol=1e-5)
+
+
 def test_inner_product_rejects_wrong_input_size():
     layer, bottom, top = build(IP.format(n=3, extra=""), [rand(2, 6)])
     bottom[0].reshape(2, 7)

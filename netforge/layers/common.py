@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from netforge._blas import matmul_add
 from netforge.blob import Blob
 from netforge.errors import DataError
 from netforge.filler import filler_or
@@ -125,7 +126,11 @@ class InnerProductLayer(Layer):
         grads = self.param_propagate_down or [False] * len(self.blobs)
         if grads[0]:
             x = bottom[0].data.reshape(self.m, self.k)
-            self.blobs[0].diff += x.T @ dy if self.transpose else dy.T @ x
+            # Accumulated by one GEMM into the diff, as Caffe's beta = 1 GEMM does.
+            if self.transpose:
+                matmul_add(x.T, dy, self.blobs[0].diff)
+            else:
+                matmul_add(dy.T, x, self.blobs[0].diff)
         if self.bias_term and grads[1]:
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:

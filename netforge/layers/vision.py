@@ -1231,6 +1231,8 @@ class LRNLayer(Layer):
         self.across = p.norm_region == pb.LRNParameter.ACROSS_CHANNELS
         self.k = p.k if self.across else 1.0
         self.norm = self.size if self.across else self.size * self.size
+        #: the axes a window spans: channels, or height and width
+        self.axes = (1,) if self.across else (2, 3)
         self.ws = Workspace()
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -1240,36 +1242,52 @@ class LRNLayer(Layer):
             )
         top[0].reshape(bottom[0].shape)
 
-    def _window_sum(self, a: Any) -> Any:
-        """The centred window sum of ``a`` (zero outside), across channels or in-plane."""
-        xp = self.xp
-        half, n = self.half, self.size
-        axes = (1,) if self.across else (2, 3)
-        for axis in axes:
-            shape = list(a.shape)
-            length = shape[axis]
-            shape[axis] += 2 * half
-            buf = self.ws.get(f"window{axis}", shape, a.dtype, xp, fill=0)
-            inner = [slice(None)] * 4
-            inner[axis] = slice(half, half + length)
-            buf[tuple(inner)] = a
-            total = None
-            for offset in range(n):
-                inner[axis] = slice(offset, offset + length)
-                part = buf[tuple(inner)]
-                total = part.copy() if total is None else xp.add(total, part, out=total)
-            a = total
-        return a
+    def _bordered(self, axis: int, shape: Sequence[int], dtype: Any) -> tuple[Any, Any]:
+        """The window buffer of ``axis``: ``shape`` with a zero border of half a window on
+        both sides of that axis (written once), and the view of its interior."""
+        padded = list(shape)
+        padded[axis] += 2 * self.half
+        buf = self.ws.get(f"window{axis}", padded, dtype, self.xp, fill=0)
+        index = [slice(None)] * len(shape)
+        index[axis] = slice(self.half, self.half + shape[axis])
+        return buf, buf[tuple(index)]
+
+    def _summand(self, shape: Sequence[int], dtype: Any) -> Any:
+        """Where to write the values ``_window_sum`` sums: the first buffer's interior."""
+        return self._bordered(self.axes[0], shape, dtype)[1]
+
+    def _window_sum(self, out: Any) -> None:
+        """Write into ``out`` the centred window sums (zero outside) of what ``_summand``
+        holds: across channels, or in-plane one axis after the other."""
+        xp, shape = self.xp, out.shape
+        for i, axis in enumerate(self.axes):
+            buf, _ = self._bordered(axis, shape, out.dtype)
+            last = i == len(self.axes) - 1
+            total = out if last else self._bordered(self.axes[i + 1], shape, out.dtype)[1]
+            index = [slice(None)] * len(shape)
+            for offset in range(self.size):
+                index[axis] = slice(offset, offset + shape[axis])
+                if offset == 0:
+                    xp.copyto(total, buf[tuple(index)])
+                else:
+                    xp.add(total, buf[tuple(index)], out=total)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        xp = self.xp
+        # Every intermediate lives in the workspace: CaffeNet's norm1 has 9 MB per array,
+        # and fresh temporaries that size fault their pages in at every pass.
+        xp, ws = self.xp, self.ws
         x = bottom[0].data
-        self.scale = self._window_sum(x * x)
+        xp.multiply(x, x, out=self._summand(x.shape, x.dtype))
+        self.scale = ws.get("scale", x.shape, x.dtype, xp)
+        self._window_sum(self.scale)
         self.scale *= self.alpha / self.norm
         self.scale += self.k
-        self.factor = xp.power(self.scale, -self.beta)
+        self.factor = xp.power(self.scale, -self.beta, out=ws.get("factor", x.shape, x.dtype, xp))
         # In place, backward reads x back as y · scale^β; keep the input instead.
-        self.input = x.copy() if top[0] is bottom[0] else None
+        self.input = None
+        if top[0] is bottom[0]:
+            self.input = ws.get("input", x.shape, x.dtype, xp)
+            xp.copyto(self.input, x)
         xp.multiply(x, self.factor, out=top[0].data)
 
     def backward(
@@ -1277,11 +1295,20 @@ class LRNLayer(Layer):
     ) -> None:
         if not propagate_down[0]:
             return
+        xp = self.xp
         dy, y = top[0].diff, top[0].data
         x = bottom[0].data if self.input is None else self.input
-        summed = self._window_sum(dy * y / self.scale)
-        coeff = -2.0 * self.alpha * self.beta / self.norm
-        bottom[0].diff[...] = dy * self.factor + coeff * x * summed
+        ratio = self._summand(dy.shape, dy.dtype)
+        xp.multiply(dy, y, out=ratio)
+        xp.divide(ratio, self.scale, out=ratio)
+        summed = self.ws.get("summed", dy.shape, dy.dtype, xp)
+        self._window_sum(summed)
+        summed *= x
+        summed *= -2.0 * self.alpha * self.beta / self.norm
+        # In place, dy is bottom's diff: each element is read before it is overwritten.
+        dx = bottom[0].diff
+        xp.multiply(dy, self.factor, out=dx)
+        dx += summed
 
 
 # -- crop ----------------------------------------------------------------------------------
