@@ -88,8 +88,9 @@ def test_matmul_add_falls_back_where_blas_cannot_take_the_operands() -> None:
 
 
 def test_matmul_add_reaches_the_gemm_of_numpys_openblas() -> None:
+    """numpy's wheels bundle scipy-openblas, whose ILP64 GEMM ``matmul_add`` must find. A
+    numpy built on another BLAS has no such symbol of its own; the expression serves there,
+    and the tests above cover it."""
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
-    if blas != "scipy-openblas":
-        pytest.skip(f"numpy is built with {blas}, not its own OpenBLAS")
-    assert _blas._gemm(np.dtype(np.float32)) is not None
-    assert _blas._gemm(np.dtype(np.float64)) is not None
+    found = [_blas._gemm(np.dtype(t)) is not None for t in (np.float32, np.float64)]
+    assert found == [True, True] or blas != "scipy-openblas", f"numpy's BLAS is {blas}"
