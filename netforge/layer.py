@@ -76,6 +76,11 @@ class Layer:
         self.blobs = ParamBlobs(self)
         #: per parameter blob: whether backward must compute its gradient (set by Net).
         self.param_propagate_down: list[bool] = []
+        #: Set by a backward that can bound its parameter gradients cheaply: per parameter
+        #: blob, an upper bound on the magnitude of what it added to the blob's diff (0 for
+        #: nothing added). None, the default, means unknown. A finite bound spares the
+        #: solver's finiteness check from reading that diff (``Net.param_diff_bounds``).
+        self.diff_bounds: list[float] | None = None
         self._device_rng: Any = None
 
     # -- contract ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ the whole net before any array is allocated (blobs allocate on first access).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,8 @@ class Net:
         self.params_lr: list[float] = []
         self.params_weight_decay: list[float] = []
         self.learnable_param_ids: list[tuple[str, int]] = []
+        #: per layer: the index into ``learnable_params`` of each of its parameter blobs
+        self._param_slots: list[list[int]] = []
         owners: dict[str, tuple[int, str]] = {}
         lr_set: list[bool] = []
         decay_set: list[bool] = []
@@ -217,12 +220,14 @@ class Net:
                     f"{len(layer.blobs)} parameter blob(s)"
                 )
             layer.param_propagate_down = []
+            slots = []
             for i in range(len(layer.blobs)):
                 spec = specs[i] if i < len(specs) else pb.ParamSpec()
                 param_needs_backward = spec.lr_mult != 0
                 needs_backward |= param_needs_backward
                 layer.param_propagate_down.append(param_needs_backward)
-                self._append_param(layer, i, spec, owners, lr_set, decay_set)
+                slots.append(self._append_param(layer, i, spec, owners, lr_set, decay_set))
+            self._param_slots.append(slots)
 
             self.layers.append(layer)
             self.layer_names.append(layer.name)
@@ -235,6 +240,7 @@ class Net:
                 blob_needs_backward[name] = needs_backward
         self.outputs = sorted(available)
         self._analyse_backward(blob_needs_backward)
+        self.param_diff_bounds = [math.inf] * len(self.learnable_params)
         # Caffe allows repeated layer names (mnist_autoencoder has two "loss" layers); lookups
         # by name find the first, as Caffe's CopyTrainedLayersFrom does.
         self.layer_dict = {}
@@ -261,8 +267,9 @@ class Net:
         owners: dict[str, tuple[int, str]],
         lr_set: list[bool],
         decay_set: list[bool],
-    ) -> None:
-        """Caffe's AppendParam: owners become learnable; sharers join their owner's blob."""
+    ) -> int:
+        """Caffe's AppendParam: owners become learnable; sharers join their owner's blob.
+        Returns the blob's index into ``learnable_params``."""
         blob = layer.blobs[index]
         if not spec.name or spec.name not in owners:
             if spec.name:
@@ -273,7 +280,7 @@ class Net:
             self.params_weight_decay.append(spec.decay_mult)
             lr_set.append(spec.HasField("lr_mult"))
             decay_set.append(spec.HasField("decay_mult"))
-            return
+            return len(self.learnable_params) - 1
         owner_index, owner_layer = owners[spec.name]
         owner = self.learnable_params[owner_index]
         permissive = spec.share_mode == pb.ParamSpec.PERMISSIVE
@@ -306,6 +313,7 @@ class Net:
                 )
             values[owner_index] = wanted
             was_set[owner_index] = True
+        return owner_index
 
     def _analyse_backward(self, blob_needs_backward: dict[str, bool]) -> None:
         """Caffe's reverse pass: layers that do not feed a loss skip backward."""
@@ -387,11 +395,16 @@ class Net:
                 blob.diff.fill(weight)
             if not self.layer_need_backward[i]:
                 continue
-            self.layers[i].backward(
+            layer = self.layers[i]
+            layer.diff_bounds = None
+            layer.backward(
                 self._blobs_of(self.top_names[i]),
                 self.bottom_need_backward[i],
                 self._blobs_of(self.bottom_names[i]),
             )
+            added = layer.diff_bounds or [math.inf] * len(layer.blobs)
+            for slot, bound in zip(self._param_slots[i], added):
+                self.param_diff_bounds[slot] += bound
             if self.debug_info:
                 self._log_backward(i)
 
@@ -582,6 +595,16 @@ class Net:
         return [layer.name for layer in frozen]
 
     # -- diagnostics and state -----------------------------------------------------------
+    def reset_param_diff_bounds(self, bound: float) -> None:
+        """Declare that every learnable parameter's diff is at most ``bound`` in magnitude:
+        0 right after the diffs were zeroed, infinity once something else wrote them.
+
+        ``param_diff_bounds`` holds, per learnable parameter, such a bound, to which each
+        backward adds what its layers report in ``Layer.diff_bounds`` (infinity for a layer
+        that reports nothing). A diff whose bound is finite and far from overflow holds no
+        NaN or infinity, so the solver's finiteness check need not read it."""
+        self.param_diff_bounds = [bound] * len(self.learnable_params)
+
     def first_nonfinite(self) -> tuple[str, str, str] | None:
         """The first (layer, blob, "data"|"diff") holding a NaN or infinity, in the order the
         values were computed: forward tops first, then backward diffs from the top down."""

@@ -74,6 +74,35 @@ def test_inner_product_weight_gradient_adds_to_the_diff(transpose):
     np.testing.assert_allclose(layer.blobs[0].diff, before + product, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_inner_product_bounds_its_gradients(transpose):
+    """``diff_bounds`` covers the largest magnitude backward adds to each diff (products near
+    float32's range, exact in float64 here) without being loose, is 0 for a gradient not
+    computed, and is not finite when an input is not."""
+    x, dy = rand(6, 8).astype(np.float32) * 1e18, rand(6, 5, seed=1).astype(np.float32) * 1e18
+    text = IP.format(n=5, extra=f"transpose: {str(transpose).lower()}")
+    layer, bottom, top = build(text, [x], dtype=np.float32)
+    forward(layer, bottom, top)
+
+    def bounds(x, dy, wanted=(True, True)):
+        bottom[0].data[...], top[0].diff[...] = x, dy
+        layer.param_propagate_down = list(wanted)
+        layer.backward(top, [False], bottom)
+        return layer.diff_bounds
+
+    weight, bias = bounds(x, dy)
+    product = dy.astype(np.float64).T @ x
+    assert np.abs(product).max() <= weight <= 1.01 * 6 * np.abs(dy).max() * np.abs(x).max()
+    assert np.abs(dy.astype(np.float64).sum(axis=0)).max() <= bias <= 1.01 * 6 * np.abs(dy).max()
+    assert bounds(x, dy, (False, True)) == [0.0, bias]
+    assert bounds(x, dy, (True, False)) == [weight, 0.0]
+    poisoned = x.copy()
+    poisoned[2, 3] = np.nan
+    assert np.isnan(bounds(poisoned, dy)[0])
+    dy[1, 1] = np.inf
+    assert bounds(x, dy)[1] == np.inf
+
+
 def test_inner_product_rejects_wrong_input_size():
     layer, bottom, top = build(IP.format(n=3, extra=""), [rand(2, 6)])
     bottom[0].reshape(2, 7)

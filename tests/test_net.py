@@ -158,6 +158,40 @@ def test_sharer_sets_lr_mult_for_owner() -> None:
     assert net.params_lr[0] == 3
 
 
+BOUNDED = """
+layer { name: "data" type: "Input" top: "a" top: "target"
+        input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 } } }
+layer { name: "ip_a" type: "InnerProduct" bottom: "a" top: "fa" param { name: "w" }
+        param { name: "bias" } inner_product_param { num_output: 4
+        weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "ip_b" type: "InnerProduct" bottom: "a" top: "fb" param { name: "w" }
+        param { name: "bias" } inner_product_param { num_output: 4 } }
+layer { name: "prelu" type: "PReLU" bottom: "fa" top: "fa" }
+layer { name: "sum" type: "Eltwise" bottom: "fa" bottom: "fb" top: "f" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "f" bottom: "target" top: "loss" }
+"""
+
+
+def test_param_diff_bounds_add_up_over_sharers_and_passes() -> None:
+    """Each backward adds to a learnable parameter's bound what its layers report (both
+    sharers of a weight), so the bound keeps covering the accumulating diff; a layer that
+    reports nothing (PReLU) leaves it infinite, as is every bound until a reset."""
+    net = net_from(BOUNDED, dtype=np.float32)
+    feed(net)
+    weight, bias, slope = net.learnable_params
+    assert net.param_diff_bounds == [np.inf] * 3
+    net.reset_param_diff_bounds(0.0)
+    net.forward_backward()
+    ip_a, ip_b = net.layer_dict["ip_a"], net.layer_dict["ip_b"]
+    first = list(net.param_diff_bounds)
+    assert first[:2] == [a + b for a, b in zip(ip_a.diff_bounds, ip_b.diff_bounds)]
+    assert first[2] == np.inf
+    assert 0 < np.abs(weight.diff).max() <= first[0] and 0 < np.abs(bias.diff).max() <= first[1]
+    net.forward_backward()
+    assert net.param_diff_bounds[:2] == pytest.approx([2 * b for b in first[:2]])
+    assert np.abs(weight.diff).max() <= net.param_diff_bounds[0]
+
+
 def test_construction_errors_name_the_layer() -> None:
     with pytest.raises(ConfigError, match=r"layer 'r'.*'missing'"):
         net_from('layer { name: "r" type: "ReLU" bottom: "missing" top: "y" }')

@@ -5,6 +5,7 @@ finiteness check sees a NaN in any block; restored or replaced arrays are picked
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -89,8 +90,10 @@ def test_nan_in_a_late_block_stops_before_the_update(tmp_path, small_blocks):
     passes = solver.net.forward_backward
 
     def poisoned() -> float:
+        """A backward that writes a NaN into the weight diff and bounds nothing."""
         loss = passes()
         weight.diff[0, 297] = np.nan
+        solver.net.param_diff_bounds[solver.net.learnable_params.index(weight)] = math.inf
         return loss
 
     solver.net.forward_backward = poisoned
@@ -98,6 +101,49 @@ def test_nan_in_a_late_block_stops_before_the_update(tmp_path, small_blocks):
         solver.step(1)
     np.testing.assert_array_equal(weight.data, before)
     assert solver.iter == 2
+
+
+def read_diffs(solver) -> list[str]:
+    """Run one iteration; return the names of the learnable parameters whose diffs the
+    finiteness check read."""
+    read = set()
+    total = solver._blocks.total
+
+    def spy(array):
+        for (layer, index), blob in zip(
+            solver.net.learnable_param_ids, solver.net.learnable_params
+        ):
+            if np.shares_memory(array, blob.diff):
+                read.add(f"{layer}/{index}")
+        return total(array)
+
+    solver._blocks.total = spy
+    solver.step(1)
+    return sorted(read)
+
+
+def test_check_reads_only_diffs_without_a_bound(tmp_path, small_blocks):
+    """InnerProduct bounds its gradients, so the check reads neither; a layer that reports
+    nothing has both read, and a NaN there still stops training."""
+    solver = make_solver(tmp_path, "SGD", dtype=np.float32)
+    assert read_diffs(solver) == []
+    layer = solver.net.layer_dict["innerprod"]
+    backward = layer.backward
+
+    def unbounded(*args):
+        backward(*args)
+        layer.diff_bounds = None
+
+    layer.backward = unbounded
+    assert read_diffs(solver) == ["innerprod/0", "innerprod/1"]
+
+    def poisoned(*args):
+        unbounded(*args)
+        layer.blobs[1].diff[0] = np.inf
+
+    layer.backward = poisoned
+    with pytest.raises(DivergenceError, match=r"param 1.*innerprod"):
+        solver.step(1)
 
 
 def test_restore_uses_the_restored_history(tmp_path, small_blocks):

@@ -67,6 +67,11 @@ def _weight_and_bias(layer: Layer, param: Any, weight_shape: tuple[int, ...], bi
         layer.blobs.append(layer.make_blob(shape, filler_or(param, filler)))
 
 
+def largest_magnitude(a: Any) -> float:
+    """max |a| as a Python float (0 for an empty array): NaN if ``a`` holds a NaN."""
+    return float(np.abs(a).max()) if a.size else 0.0
+
+
 def check_no_in_place(layer: Layer, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
     """Raise a ConfigError when a top is also a bottom (layers that forbid in-place)."""
     if any(t is b for t in top for b in bottom):
@@ -80,6 +85,11 @@ class InnerProductLayer(Layer):
 
     The weight is ``(num_output, K)``, or ``(K, num_output)`` with ``transpose``; the leading
     axes ``[0, axis)`` are kept and form the rows of one GEMM.
+
+    On numpy, backward reports ``diff_bounds`` for the weight and bias gradients from the
+    largest magnitudes of the top gradient and the bottom, which it reads in a fraction of
+    the time reading the weight gradient takes (CaffeNet's fc6: 0.4 M elements against
+    38 M), so the solver's finiteness check skips the largest diffs of a classifier.
     """
 
     bottoms = (1, 1)
@@ -123,9 +133,9 @@ class InnerProductLayer(Layer):
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
         dy = top[0].diff.reshape(self.m, self.num_output)
+        x = bottom[0].data.reshape(self.m, self.k)
         grads = self.param_propagate_down or [False] * len(self.blobs)
         if grads[0]:
-            x = bottom[0].data.reshape(self.m, self.k)
             # Accumulated by one GEMM into the diff, as Caffe's beta = 1 GEMM does.
             if self.transpose:
                 matmul_add(x.T, dy, self.blobs[0].diff)
@@ -133,6 +143,14 @@ class InnerProductLayer(Layer):
                 matmul_add(dy.T, x, self.blobs[0].diff)
         if self.bias_term and grads[1]:
             self.blobs[1].diff += dy.sum(axis=0)
+        if self.xp is np:  # on a GPU the bounds would cost a host sync each
+            # A weight gradient element sums m products dy·x, a bias one m values of dy;
+            # rounding grows the magnitude of such a sum by at most (1 + eps)^(m + 1).
+            terms = self.m * (1.0 + float(np.finfo(dy.dtype).eps)) ** (self.m + 1)
+            bias = terms * largest_magnitude(dy)
+            self.diff_bounds = [bias * largest_magnitude(x) if grads[0] else 0.0]
+            if self.bias_term:
+                self.diff_bounds.append(bias if grads[1] else 0.0)
         if propagate_down[0]:
             w = self.blobs[0].data
             dx = bottom[0].diff.reshape(self.m, self.k)
