@@ -240,6 +240,8 @@ class Net:
                 blob_needs_backward[name] = needs_backward
         self.outputs = sorted(available)
         self._analyse_backward(blob_needs_backward)
+        #: per learnable parameter, a bound on the magnitude of its diff (see
+        #: ``reset_param_diff_bounds``); unknown until the solver first zeroes the diffs
         self.param_diff_bounds = [math.inf] * len(self.learnable_params)
         # Caffe allows repeated layer names (mnist_autoencoder has two "loss" layers); lookups
         # by name find the first, as Caffe's CopyTrainedLayersFrom does.
