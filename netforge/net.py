@@ -240,9 +240,8 @@ class Net:
                 blob_needs_backward[name] = needs_backward
         self.outputs = sorted(available)
         self._analyse_backward(blob_needs_backward)
-        #: per learnable parameter, a bound on the magnitude of its diff (see
-        #: ``reset_param_diff_bounds``); unknown until the solver first zeroes the diffs
-        self.param_diff_bounds = [math.inf] * len(self.learnable_params)
+        # Unknown until the solver first zeroes the diffs.
+        self.reset_param_diff_bounds(math.inf)
         # Caffe allows repeated layer names (mnist_autoencoder has two "loss" layers); lookups
         # by name find the first, as Caffe's CopyTrainedLayersFrom does.
         self.layer_dict = {}
@@ -601,7 +600,7 @@ class Net:
         """Declare that every learnable parameter's diff is at most ``bound`` in magnitude:
         0 right after the diffs were zeroed, infinity once something else wrote them.
 
-        ``param_diff_bounds`` holds, per learnable parameter, such a bound, to which each
+        ``param_diff_bounds`` (a list) holds, per learnable parameter, such a bound, to which each
         backward adds what its layers report in ``Layer.diff_bounds`` (infinity for a layer
         that reports nothing). A diff whose bound is finite and far from overflow holds no
         NaN or infinity, so the solver's finiteness check need not read it."""

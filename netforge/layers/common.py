@@ -67,7 +67,7 @@ def _weight_and_bias(layer: Layer, param: Any, weight_shape: tuple[int, ...], bi
         layer.blobs.append(layer.make_blob(shape, filler_or(param, filler)))
 
 
-def largest_magnitude(a: Any) -> float:
+def _largest_magnitude(a: Any) -> float:
     """max |a| as a Python float (0 for an empty array): NaN if ``a`` holds a NaN."""
     return float(np.abs(a).max()) if a.size else 0.0
 
@@ -147,8 +147,8 @@ class InnerProductLayer(Layer):
             # A weight gradient element sums m products dy·x, a bias one m values of dy;
             # rounding grows the magnitude of such a sum by at most (1 + eps)^(m + 1).
             terms = self.m * (1.0 + float(np.finfo(dy.dtype).eps)) ** (self.m + 1)
-            bias = terms * largest_magnitude(dy)
-            self.diff_bounds = [bias * largest_magnitude(x) if grads[0] else 0.0]
+            bias = terms * _largest_magnitude(dy)
+            self.diff_bounds = [bias * _largest_magnitude(x) if grads[0] else 0.0]
             if self.bias_term:
                 self.diff_bounds.append(bias if grads[1] else 0.0)
         if propagate_down[0]:
