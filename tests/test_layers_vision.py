@@ -12,6 +12,8 @@ import pytest
 from netforge.backend import to_numpy
 from netforge.errors import ConfigError, ShapeError
 from netforge.layers import _threads, conv_ops, vision
+from netforge.layers.conv_rows import RowShiftConv
+from netforge.layers.conv_winograd import MAX_KERNEL_ROWS, TILE, WinogradRowConv, minimal_filtering
 from netforge.proto import pb
 from tests.harness import SEED, build, check_gradient, forward, run
 
@@ -208,18 +210,24 @@ ROW_SHIFT_CASES = [
     ((1, 3, 6, 7), "kernel_size: 2 kernel_size: 3 dilation: 2 dilation: 1", (0, 0), (2, 1), 1),
     ((2, 4, 5, 5), "kernel_size: 3 pad: 1 group: 4", (1, 1), (1, 1), 4),  # depthwise
     ((2, 2, 5, 6), "kernel_size: 2 pad: 3", (3, 3), (1, 1), 1),  # pad beyond the kernel
+    ((2, 3, 9, 8), "kernel_size: 5 pad: 2", (2, 2), (1, 1), 1),  # 9 rows: a part tile
+    ((1, 2, 8, 9), "kernel_h: 4 kernel_w: 3 pad_h: 1 pad_w: 2", (1, 2), (1, 1), 1),
+    ((2, 2, 6, 6), "kernel_size: 3 pad: 1", (1, 1), (1, 1), 1),  # top: twice the channels
 ]
 
 
+@pytest.mark.parametrize("winograd", [False, True])
 @pytest.mark.parametrize("waste", [0.0, 100.0])  # bottom gradient by adjoint / full correlation
 @pytest.mark.parametrize("shape,params,pad,dilation,group", ROW_SHIFT_CASES)
-def test_row_shift_convolution(monkeypatch, shape, params, pad, dilation, group, waste):
+def test_row_shift_convolution(monkeypatch, shape, params, pad, dilation, group, waste, winograd):
     monkeypatch.setattr(vision, "ROW_SHIFT_MIN_DEPTH", 0)
     monkeypatch.setattr(vision, "FULL_CORRELATION_WASTE", waste)
+    monkeypatch.setattr(vision, "WINOGRAD_MIN_ROWS", 1 if winograd else 1 << 30)
     x = RNG.normal(size=shape)
     text = _conv_text("Convolution", 4, params)
     layer, bottom, top = build(text, [x])
-    assert layer._rowshift is not None
+    kind = WinogradRowConv if winograd and WinogradRowConv.fits(layer.geom) else RowShiftConv
+    assert type(layer._rowshift) is kind
     full_possible = all(p <= d * (k - 1) for p, d, k in zip(pad, dilation, layer.geom.kernel))
     if waste == 0.0 or not full_possible:
         assert layer._rowshift_dx is None
@@ -247,23 +255,57 @@ def test_row_shift_convolution_in_batch_chunks(monkeypatch, kept):
 
 
 @pytest.mark.parametrize(
-    "channels,params,row_shift",
+    "channels,params,kind",
     [
-        (32, "kernel_size: 5 pad: 2", True),  # CIFAR-10 quick's conv2: depth 5·32
-        (20, "kernel_size: 5", True),  # LeNet's conv2: depth 5·20
-        (3, "kernel_size: 5 pad: 2", False),  # CIFAR-10 quick's conv1: depth 15, too thin
-        (32, "kernel_size: 5 pad: 2 stride: 2", False),
+        (32, "kernel_size: 5 pad: 2", WinogradRowConv),  # CIFAR-10 quick's conv2: depth 5·32
+        (20, "kernel_size: 5", WinogradRowConv),  # LeNet's conv2: depth 5·20, 8 rows out
+        (20, "kernel_size: 5 pad: 2 dilation: 2", RowShiftConv),  # dilated rows
+        (3, "kernel_size: 5 pad: 2", type(None)),  # CIFAR-10 quick's conv1: depth 15, too thin
+        (32, "kernel_size: 5 pad: 2 stride: 2", type(None)),
     ],
 )
-def test_row_shift_is_chosen_for_deep_stride_one_convolutions(channels, params, row_shift):
+def test_row_shift_is_chosen_for_deep_stride_one_convolutions(channels, params, kind):
     x = RNG.normal(size=(2, channels, 12, 12)).astype(np.float32)
     layer, bottom, top = build(_conv_text("Convolution", 8, params), [x], dtype=np.float32)
-    assert (layer._rowshift is not None) is row_shift
+    assert type(layer._rowshift) is kind
     (y,) = forward(layer, bottom, top)
     w, b = (p.data.astype(np.float64) for p in layer.blobs)
     geom = layer.geom
     ref = conv_reference(x.astype(np.float64), w, b, geom.stride, geom.pad, geom.dilation, 1)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", range(2, MAX_KERNEL_ROWS + 1))
+def test_minimal_filtering_computes_the_correlation(rows):
+    at, g, bt = minimal_filtering(TILE, rows)
+    filt, tile = RNG.normal(size=rows), RNG.normal(size=TILE + rows - 1)
+    expected = [filt @ tile[i : i + rows] for i in range(TILE)]
+    np.testing.assert_allclose(at @ ((g @ filt) * (bt @ tile)), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_winograd_float32_gradients_match_float64():
+    """F(4, 5) in float32 (CIFAR-10 quick's conv2, smaller): forward, bottom and filter
+    gradients within 1e-4 of the largest float64 value, the row shifts' own tolerance. The
+    float64 layer is the reference: the tests above pin it to the direct formula."""
+    x = RNG.normal(size=(3, 32, 10, 10))
+    dy = RNG.normal(size=(3, 8, 10, 10))
+    text = _conv_text("Convolution", 8, "kernel_size: 5 pad: 2")
+    results = {}
+    for dtype in (np.float32, np.float64):
+        layer, bottom, top = build(text, [x], dtype=dtype)
+        assert type(layer._rowshift) is WinogradRowConv
+        if dtype == np.float64:
+            for mine, theirs in zip(layer.blobs, results[np.float32][0].blobs):
+                mine.data = theirs.data.astype(np.float64)
+        (y,) = forward(layer, bottom, top)
+        top[0].diff = dy.astype(dtype)
+        for blob in layer.blobs:
+            blob.diff.fill(0)
+        layer.backward(top, [True], bottom)
+        results[dtype] = (layer, [y, bottom[0].diff.copy(), layer.blobs[0].diff.copy()])
+    for low, high in zip(results[np.float32][1], results[np.float64][1]):
+        assert low.dtype == np.float32
+        np.testing.assert_allclose(low, high, rtol=0, atol=1e-4 * np.abs(high).max())
 
 
 @pytest.mark.parametrize(

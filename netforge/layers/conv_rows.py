@@ -64,6 +64,12 @@ class RowShiftConv:
         """The shape ``weights`` gives the filters: (kh, group, kw·in_group, out_group)."""
         return (self.kernel[0], self.group, self.depth, self.out_group)
 
+    @property
+    def filters_shape(self) -> tuple[int, ...]:
+        """The shape of ``filters`` and of the filter gradients ``add_weight_gradient`` sums:
+        here ``stack_shape``."""
+        return self.stack_shape
+
     def items_size(self, n: int) -> int:
         """Elements of the ``rows`` matrix for ``n`` items."""
         return self.group * self.padded[0] * n * self.out[1] * self.depth
@@ -76,15 +82,25 @@ class RowShiftConv:
         xp = get_array_module(w)
         return xp.ascontiguousarray(stack).reshape(self.stack_shape)
 
+    def filters(self, w: Any) -> Any:
+        """The filters ``(group·out_group, in_group, kh, kw)`` as ``apply`` takes them, shaped
+        ``filters_shape``: here the ``weights`` stack."""
+        return self.weights(w)
+
     def weight_diff(self, stack: Any) -> Any:
-        """The inverse of ``weights``: a stack viewed as filters (num_output, in_group, kh, kw)."""
+        """The inverse of ``filters``: a filter gradient that ``add_weight_gradient`` summed
+        (shaped ``filters_shape``) as filters (num_output, in_group, kh, kw), here a view."""
         g, kh, kw = self.group, *self.kernel
         view = stack.reshape(kh, g, kw, self.in_group, self.out_group).transpose(1, 4, 3, 0, 2)
         return view.reshape(g * self.out_group, self.in_group, kh, kw)
 
     def rows_buffer(self, ws: Workspace, key: str, n: int, dtype: Any, xp: Any) -> Any:
+        """The workspace buffer ``key`` that ``rows`` fills for ``n`` items."""
+        return self._window_rows_buffer(ws, key, n, dtype, xp)
+
+    def _window_rows_buffer(self, ws: Workspace, key: str, n: int, dtype: Any, xp: Any) -> Any:
         """The workspace buffer ``key`` holding the window rows of ``n`` items, as the
-        ``(group, Hp·n·Wo, kw·in_group)`` matrix that ``rows`` fills."""
+        ``(group, Hp·n·Wo, kw·in_group)`` matrix."""
         shape = (self.group, self.padded[0], n, self.out[1], self.kernel[1], self.in_group)
         return ws.get(key, shape, dtype, xp).reshape(self.group, -1, self.depth)
 
@@ -104,7 +120,7 @@ class RowShiftConv:
             (g, hp, n, wo, kw, self.in_group),
             (self.in_group * s_c, s_y, s_n, s_x, self.dilation[1] * s_x, s_c),
         )
-        rows = self.rows_buffer(ws, key, n, x.dtype, xp)
+        rows = self._window_rows_buffer(ws, key, n, x.dtype, xp)
         xp.copyto(rows.reshape(window.shape), window)
         return rows
 
@@ -115,8 +131,9 @@ class RowShiftConv:
         return rows[:, start : start + self.out[0] * step]
 
     def apply(self, rows: Any, weights: Any, y: Any, bias: Any, ws: Workspace) -> None:
-        """Write the convolution of the items behind ``rows`` with the ``weights`` stack into
-        ``y`` (n, num_output, Ho, Wo), adding ``bias`` (num_output) unless it is None."""
+        """Write the convolution of the items behind ``rows`` with the filters ``weights``
+        (from ``filters``) into ``y`` (n, num_output, Ho, Wo), adding ``bias`` (num_output)
+        unless it is None."""
         xp = get_array_module(rows)
         n = y.shape[0]
         shape = (self.group, self.out[0] * n * self.out[1], self.out_group)
@@ -126,8 +143,14 @@ class RowShiftConv:
             term = ws.get("rowshift_term", shape, rows.dtype, xp)
             for i in range(1, len(weights)):
                 xp.add(acc, xp.matmul(self._shifted(rows, i, n), weights[i], out=term), out=acc)
-        (ho, wo), g = self.out, self.group
-        view = acc.reshape(g, ho, n, wo, self.out_group).transpose(2, 0, 4, 1, 3)
+        self._store(acc.reshape(self.group, self.out[0], n, self.out[1], self.out_group), y, bias)
+
+    def _store(self, out_rows: Any, y: Any, bias: Any) -> None:
+        """Copy the output rows ``(group, Ho, n, Wo, out_group)`` into ``y`` (n, num_output,
+        Ho, Wo), adding ``bias`` (num_output) unless it is None."""
+        xp = get_array_module(y)
+        (ho, wo), g, n = self.out, self.group, y.shape[0]
+        view = out_rows.transpose(2, 0, 4, 1, 3)
         target = y.reshape(n, g, self.out_group, ho, wo)
         if bias is None:
             xp.copyto(target, view)
@@ -147,7 +170,7 @@ class RowShiftConv:
         return dy_last
 
     def add_weight_gradient(self, rows: Any, dy_last: Any, stack: Any, ws: Workspace) -> None:
-        """Add the filter gradient of one chunk, in the ``weights`` layout, to ``stack``:
+        """Add the filter gradient of one chunk, in the ``filters`` layout, to ``stack``:
         for each kernel row i, (im2col matrix i)ᵀ · dy, with dy from ``channels_last``."""
         xp = get_array_module(rows)
         n = dy_last.shape[1] // (self.out[0] * self.out[1])
@@ -160,12 +183,15 @@ class RowShiftConv:
         """Write the bottom gradient ``dx`` (n, C, H, W) of one chunk: the adjoint of
         ``apply``. Kernel row i's share of the window rows, dy · W_iᵀ, is added into the
         block of rows it was read from; then each window row's kernel columns are added
-        back onto the padded pixels they copied, and the padding is cropped off."""
+        back onto the padded pixels they copied, and the padding is cropped off.
+        ``dy_last`` may go on past the output's rows (a tiled layout pads them); they are
+        not read."""
         xp = get_array_module(dx)
         n, c = dx.shape[:2]
         (ph, pw), (hp, wp), (kh, kw) = self.pad, self.padded, self.kernel
         g, block = self.group, self.out[0] * n * self.out[1]
-        d_rows = self.rows_buffer(ws, self.name + "_drows", n, dx.dtype, xp)
+        dy_last = dy_last[:, :block]
+        d_rows = self._window_rows_buffer(ws, self.name + "_drows", n, dx.dtype, xp)
         xp.matmul(dy_last, stack[0].transpose(0, 2, 1), out=d_rows[:, :block])
         d_rows[:, block:] = 0
         term = ws.get("rowshift_dterm", (g, block, self.depth), dx.dtype, xp)
@@ -194,7 +220,7 @@ class RowShiftConv:
             return None
         geom = Geometry(self.kernel, (1, 1), pad, self.dilation)
         channels, num_output = self.group * self.out_group, self.group * self.in_group
-        return RowShiftConv(channels, num_output, self.group, geom, self.out, self.name + "_dx")
+        return type(self)(channels, num_output, self.group, geom, self.out, self.name + "_dx")
 
     def transposed_filters(self, w: Any) -> Any:
         """The filters of ``data_gradient_conv``, as a view of this convolution's filters

@@ -38,6 +38,7 @@ from netforge.layers.conv_ops import (
     windows,
 )
 from netforge.layers.conv_rows import RowShiftConv
+from netforge.layers.conv_winograd import TILE, WinogradRowConv
 from netforge.proto import pb
 
 #: Most elements one column buffer holds (128 MiB of float32); larger batches run in chunks.
@@ -56,6 +57,10 @@ KEPT_COLUMNS = 1 << 25
 #: GEMMs are too thin: CIFAR-10 quick's conv1 (3 channels, depth 15) is faster with im2col,
 #: its conv2 (depth 160) and LeNet's conv2 (depth 100) are faster with shifts.
 ROW_SHIFT_MIN_DEPTH = 64
+
+#: Least output rows at which a row-shift Convolution uses Winograd's F(4, kh) along the rows
+#: (``conv_winograd``): one tile's worth, so that a tile wastes at most its last rows.
+WINOGRAD_MIN_ROWS = TILE
 
 #: Most bottom pixels per top pixel at which the row-shift Convolution computes its bottom
 #: gradient as a full correlation rather than as the adjoint of forward (see
@@ -245,14 +250,21 @@ class _ConvolutionBase(Layer):
 
     def _row_shift_conv(self, spatial: Sequence[int]) -> RowShiftConv | None:
         """The kernel-row-shift form of this convolution (``conv_rows``) where it applies
-        and pays: numpy, 2-D, stride 1, GEMMs at least ``ROW_SHIFT_MIN_DEPTH`` deep."""
+        and pays: numpy, 2-D, stride 1, GEMMs at least ``ROW_SHIFT_MIN_DEPTH`` deep; with
+        Winograd's transform along the rows (``conv_winograd``) where that applies and the
+        output has at least ``WINOGRAD_MIN_ROWS`` rows."""
         geom = self.geom
         if self.xp is not np or self.transposed or len(geom.kernel) != 2:
             return None
         if geom.stride != (1, 1):
             return None
-        conv = RowShiftConv(self.channels, self.num_output, self.group, geom, tuple(spatial))
-        return conv if conv.depth >= ROW_SHIFT_MIN_DEPTH else None
+        args = (self.channels, self.num_output, self.group, geom, tuple(spatial))
+        conv = RowShiftConv(*args)
+        if conv.depth < ROW_SHIFT_MIN_DEPTH:
+            return None
+        if WinogradRowConv.fits(geom) and conv.out[0] >= WINOGRAD_MIN_ROWS:
+            return WinogradRowConv(*args)
+        return conv
 
     @staticmethod
     def _full_correlation(conv: RowShiftConv) -> RowShiftConv | None:
@@ -263,9 +275,12 @@ class _ConvolutionBase(Layer):
         an unpadded convolution of a small image (LeNet's conv2, 12×12 → 8×8: 2.1 ms
         against 3.6 ms for the layer's backward) and where the top has at least twice the
         bottom's channels (CIFAR-10 quick's conv3: 5.5 ms against 6.4 ms); the same rule
-        as ``_full_geom`` on the im2col path."""
+        as ``_full_geom`` on the im2col path. With Winograd's transform the full
+        correlation's GEMMs shrink as forward's do and the channel rule no longer holds
+        (conv3: 4.3–4.5 ms against 4.7–4.8 ms for the adjoint)."""
         full = conv.data_gradient_conv()
-        if full is None or conv.out_group >= 2 * conv.in_group:
+        thin = conv.out_group >= 2 * conv.in_group and not isinstance(conv, WinogradRowConv)
+        if full is None or thin:
             return None
         if math.prod(conv.spatial) > FULL_CORRELATION_WASTE * math.prod(conv.out):
             return None
@@ -367,7 +382,7 @@ class _ConvolutionBase(Layer):
         weights = self._weights(self.blobs[0].data)
         bias = self.blobs[1].data if self.bias_term else None
         conv = self._rowshift
-        stack = conv.weights(self.blobs[0].data) if conv is not None else None
+        stack = conv.filters(self.blobs[0].data) if conv is not None else None
         # Blob memory is allocated on first access: touch it here, not in the workers.
         for b, t in zip(bottom, top):
             if self.transposed:
@@ -443,11 +458,11 @@ class _ConvolutionBase(Layer):
         the top gradient or as the adjoint of forward (``_full_correlation`` decides)."""
         conv, full = self._rowshift, self._rowshift_dx
         w = self.blobs[0].data
-        parts = self._weight_gradient_parts(conv.stack_shape) if want_w else None
+        parts = self._weight_gradient_parts(conv.filters_shape) if want_w else None
         adjoint = dx_all is not None and full is None
         stack = conv.weights(w) if adjoint else None
         stack_full = (
-            full.weights(conv.transposed_filters(w)) if dx_all is not None and full else None
+            full.filters(conv.transposed_filters(w)) if dx_all is not None and full else None
         )
 
         def work(start: int, stop: int, ws: Workspace) -> None:
