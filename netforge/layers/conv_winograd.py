@@ -14,15 +14,19 @@ Convolutional Neural Networks", 2016). Here each product is a GEMM:
 - ``Aᵀ`` maps the points of a tile back to its m output rows.
 
 With m = 4, CIFAR-10 quick's 5×5 convolutions run 8 GEMMs per 4 output rows where the row
-shifts run 20: 2.5× fewer FLOPs. The filter gradient is the same computation transposed
-(``Gᵀ`` of the sum over tiles of the transformed window rows times the ``A``-transformed top
-gradient), and the bottom gradient is either the full correlation, itself a
-``WinogradRowConv``, or the adjoint of the plain row shifts (``RowShiftConv``'s).
+shifts run 20: 2.5× fewer FLOPs. Measured with ``netforge time``'s per-layer split on 2 cores,
+its conv2 takes 13 ms (forward + backward) against 18.4 ms with the row shifts, and a
+CaffeNet iteration's layers 484 ms against 554.
 
-The transforms use the points 0, ±1, ±2, ±1/2 and ∞, which keep float32 results within a
-few ulps of the largest output (measured relative error 2e-6 on CIFAR-10 quick's conv2,
-against 3e-7 for the row shifts); kernels taller than ``MAX_KERNEL_ROWS`` would need points
-that lose more, and keep the row shifts.
+The filter gradient is the same computation transposed (``Gᵀ`` of the sum over tiles of the
+transformed window rows times the ``A``-transformed top gradient), and the bottom gradient
+is either the full correlation, itself a ``WinogradRowConv``, or the adjoint of the plain
+row shifts (``RowShiftConv``'s).
+
+The transforms use the points 0, ±1, ±2, ±1/2 and ∞. In float32 they keep results within
+about 2e-6 of the largest output's magnitude (measured on CIFAR-10 quick's conv2, against
+3e-7 for the row shifts); kernels taller than ``MAX_KERNEL_ROWS`` would need points that
+lose more, and keep the row shifts.
 """
 
 from __future__ import annotations

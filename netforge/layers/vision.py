@@ -59,7 +59,8 @@ KEPT_COLUMNS = 1 << 25
 ROW_SHIFT_MIN_DEPTH = 64
 
 #: Least output rows at which a row-shift Convolution uses Winograd's F(4, kh) along the rows
-#: (``conv_winograd``): one tile's worth, so that a tile wastes at most its last rows.
+#: (``conv_winograd``): one tile's worth; with fewer, the one tile computes mostly rows that
+#: are cropped off.
 WINOGRAD_MIN_ROWS = TILE
 
 #: Most bottom pixels per top pixel at which the row-shift Convolution computes its bottom
