@@ -23,7 +23,7 @@ and one large GEMM suit cuBLAS better.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from netforge.backend import get_array_module
 from netforge.layers.conv_ops import Geometry, Workspace
@@ -32,6 +32,12 @@ from netforge.layers.conv_ops import Geometry, Workspace
 class RowShiftConv:
     """A stride-1 2-D convolution of ``channels`` → ``num_output`` channels in ``group``
     groups, on inputs of spatial size ``spatial``, computed by kernel-row shifts."""
+
+    #: Whether the adjoint of forward (``data_gradient``) computes the bottom gradient faster
+    #: than the full correlation (``data_gradient_conv``) where the top has at least twice
+    #: the bottom's channels: the correlation's GEMMs then have the bottom's few channels as
+    #: their short side (CIFAR-10 quick's conv3: 5.5 ms against 6.4 ms).
+    adjoint_for_wide_tops: ClassVar[bool] = True
 
     def __init__(
         self,

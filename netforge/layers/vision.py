@@ -275,13 +275,11 @@ class _ConvolutionBase(Layer):
         top pixel, with the bottom's channels as their short side. So the adjoint wins on
         an unpadded convolution of a small image (LeNet's conv2, 12×12 → 8×8: 2.1 ms
         against 3.6 ms for the layer's backward) and where the top has at least twice the
-        bottom's channels (CIFAR-10 quick's conv3: 5.5 ms against 6.4 ms); the same rule
-        as ``_full_geom`` on the im2col path. With Winograd's transform the full
-        correlation's GEMMs shrink as forward's do and the channel rule no longer holds
-        (conv3: 4.3–4.5 ms against 4.7–4.8 ms for the adjoint)."""
+        bottom's channels where the form says so (``adjoint_for_wide_tops``; the same rule
+        as ``_full_geom`` on the im2col path)."""
         full = conv.data_gradient_conv()
-        thin = conv.out_group >= 2 * conv.in_group and not isinstance(conv, WinogradRowConv)
-        if full is None or thin:
+        wide_top = conv.out_group >= 2 * conv.in_group
+        if full is None or (wide_top and conv.adjoint_for_wide_tops):
             return None
         if math.prod(conv.spatial) > FULL_CORRELATION_WASTE * math.prod(conv.out):
             return None
