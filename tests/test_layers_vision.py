@@ -487,6 +487,26 @@ def test_max_pooling_first_maximum_wins():
 
 
 @pytest.mark.parametrize("kernel,stride,pad,ceil", POOL_CASES)
+def test_max_pooling_ties_go_to_the_first_maximum_in_scan_order(kernel, stride, pad, ceil):
+    # Three levels over a 9x10 plane, as after a ReLU: most windows hold several maxima.
+    x = RNG.integers(0, 3, size=(3, 2, 9, 10)).astype(np.float32)
+    text = _pool_text("MAX", kernel, stride, pad, ceil)
+    layer, bottom, top = build(text, [x], num_tops=2, dtype=np.float32)
+    y, mask = forward(layer, bottom, top)
+    ref, ref_mask = pool_reference(x.astype(np.float64), kernel, stride, pad, "MAX", ceil)
+    np.testing.assert_array_equal(y, ref)
+    np.testing.assert_array_equal(mask, ref_mask)
+    dy = RNG.normal(size=ref.shape).astype(np.float32)
+    expected = np.zeros((3 * 2, 9 * 10))
+    np.add.at(
+        expected, (np.arange(6)[:, None], ref_mask.reshape(6, -1).astype(int)), dy.reshape(6, -1)
+    )
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    np.testing.assert_allclose(bottom[0].diff, expected.reshape(x.shape), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,pad,ceil", POOL_CASES)
 def test_ave_pooling_forward_and_gradient(backend, kernel, stride, pad, ceil):
     x = RNG.normal(size=(2, 3, 7, 8))
     text = _pool_text("AVE", kernel, stride, pad, ceil)

@@ -804,17 +804,16 @@ class PoolingLayer(Layer):
             row_arg = ws.get(f"row_arg{start}", (size,), dtype, np)
             greater = ws.get("greater", (size,), np.bool_, np)
             step = ws.get("step", (size,), dtype, np)
-            for k in range(kw):
-                view = lay.column_view(phases, k, size)
-                _running_max(k, view, row_max, row_arg, greater, step)
+            columns = [lay.column_view(phases, k, size) for k in range(kw)]
+            _first_maximum(columns, row_max, row_arg, greater, step)
             row_max = row_max.reshape(lay.rows, count, lay.width)
             shape = (self.out[0], count, lay.width)
             best = ws.get("best", shape, x.dtype, np)
             arg = ws.get(f"arg{start}", shape, dtype, np)
             greater, step = greater[: best.size].reshape(shape), step[: best.size].reshape(shape)
             span = sh * (self.out[0] - 1) + 1
-            for k in range(kh):
-                _running_max(k, row_max[k : k + span : sh], best, arg, greater, step)
+            rows = [row_max[k : k + span : sh] for k in range(kh)]
+            _first_maximum(rows, best, arg, greater, step)
             out = top_all[start:stop].reshape(count, *self.out)
             out[...] = best[..., : self.out[1]].transpose(1, 0, 2)
             if mask_all is not None:
@@ -1026,25 +1025,33 @@ class PoolingLayer(Layer):
         lay.store(phases, diff_all[start:stop])
 
 
-def _running_max(k: int, view: Any, best: Any, arg: Any, greater: Any, step: Any) -> None:
-    """Fold offset ``k`` of a window into the running maximum ``best`` and its first offset
-    ``arg``: strictly greater wins, so the first maximum stays, as in Caffe. The argmax update
-    is arithmetic, arg += greater·(k − arg) (modular in the unsigned type), because masked
-    copies with random masks run several times slower (branch mispredictions)."""
-    if k == 0:
-        np.copyto(best, view)
+def _first_maximum(views: Sequence[Any], best: Any, arg: Any, greater: Any, step: Any) -> None:
+    """The element-wise maximum of ``views`` into ``best``, and into ``arg`` the index of the
+    first view that holds it: a later view wins only if strictly greater, as in Caffe.
+
+    The first two views are compared with each other directly, so nothing is copied in to
+    start from. Since the offsets only grow, offset k wins exactly where k·(view > best)
+    exceeds the index so far: ``arg = maximum(arg, k·greater)``, two cheap same-type passes,
+    where a masked copy with random masks runs several times slower (branch mispredictions).
+    ``greater`` (bool) and ``step`` (``arg``'s dtype) are scratch of ``best``'s size.
+    """
+    if len(views) == 1:
+        np.copyto(best, views[0])
         arg.fill(0)
         return
-    if k == 1:
-        np.greater(view, best, out=arg.view(np.bool_) if arg.itemsize == 1 else greater)
-        if arg.itemsize != 1:
-            np.copyto(arg, greater)
+    first, second = views[0], views[1]
+    if arg.itemsize == 1:
+        np.greater(second, first, out=arg.view(np.bool_))
     else:
+        np.greater(second, first, out=greater)
+        np.copyto(arg, greater)
+    np.maximum(first, second, out=best)
+    flags = greater.view(np.uint8)
+    for k, view in enumerate(views[2:], start=2):
         np.greater(view, best, out=greater)
-        np.subtract(arg.dtype.type(k), arg, out=step)
-        np.multiply(step, greater, out=step)
-        np.add(arg, step, out=arg)
-    np.maximum(best, view, out=best)
+        np.multiply(flags, arg.dtype.type(k), out=step)
+        np.maximum(arg, step, out=arg)
+        np.maximum(best, view, out=best)
 
 
 class _PhaseLayout(NamedTuple):
