@@ -72,7 +72,8 @@ def bench(name: str, rounds: int, seconds: float) -> dict:
     trainer = NetforgeTrainer(BENCHES[name])
     net = trainer.solver.net
     layers_and_solver = net.forward_backward
-    floor = traffic_floor(sum(blob.count for blob in net.learnable_params))
+    params = sum(blob.count for blob in net.learnable_params)
+    floor = traffic_floor(params)
 
     def training(iterations: int) -> tuple[float, float]:
         trainer.reset_clock()
@@ -103,7 +104,7 @@ def bench(name: str, rounds: int, seconds: float) -> dict:
         figures["alone"].append(solver_alone(alone_iterations))
         figures["floor"].append(seconds_per_call(floor, floor_passes))
     ms = {k: statistics.median(v) * 1000 for k, v in figures.items()}
-    return {"net": name, "params": sum(b.count for b in net.learnable_params), **ms}
+    return {"net": name, "params": params, **ms}
 
 
 def main() -> None:

@@ -762,20 +762,9 @@ class PoolingLayer(Layer):
             best, arg = best_all[start:stop], self.argmax[start:stop]
             greater = ws.get("greater", best.shape, np.bool_, xp)
             step = ws.get("step", best.shape, dtype, xp)
-            for number, view in self._windows(self._padded(x[start:stop], lowest, ws)):
-                if number == 0:
-                    best[...] = view
-                    arg.fill(0)
-                    continue
-                # Strictly greater: the first maximum in scan order wins, as in Caffe. The
-                # argmax update is arithmetic, arg += greater·(number − arg) (modular in the
-                # unsigned type), because masked copies with random masks run several times
-                # slower on the CPU (branch mispredictions).
-                xp.greater(view, best, out=greater)
-                xp.maximum(best, view, out=best)
-                xp.subtract(dtype(number), arg, out=step)
-                xp.multiply(step, greater.view(np.uint8), out=step)
-                xp.add(arg, step, out=arg)
+            padded = self._padded(x[start:stop], lowest, ws)
+            views = [view for _, view in self._windows(padded)]
+            _first_maximum(xp, views, best, arg, greater, step)
 
         self._run(work)
         if len(top) > 1:
@@ -805,7 +794,7 @@ class PoolingLayer(Layer):
             greater = ws.get("greater", (size,), np.bool_, np)
             step = ws.get("step", (size,), dtype, np)
             columns = [lay.column_view(phases, k, size) for k in range(kw)]
-            _first_maximum(columns, row_max, row_arg, greater, step)
+            _first_maximum(np, columns, row_max, row_arg, greater, step)
             row_max = row_max.reshape(lay.rows, count, lay.width)
             shape = (self.out[0], count, lay.width)
             best = ws.get("best", shape, x.dtype, np)
@@ -813,7 +802,7 @@ class PoolingLayer(Layer):
             greater, step = greater[: best.size].reshape(shape), step[: best.size].reshape(shape)
             span = sh * (self.out[0] - 1) + 1
             rows = [row_max[k : k + span : sh] for k in range(kh)]
-            _first_maximum(rows, best, arg, greater, step)
+            _first_maximum(np, rows, best, arg, greater, step)
             out = top_all[start:stop].reshape(count, *self.out)
             out[...] = best[..., : self.out[1]].transpose(1, 0, 2)
             if mask_all is not None:
@@ -1025,7 +1014,9 @@ class PoolingLayer(Layer):
         lay.store(phases, diff_all[start:stop])
 
 
-def _first_maximum(views: Sequence[Any], best: Any, arg: Any, greater: Any, step: Any) -> None:
+def _first_maximum(
+    xp: Any, views: Sequence[Any], best: Any, arg: Any, greater: Any, step: Any
+) -> None:
     """The element-wise maximum of ``views`` into ``best``, and into ``arg`` the index of the
     first view that holds it: a later view wins only if strictly greater, as in Caffe.
 
@@ -1036,22 +1027,22 @@ def _first_maximum(views: Sequence[Any], best: Any, arg: Any, greater: Any, step
     ``greater`` (bool) and ``step`` (``arg``'s dtype) are scratch of ``best``'s size.
     """
     if len(views) == 1:
-        np.copyto(best, views[0])
+        xp.copyto(best, views[0])
         arg.fill(0)
         return
     first, second = views[0], views[1]
     if arg.itemsize == 1:
-        np.greater(second, first, out=arg.view(np.bool_))
+        xp.greater(second, first, out=arg.view(np.bool_))
     else:
-        np.greater(second, first, out=greater)
-        np.copyto(arg, greater)
-    np.maximum(first, second, out=best)
+        xp.greater(second, first, out=greater)
+        xp.copyto(arg, greater)
+    xp.maximum(first, second, out=best)
     flags = greater.view(np.uint8)
     for k, view in enumerate(views[2:], start=2):
-        np.greater(view, best, out=greater)
-        np.multiply(flags, arg.dtype.type(k), out=step)
-        np.maximum(arg, step, out=arg)
-        np.maximum(best, view, out=best)
+        xp.greater(view, best, out=greater)
+        xp.multiply(flags, arg.dtype.type(k), out=step)
+        xp.maximum(arg, step, out=arg)
+        xp.maximum(best, view, out=best)
 
 
 class _PhaseLayout(NamedTuple):
