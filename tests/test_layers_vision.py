@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -335,6 +337,24 @@ def test_run_chunks_covers_every_chunk_once_and_restores_blas_threads():
     workers = min(_threads.WORKERS, len(chunks))
     assert all(worker == start % workers for start, worker in calls)
     assert _threads._set_blas_threads(before) == before
+
+
+def test_run_chunks_runs_worker_zero_here_and_lets_the_others_finish_when_it_fails(monkeypatch):
+    monkeypatch.setattr(_threads, "WORKERS", 2)
+    monkeypatch.setattr(_threads, "_pool", None)  # a fresh pool of WORKERS - 1 threads
+    threads, finished = {}, []
+
+    def work(start, stop, worker):
+        threads.setdefault(worker, threading.get_ident())
+        if worker == 0:
+            raise RuntimeError("worker 0 failed")
+        time.sleep(0.02)  # still running when worker 0 fails
+        finished.append(start)
+
+    with pytest.raises(RuntimeError, match="worker 0 failed"):
+        _threads.run_chunks(np, work, [(i, i + 1) for i in range(6)])
+    assert threads[0] == threading.get_ident() != threads[1]
+    assert finished == [1, 3, 5]
 
 
 def test_workspace_serves_smaller_chunks_from_one_buffer():

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
 from test_solver import CASES, TYPE_SETTINGS, make_solver, record_losses, reference_run
 
+from netforge.blob import Blob
 from netforge.errors import DivergenceError
 from netforge.proto import pb
 from netforge.solvers import blocks
@@ -212,3 +215,25 @@ def test_sgd_diffs_seen_mid_step_hold_the_step(tmp_path, how):
     for diff, expected in zip(diffs, reference.net.learnable_params, strict=True):
         assert diff.any()
         np.testing.assert_array_equal(diff, expected.diff.ravel())
+
+
+def test_the_caller_runs_a_lane_and_an_error_waits_for_every_lane(small_blocks, monkeypatch):
+    monkeypatch.setattr(blocks.os, "cpu_count", lambda: 3)
+    weights = Blob((300,), np.float64)
+    params = blocks.ParamBlocks(np, np.float64)
+    cut = params.blocks([weights], [np.zeros(300)])
+    assert len(cut) == 43 and params._threads == 3
+    caller, lanes, done = threading.get_ident(), set(), []
+
+    def work(block, scratch):
+        lanes.add(threading.get_ident())
+        if threading.get_ident() == caller:
+            raise RuntimeError("caller's lane failed")
+        time.sleep(0.002)
+        done.append(block)
+
+    with pytest.raises(RuntimeError, match="caller's lane failed"):
+        params.run(cut, work)
+    assert caller in lanes and len(lanes) == 3
+    # The pool's lanes ran every other block before the error came out.
+    assert len(done) == 42

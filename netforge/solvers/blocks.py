@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -115,7 +115,8 @@ class ParamBlocks:
         ]
         self._ones = np.ones(size, self.dtype) if self.xp is np else None
         if threads > 1 and threads != self._threads:
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="netforge-update")
+            # The calling thread is one of the ``threads`` (see ``run``).
+            self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="netforge-update")
         self._threads = threads
 
     def total(self, array: Any) -> Any:
@@ -129,8 +130,9 @@ class ParamBlocks:
 
     def run(self, blocks: list[Block], work: Callable[[Block, tuple[Any, Any]], Any]) -> list[Any]:
         """``work(block, scratch)`` for every block, on threads when there are several; the
-        results, in block order on one thread, in no fixed order on several. An exception
-        in a thread is raised here."""
+        results, in block order on one thread, in no fixed order on several. The calling
+        thread claims blocks too, rather than sleeping while the pool's threads wake up. An
+        exception in a thread is raised here."""
         if self._threads == 1:
             return [work(block, block.scratch[0]) for block in blocks]
         assert self._pool is not None
@@ -144,8 +146,12 @@ class ParamBlocks:
                 results.append(work(block, block.scratch[thread]))
             return results
 
-        futures = [self._pool.submit(lane, t) for t in range(self._threads)]
-        return [result for future in futures for result in future.result()]
+        futures = [self._pool.submit(lane, t) for t in range(1, self._threads)]
+        try:
+            results = lane(0)
+        finally:
+            wait(futures)  # the others still use the blocks even when this lane failed
+        return results + [result for future in futures for result in future.result()]
 
 
 def _views(scratch: tuple[Any, Any], like: Any) -> tuple[Any, Any]:
