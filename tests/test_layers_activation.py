@@ -9,6 +9,7 @@ import pytest
 from netforge.backend import to_numpy
 from netforge.blob import Blob
 from netforge.errors import ConfigError, ShapeError
+from netforge.layers import activation
 from netforge.proto import pb
 from tests.harness import SEED, build, check_gradient, forward, run
 
@@ -293,6 +294,20 @@ def test_relu_backward_formula(backend):
     top[0].diff = backend.asarray(dy)
     layer.backward(top, [True], bottom)
     np.testing.assert_allclose(to_numpy(bottom[0].diff), np.where(x > 0, dy, 0.2 * dy))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_zero_operand_grows_with_the_input_and_stays_zero(dtype):
+    for shape, slope in [((2, 3), 0.0), ((4, 5, 6, 7), 0.0), ((3, 70, 7), -0.5)]:
+        x = gaussian(shape, seed=len(shape)).astype(dtype)
+        text = f'type: "ReLU" relu_param {{ negative_slope: {slope} }}'
+        (y,) = run(text, [x], dtype=dtype)
+        expected = np.maximum(x, 0) + slope * np.minimum(x, 0)
+        np.testing.assert_allclose(
+            y, expected.astype(dtype), rtol=1e-6 if dtype == np.float32 else 0
+        )
+        zeros = activation._ZEROS[np.dtype(dtype)]
+        assert zeros.size >= x.size and not zeros.flags.writeable and not zeros.any()
 
 
 def test_threshold_has_no_backward(backend):

@@ -76,17 +76,42 @@ def _sigmoid(xp: Any, x: Any, out: Any = None) -> Any:
     return out
 
 
+#: Per dtype, a read-only flat array of zeros, grown as needed (``_zeros_like``).
+_ZEROS: dict[np.dtype, np.ndarray] = {}
+
+
+def _zeros_like(xp: Any, x: Any) -> Any:
+    """Zero as the second operand of ``maximum`` / ``minimum`` with ``x``: on numpy a zero
+    array of x's shape, on other array modules the scalar.
+
+    numpy 2.4 runs ``maximum`` and ``minimum`` through SIMD loops only when both operands are
+    arrays: ``np.maximum(x, 0)`` on 819 K float32 values (CIFAR-10 quick's relu1) takes 270
+    µs, ``np.maximum(x, zeros)`` 56-87 µs on this 2-core machine. The zeros cost no memory
+    traffic: ``np.zeros`` gets fresh pages from the kernel, which map one shared zero page
+    until written, and this array is never written.
+    """
+    if xp is not np:
+        return 0
+    zeros = _ZEROS.get(x.dtype)
+    if zeros is None or zeros.size < x.size:
+        zeros = np.zeros(x.size, x.dtype)
+        zeros.flags.writeable = False
+        _ZEROS[x.dtype] = zeros
+    return zeros[: x.size].reshape(x.shape)
+
+
 # The element-wise layers below write into the top's (or bottom diff's) buffer with ``out=``
 # and use Caffe's branch-free arithmetic, (x > 0) + slope·(x ≤ 0), rather than ``where``:
 # on the CPU, fresh temporaries (page faults) and data-dependent selection cost 3-10x more.
 def _leaky(xp: Any, x: Any, slope: Any, out: Any) -> None:
     """out = max(x, 0) + slope·min(x, 0); ``out`` may be ``x``."""
+    zero = _zeros_like(xp, x)
     if isinstance(slope, float) and slope == 0:
-        xp.maximum(x, 0, out=out)
+        xp.maximum(x, zero, out=out)
         return
-    negative_part = xp.minimum(x, 0)
+    negative_part = xp.minimum(x, zero)
     negative_part *= slope
-    xp.maximum(x, 0, out=out)
+    xp.maximum(x, zero, out=out)
     out += negative_part
 
 
