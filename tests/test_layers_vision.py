@@ -372,6 +372,25 @@ def test_workspace_serves_smaller_chunks_from_one_buffer():
     np.testing.assert_array_equal(other, -1)
 
 
+@pytest.mark.parametrize(
+    "cols, itemsize, stride",
+    [(13312, 4, 13328), (18432, 4, 18448), (75, 4, 80), (80, 4, 80), (1, 4, 16), (100, 8, 104)],
+)
+def test_gemm_rows_are_an_odd_number_of_cache_lines_apart(cols, itemsize, stride):
+    assert conv_ops.gemm_row_stride(cols, itemsize) == stride
+    assert stride >= cols and (stride * itemsize) % 64 == 0 and (stride * itemsize // 64) % 2 == 1
+
+
+def test_workspace_matrix_rows_are_padded_views_that_split_without_copying():
+    ws = conv_ops.Workspace()
+    matrix = ws.matrix("m", 6, 13312, np.float32, np)
+    assert matrix.shape == (6, 13312) and matrix.strides == (13328 * 4, 4)
+    split = matrix.reshape(2, 3, 13, 1024)
+    split[...] = np.arange(split.size, dtype=np.float32).reshape(split.shape)
+    np.testing.assert_array_equal(matrix.reshape(-1), np.arange(matrix.size, dtype=np.float32))
+    assert ws.matrix("m", 3, 100, np.float32, np).base is matrix.base  # one buffer, reused
+
+
 def test_convolution_chunks_are_cache_sized_and_results_reproducible():
     x = RNG.normal(size=(9, 8, 12, 12)).astype(np.float32)
     text = _conv_text("Convolution", 16, "kernel_size: 3 pad: 1")

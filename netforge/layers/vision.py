@@ -307,20 +307,24 @@ class _ConvolutionBase(Layer):
         columns for backward, else one shared by the worker's chunks."""
         return f"col{start}" if self._keep else "col"
 
+    def _column_matrix(self, start: int, stop: int, dtype: Any, ws: Workspace) -> Any:
+        """The (C·prod(kernel), n·pixels) column matrix of chunk ``start:stop``, in the
+        workspace buffer ``_columns_key`` names (rows padded, ``Workspace.matrix``)."""
+        rows = self.image_channels * math.prod(self.geom.kernel)
+        cols = (stop - start) * math.prod(self.col_spatial)
+        return ws.matrix(self._columns_key(start), rows, cols, dtype, self.xp)
+
     def _column_buffer(self, start: int, stop: int, dtype: Any, ws: Workspace) -> Any:
-        """The (group, K, n·pixels) column buffer of chunk ``start:stop`` (``_columns_key``)."""
-        n = stop - start
-        key = self._columns_key(start)
-        shape = (self.image_channels, *self.geom.kernel, n, *self.col_spatial)
-        col = ws.get(key, shape, dtype, self.xp)
-        return col.reshape(self.group, -1, n * math.prod(self.col_spatial))
+        """The column matrix of chunk ``start:stop`` as a (group, K, n·pixels) stack."""
+        col = self._column_matrix(start, stop, dtype, ws)
+        return col.reshape(self.group, -1, col.shape[1])
 
     def _columns(self, image: Any, start: int, stop: int, ws: Workspace) -> Any:
         """im2col of an image-side chunk into its column buffer (see ``_column_buffer``)."""
-        col = self._column_buffer(start, stop, image.dtype, ws)
+        col = self._column_matrix(start, stop, image.dtype, ws)
         shape = (self.image_channels, *self.geom.kernel, stop - start, *self.col_spatial)
         im2col(image, self.geom, self.col_spatial, col.reshape(shape), ws)
-        return col
+        return col.reshape(self.group, -1, col.shape[1])
 
     def _uncolumns(self, col: Any, image: Any, ws: Workspace) -> None:
         """col2im of a (group, K, n·pixels) stack into an image-side chunk (overwritten).
@@ -337,8 +341,8 @@ class _ConvolutionBase(Layer):
     def _to_rows(self, chunk: Any, ws: Workspace) -> Any:
         """(n, channels, pixels) -> the (group, channels/group, n·pixels) GEMM operand."""
         n, c, p = chunk.shape
-        rows = ws.get("rows", (c, n, p), chunk.dtype, self.xp)
-        self.xp.copyto(rows, chunk.transpose(1, 0, 2))
+        rows = ws.matrix("rows", c, n * p, chunk.dtype, self.xp)
+        self.xp.copyto(rows.reshape(c, n, p), chunk.transpose(1, 0, 2))
         return rows.reshape(self.group, c // self.group, n * p)
 
     def _from_rows(self, rows: Any, chunk: Any, bias: Any = None) -> None:
@@ -351,8 +355,9 @@ class _ConvolutionBase(Layer):
             self.xp.add(view, bias.reshape(1, c, 1), out=chunk)
 
     def _matmul(self, a: Any, b: Any, ws: Workspace, key: str) -> Any:
-        """a @ b into a workspace buffer."""
-        out = ws.get(key, a.shape[:-1] + b.shape[-1:], b.dtype, self.xp)
+        """The (group, m, n) stack a @ b, into a workspace matrix (``Workspace.matrix``)."""
+        (group, m), n = a.shape[:2], b.shape[-1]
+        out = ws.matrix(key, group * m, n, b.dtype, self.xp).reshape(group, m, n)
         return self.xp.matmul(a, b, out=out)
 
     def _run(self, work) -> None:
@@ -523,11 +528,10 @@ class _ConvolutionBase(Layer):
         )
         n = stop - start
         dy = dy_all.reshape((self.num, self.num_output) + tuple(self.out_spatial))[start:stop]
-        col = ws.get(
-            "fullcol", (self.num_output, *self.geom.kernel, n, *self.in_spatial), dy.dtype, xp
-        )
-        im2col(dy, self._full_geom, self.in_spatial, col, ws, "fullcol_pad")
-        pixels = n * math.prod(self.in_spatial)
+        rows, pixels = self.num_output * math.prod(self.geom.kernel), n * math.prod(self.in_spatial)
+        col = ws.matrix("fullcol", rows, pixels, dy.dtype, xp)
+        shape = (self.num_output, *self.geom.kernel, n, *self.in_spatial)
+        im2col(dy, self._full_geom, self.in_spatial, col.reshape(shape), ws, "fullcol_pad")
         dx = self._matmul(w, col.reshape(group, -1, pixels), ws, "fullgemm")
         self._from_rows(dx, dx_all.reshape(self.num, self.channels, -1)[start:stop])
 
