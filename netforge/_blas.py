@@ -137,8 +137,9 @@ def matmul_add(a: Any, b: Any, out: Any) -> None:
     ctypes releases the GIL for the call, which numpy's ``matmul`` does not always do: on
     LeNet's conv1 weight gradient (25 × 18432 by 18432 × 20) a second Python thread waited
     out the 5 ms switch interval during the 0.3 ms product, so the convolution's other
-    worker stalled (conv1 backward, 2 cores: 1.13-1.31 ms with ``matmul``, 0.77-0.89 ms
-    with this). For small products the call costs 10-15 µs more than numpy's.
+    worker stalled (conv1 backward, 2 cores: 1.13-1.35 ms with ``matmul``, 0.77-0.96 ms
+    with this). The ctypes call itself costs 10-30 µs more than numpy's ``matmul``, which
+    is why the layers use it only where that stall was measured.
     """
     import numpy as np
 

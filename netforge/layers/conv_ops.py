@@ -76,9 +76,9 @@ class Workspace:
         return buf[: shape[0]] if fill is not None else buf[:size].reshape(shape)
 
     def matrix(self, key: str, rows: int, cols: int, dtype: Any, xp: Any) -> Any:
-        """A (rows, cols) GEMM operand or product, as a view of the flat buffer ``key``; on
-        numpy with the row stride ``gemm_row_stride`` gives (on other array modules the
-        rows are contiguous). Reshapes that only split its axes stay views of it."""
+        """A (rows, cols) GEMM operand or product, as a view of the flat buffer ``key``: on
+        numpy its rows are ``gemm_row_stride`` elements apart, on other array modules
+        contiguous. Reshapes that only split its axes stay views of it."""
         import numpy as np
 
         stride = gemm_row_stride(cols, np.dtype(dtype).itemsize) if xp is np else cols
