@@ -19,7 +19,7 @@ def _umask() -> int:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
     except OSError:
-        pass
+        pass  # no /proc (not Linux): read it the portable way below
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

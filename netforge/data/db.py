@@ -148,24 +148,20 @@ def _release(env: lmdb.Environment) -> None:
                     env.close()
 
 
-class Writer:
-    """Create an LMDB database and add records, committing every ``batch`` puts.
+class BatchedWriter:
+    """Records added to a new database ``batch`` puts at a time; each backend writes one
+    batch (``_write``) and closes (``_close``).
 
-    The directory must not exist yet or be empty (Caffe refuses to overwrite a database).
-    Use as a context manager: leaving the block commits what is pending and closes.
+    Use as a context manager: leaving the block commits what is pending and closes. An
+    interrupted conversion keeps what was committed; pending records are dropped with the
+    exception, so the database stays consistent.
     """
 
-    def __init__(self, path: str | os.PathLike, batch: int = 1000) -> None:
+    def __init__(self, path: str | os.PathLike, batch: int) -> None:
         self.path = Path(path)
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise DataError(f"{self.path} already exists; remove it or choose another name")
         self.batch = batch
         self.pending: list[tuple[bytes, bytes]] = []
         self.committed = 0
-        try:
-            self.env = lmdb.open(str(self.path), map_size=INITIAL_MAP_SIZE, subdir=True)
-        except lmdb.Error as exc:
-            raise DataError(f"cannot create LMDB database {self.path}: {exc}") from None
 
     def put(self, key: bytes | str, value: bytes) -> None:
         self.pending.append((key.encode() if isinstance(key, str) else key, value))
@@ -173,28 +169,56 @@ class Writer:
             self.commit()
 
     def commit(self) -> None:
-        """Write the pending records in one transaction, growing the map until they fit."""
-        while self.pending:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for key, value in self.pending:
-                        txn.put(key, value)
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-                continue
+        """Write the pending records as one batch."""
+        if self.pending:
+            self._write(self.pending)
             self.committed += len(self.pending)
             self.pending = []
 
     def close(self) -> None:
         self.commit()
-        self.env.close()
+        self._close()
 
-    def __enter__(self) -> Writer:
+    def __enter__(self) -> BatchedWriter:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
-        # An interrupted conversion keeps what was committed; pending records are dropped
-        # with the exception, so the database stays consistent.
         if kind is None:
             self.commit()
+        self._close()
+
+    def _write(self, records: list[tuple[bytes, bytes]]) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class Writer(BatchedWriter):
+    """Create an LMDB database and add records, committing every ``batch`` puts.
+
+    The directory must not exist yet or be empty (Caffe refuses to overwrite a database).
+    """
+
+    def __init__(self, path: str | os.PathLike, batch: int = 1000) -> None:
+        super().__init__(path, batch)
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise DataError(f"{self.path} already exists; remove it or choose another name")
+        try:
+            self.env = lmdb.open(str(self.path), map_size=INITIAL_MAP_SIZE, subdir=True)
+        except lmdb.Error as exc:
+            raise DataError(f"cannot create LMDB database {self.path}: {exc}") from None
+
+    def _write(self, records: list[tuple[bytes, bytes]]) -> None:
+        """One transaction, the map grown until the records fit."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for key, value in records:
+                        txn.put(key, value)
+                return
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def _close(self) -> None:
         self.env.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import plyvel
 
+from netforge.data.db import BatchedWriter
 from netforge.errors import DataError
 
 _shared: dict[Path, list] = {}
@@ -71,14 +72,11 @@ class LevelDBReader:
                     entry[0].close()
 
 
-class LevelDBWriter:
+class LevelDBWriter(BatchedWriter):
     """Create a LevelDB database and add records, writing every ``batch`` puts at once."""
 
     def __init__(self, path: str | os.PathLike, batch: int = 1000) -> None:
-        self.path = Path(path)
-        self.batch = batch
-        self.pending: list[tuple[bytes, bytes]] = []
-        self.committed = 0
+        super().__init__(path, batch)
         try:
             self.db = plyvel.DB(
                 str(self.path),
@@ -91,26 +89,10 @@ class LevelDBWriter:
         except plyvel.Error as exc:
             raise DataError(f"cannot create LevelDB database {self.path}: {exc}") from None
 
-    def put(self, key: bytes | str, value: bytes) -> None:
-        self.pending.append((key.encode() if isinstance(key, str) else key, value))
-        if len(self.pending) >= self.batch:
-            self.commit()
-
-    def commit(self) -> None:
+    def _write(self, records: list[tuple[bytes, bytes]]) -> None:
         with self.db.write_batch(sync=True) as batch:
-            for key, value in self.pending:
+            for key, value in records:
                 batch.put(key, value)
-        self.committed += len(self.pending)
-        self.pending = []
 
-    def close(self) -> None:
-        self.commit()
-        self.db.close()
-
-    def __enter__(self) -> LevelDBWriter:
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is None:
-            self.commit()
+    def _close(self) -> None:
         self.db.close()
