@@ -12,6 +12,7 @@ message saying how to get it or convert to LMDB. See ``netforge.data.leveldb``.
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import os
 import threading
@@ -148,7 +149,7 @@ def _release(env: lmdb.Environment) -> None:
                     env.close()
 
 
-class BatchedWriter:
+class BatchedWriter(abc.ABC):
     """Records added to a new database ``batch`` puts at a time; each backend writes one
     batch (``_write``) and closes (``_close``).
 
@@ -187,11 +188,13 @@ class BatchedWriter:
             self.commit()
         self._close()
 
+    @abc.abstractmethod
     def _write(self, records: list[tuple[bytes, bytes]]) -> None:
-        raise NotImplementedError
+        """Store ``records`` (key, value) as one batch."""
 
+    @abc.abstractmethod
     def _close(self) -> None:
-        raise NotImplementedError
+        """Release the database."""
 
 
 class Writer(BatchedWriter):
