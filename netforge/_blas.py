@@ -14,6 +14,9 @@ default 2^28 cycles, ~0.1 s), stealing the cores that netforge's own copy, pooli
 work runs on between GEMMs. Unless the variable is set, netforge sets it to OpenBLAS's
 minimum (4): `tools/bench_layers.py --no-torch` measured LeNet 3305 → 5177 img/s and
 CIFAR-10 quick 838 → 1400 img/s on 2 cores, CaffeNet unchanged.
+
+It also reaches the level-1 routines the SGD update is built from (``level1``) and sets
+OpenBLAS's thread count (``set_blas_threads``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 _AVX512_CORES = {"SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS"}
 _SKYLAKEX_FLAGS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
@@ -162,3 +165,73 @@ def matmul_add(a: Any, b: Any, out: Any) -> None:
     (trans_a, lda), (trans_b, ldb) = layouts
     data = (a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, out.ctypes.data, n)
     gemm(_ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, *data)
+
+
+# -- thread count -----------------------------------------------------------------------------
+_set_threads: Any = False  # False: not looked up yet; None: not found
+
+
+def set_blas_threads(count: int) -> int:
+    """Set the number of threads numpy's OpenBLAS runs a call on; returns the previous count
+    (``count`` itself when OpenBLAS or the symbol is not there).
+
+    OpenBLAS's ``openblas_set_num_threads_local``, which despite its name sets the
+    process-wide count and returns the previous one. The lookup is done once: scanning
+    ``/proc/self/maps`` costs about 0.7 ms."""
+    global _set_threads
+    if _set_threads is False:
+        _set_threads = openblas_symbol("openblas_set_num_threads_local")
+        if _set_threads is not None:
+            _set_threads.argtypes = [ctypes.c_int]
+            _set_threads.restype = ctypes.c_int
+    return count if _set_threads is None else _set_threads(count)
+
+
+# -- level 1: plane rotations and axpy --------------------------------------------------------
+_LEVEL1_NAMES = {
+    "float32": (
+        ("scipy_cblas_srotm64_", "cblas_srotm64_"),
+        ("scipy_cblas_saxpy64_", "cblas_saxpy64_"),
+    ),
+    "float64": (
+        ("scipy_cblas_drotm64_", "cblas_drotm64_"),
+        ("scipy_cblas_daxpy64_", "cblas_daxpy64_"),
+    ),
+}
+_level1: dict[str, Any] = {}
+
+
+class Level1(NamedTuple):
+    """numpy's OpenBLAS ``cblas_?rotm`` and ``cblas_?axpy`` for one dtype, ILP64, taking raw
+    addresses (``ndarray.ctypes.data``) and unit strides:
+
+    - ``rotm(n, x, 1, y, 1, param)``: for every i at once, ``x[i], y[i] = h11·x[i] +
+      h12·y[i], h21·x[i] + h22·y[i]``, with ``param`` the address of ``[-1, h11, h21, h12,
+      h22]`` (the ``-1`` flag: all four entries given). Two outputs from two inputs in one
+      pass, which numpy's one-output ufuncs need four passes for.
+    - ``axpy(n, alpha, x, 1, y, 1)``: ``y += alpha·x``.
+    """
+
+    rotm: Any
+    axpy: Any
+
+
+def level1(dtype: Any) -> Level1 | None:
+    """The level-1 routines for ``dtype`` (float32 or float64), or None when numpy's
+    OpenBLAS, with its ILP64 interface, is not the BLAS loaded."""
+    import numpy as np
+
+    name = np.dtype(dtype).name
+    if name not in _level1:
+        rotm_names, axpy_names = _LEVEL1_NAMES.get(name, ((), ()))
+        rotm, axpy = openblas_symbol(*rotm_names), openblas_symbol(*axpy_names)
+        routines = None
+        if rotm is not None and axpy is not None:
+            scalar = ctypes.c_float if name == "float32" else ctypes.c_double
+            index, pointer = ctypes.c_int64, ctypes.c_void_p
+            rotm.argtypes = [index, pointer, index, pointer, index, pointer]
+            axpy.argtypes = [index, scalar, pointer, index, pointer, index]
+            rotm.restype = axpy.restype = None
+            routines = Level1(rotm, axpy)
+        _level1[name] = routines
+    return _level1[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -94,3 +95,32 @@ def test_matmul_add_reaches_the_gemm_of_numpys_openblas() -> None:
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
     found = [_blas._gemm(np.dtype(t)) is not None for t in (np.float32, np.float64)]
     assert found == [True, True] or blas != "scipy-openblas", f"numpy's BLAS is {blas}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_level1_rotm_and_axpy_compute_their_formulas(dtype) -> None:
+    routines = _blas.level1(dtype)
+    if routines is None:
+        pytest.skip("numpy's BLAS is not its bundled OpenBLAS (ILP64)")
+    real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+    tolerance = 1e-6 if dtype == np.float32 else 1e-14
+    rng = np.random.default_rng(4)
+    x0, y0 = (rng.standard_normal(1003).astype(dtype) for _ in range(2))
+    x, y = x0.copy(), y0.copy()
+    h11, h21, h12, h22 = 0.5, -0.25, 2.0, 0.75
+    routines.rotm(x.size, x.ctypes.data, 1, y.ctypes.data, 1, (real * 5)(-1, h11, h21, h12, h22))
+    wide_x, wide_y = x0.astype(np.float64), y0.astype(np.float64)
+    np.testing.assert_allclose(x, h11 * wide_x + h12 * wide_y, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(y, h21 * wide_x + h22 * wide_y, rtol=tolerance, atol=tolerance)
+    routines.axpy(x.size, -3.0, x0.ctypes.data, 1, y.ctypes.data, 1)
+    expected = h21 * wide_x + h22 * wide_y - 3.0 * wide_x
+    np.testing.assert_allclose(y, expected, rtol=tolerance, atol=10 * tolerance)
+
+
+def test_level1_is_found_in_numpys_openblas_and_the_thread_count_restores() -> None:
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    found = [_blas.level1(t) is not None for t in (np.float32, np.float64)]
+    assert found == [True, True] or blas != "scipy-openblas", f"numpy's BLAS is {blas}"
+    assert _blas.level1(np.int32) is None
+    before = _blas.set_blas_threads(1)
+    assert _blas.set_blas_threads(before) == (1 if found[0] else before)

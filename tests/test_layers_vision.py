@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from netforge._blas import set_blas_threads
 from netforge.backend import to_numpy
 from netforge.errors import ConfigError, ShapeError
 from netforge.layers import _threads, conv_ops, vision
@@ -329,14 +330,14 @@ def test_batch_chunks_are_bounded_contiguous_and_balanced(num, per_item, limit, 
 def test_run_chunks_covers_every_chunk_once_and_restores_blas_threads():
     calls = []
     chunks = [(i, i + 1) for i in range(7)]
-    before = _threads._set_blas_threads(2)
-    _threads._set_blas_threads(before)
+    before = set_blas_threads(2)
+    set_blas_threads(before)
     _threads.run_chunks(np, lambda start, stop, worker: calls.append((start, worker)), chunks)
     assert sorted(start for start, _ in calls) == list(range(7))
     # Static assignment: chunk i goes to worker i mod W.
     workers = min(_threads.WORKERS, len(chunks))
     assert all(worker == start % workers for start, worker in calls)
-    assert _threads._set_blas_threads(before) == before
+    assert set_blas_threads(before) == before
 
 
 def test_run_chunks_runs_worker_zero_here_and_lets_the_others_finish_when_it_fails(monkeypatch):

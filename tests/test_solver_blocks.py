@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from test_solver import CASES, TYPE_SETTINGS, make_solver, record_losses, reference_run
 
+from netforge import _blas
 from netforge.blob import Blob
 from netforge.errors import DivergenceError
 from netforge.proto import pb
@@ -215,6 +216,43 @@ def test_sgd_diffs_seen_mid_step_hold_the_step(tmp_path, how):
     for diff, expected in zip(diffs, reference.net.learnable_params, strict=True):
         assert diff.any()
         np.testing.assert_array_equal(diff, expected.diff.ravel())
+
+
+def watch_fused_update(solver, allow: bool) -> list:
+    """The solver's ``fused_update`` results, one per update, recorded; with ``allow`` False
+    it offers none, so that the update runs the numpy chain."""
+    offered = solver.fused_update
+    taken: list = []
+
+    def watched(*args):
+        taken.append(offered(*args) if allow else None)
+        return taken[-1]
+
+    solver.fused_update = watched
+    return taken
+
+
+@pytest.mark.parametrize("case", ["plain", "l2_mults", "iter_size"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_blas_update_computes_the_chains_formula(tmp_path, small_blocks, case, dtype):
+    """SGD's update in BLAS calls (``SGDSolver.fused_update``) gives the numpy chain's
+    weights, history and diffs up to rounding, deferred inside ``step`` and not."""
+    if _blas.level1(dtype) is None:
+        pytest.skip("numpy's BLAS is not its bundled OpenBLAS (ILP64)")
+    settings, net_options, _ = CASES[case]
+    runs = []
+    for fused in (True, False):
+        solver = make_solver(tmp_path, "SGD", settings, dtype=dtype, **net_options)
+        taken = watch_fused_update(solver, allow=fused)
+        solver.step(4)
+        solver.step(1)
+        assert [f is not None for f in taken] == [fused] * 5
+        params = solver.net.learnable_params
+        runs.append([a for p in params for a in (p.data, p.diff)] + solver.history)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-13
+    for fused, chain in zip(*runs, strict=True):
+        assert chain.any()
+        np.testing.assert_allclose(fused, chain, rtol=tolerance, atol=tolerance)
 
 
 def test_the_caller_runs_a_lane_and_an_error_waits_for_every_lane(small_blocks, monkeypatch):

@@ -4,9 +4,8 @@ numpy releases the GIL inside copies, ufuncs and BLAS calls, so two Python threa
 each run im2col + GEMM on their own batch chunk use both cores at once, and each chunk's
 column buffer stays in cache (measured on CIFAR-10 quick's conv2 forward, 2 cores: 15 ms for
 the whole-batch copy + two-threaded GEMM, 8 ms for 5-image chunks on two workers). While
-the workers run, OpenBLAS is limited to one thread (``openblas_set_num_threads_local``, which
-despite its name sets the process-wide count and returns the previous one), so the workers
-do not oversubscribe the cores; the count is restored afterwards, for the other layers'
+the workers run, OpenBLAS is limited to one thread (``netforge._blas.set_blas_threads``), so
+the workers do not oversubscribe the cores; the count is restored afterwards, for the other layers'
 GEMMs. Without that symbol the pool still works, with OpenBLAS threading inside each
 worker's calls (slower: the calls contend for OpenBLAS's threads).
 
@@ -22,18 +21,16 @@ partial results in the same order and results are reproducible.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
-from netforge._blas import openblas_symbol
+from netforge._blas import set_blas_threads
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-_blas_threads: Callable[[int], int] | None | bool = False  # False: not looked up yet
 
 
 def _cores() -> int:
@@ -45,23 +42,6 @@ def _cores() -> int:
 
 #: Workers, the calling thread included: one per core the process may run on.
 WORKERS = _cores()
-
-
-def _openblas_local_threads() -> Callable[[int], int] | None:
-    """numpy's OpenBLAS ``openblas_set_num_threads_local``, or None when it is not loaded."""
-    function = openblas_symbol("openblas_set_num_threads_local")
-    if function is not None:
-        function.argtypes = [ctypes.c_int]
-        function.restype = ctypes.c_int
-    return function
-
-
-def _set_blas_threads(count: int) -> int:
-    """Set OpenBLAS's thread count; returns the previous one (``count`` if unknown)."""
-    global _blas_threads
-    if _blas_threads is False:
-        _blas_threads = _openblas_local_threads()
-    return count if _blas_threads is None else _blas_threads(count)
 
 
 def pool() -> ThreadPoolExecutor:
@@ -93,7 +73,7 @@ def run_chunks(
         for start, stop in chunks[worker::workers]:
             work(start, stop, worker)
 
-    previous = _set_blas_threads(1)
+    previous = set_blas_threads(1)
     try:
         futures = [pool().submit(serve, w) for w in range(1, workers)]
         try:
@@ -104,4 +84,4 @@ def run_chunks(
         for future in futures:
             future.result()
     finally:
-        _set_blas_threads(previous)
+        set_blas_threads(previous)

@@ -509,7 +509,10 @@ class Solver:
                 else:
                     grad[...] = step
 
-        self._blocks.run(self._param_blocks(), update)
+        fused = None
+        if subtract and decay_type_l2 and self._blocks.contiguous:
+            fused = self.fused_update(local_rates, local_decays, normalize or 1.0, defer)
+        self._blocks.run(self._param_blocks(), fused or update)
         self.net.reset_param_diff_bounds(math.inf)  # the diffs now hold steps, or zeros
         self._steps_owed = defer
         if not subtract:
@@ -581,6 +584,20 @@ class Solver:
         per history set) and the two ``scratch`` arrays are views of equal shape, so the
         code must be element-wise."""
         raise NotImplementedError
+
+    def fused_update(
+        self,
+        local_rates: Sequence[float],
+        local_decays: Sequence[float],
+        scale: float,
+        defer: bool,
+    ) -> Callable[[Block, tuple[Any, Any]], None] | None:
+        """A whole update of one block (normalise by ``scale``, L2-regularise, compute the
+        step, subtract it from the weights, and leave in the diff the step or, with
+        ``defer``, zeros) done with fewer passes than the element-wise chain; or None, for
+        the chain. Offered only on contiguous numpy blocks; the result must be the same
+        formula, up to float rounding."""
+        return None
 
     # -- testing -------------------------------------------------------------------------
     def test_all(self) -> None:

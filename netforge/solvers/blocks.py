@@ -5,9 +5,11 @@ history, leave the step in the diff, subtract it from the weights). Done whole-a
 operation streams the parameter's arrays through main memory again: for CaffeNet's 61M
 parameters about 20 passes of 244 MB per iteration. Done block by block, the weights,
 gradient and history of one block are read from memory once, every operation of the chain
-runs on them while they sit in the core's L2 cache, and they are written back once. Each
+runs on them while they sit in the core's cache, and they are written back once. Each
 element still goes through the same operations in the same order, so the results are
-bit-for-bit those of the whole-array code (Caffe's formulas, in Caffe's order).
+bit-for-bit those of the whole-array code (Caffe's formulas, in Caffe's order). SGD's
+update on numpy is three BLAS calls per block instead of the chain (``sgd.py``); they too
+give every element the same result wherever the blocks are cut.
 
 On numpy the blocks are shared among the cores' threads (numpy releases the GIL inside its
 loops, and each core brings its own L2 cache). On cupy whole-array operations are already
@@ -15,9 +17,10 @@ fast: the blocks are large and run on one thread, only to bound the scratch memo
 
 Measured on CaffeNet with the layers replaced by a no-op (2-core AMD EPYC, ms per SGD
 iteration with weight decay: zeroing, finiteness check and update): whole arrays 101;
-blocks on one thread about 65; on two threads about 43, which is close to what the memory
-allows: the check reads the gradients once, the update reads and writes the weights,
-gradients and history once, 7 × 244 MB at about 60 GB/s.
+blocks of the numpy chain on one thread about 65, on two threads about 43; the BLAS
+update on two threads about 25, close to what the memory allows: it reads and writes the
+weights, gradients and history once, 6 × 244 MB at about 60 GB/s
+(``tools/bench_update.py``).
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-#: Elements per block on numpy: 64 Ki float32 values are 256 KiB per array, so the four
-#: arrays an update touches (weights, gradient, history, scratch) fit a 1 MiB L2 cache.
-#: Measured on CaffeNet's parameters, one thread: 16 Ki 52 ms, 32 Ki 47 ms, 64 Ki 43 ms,
-#: 128 Ki 47 ms, 512 Ki 51 ms, whole arrays 78 ms for the SGD update; on two threads
-#: smaller blocks lose more to handing the GIL back and forth, larger ones gain nothing.
-CPU_BLOCK = 1 << 16
+from netforge._blas import set_blas_threads
+
+#: Elements per block on numpy: 128 Ki, 512 KiB per float32 array. Each operation of an
+#: update touches two or three of a block's arrays, which stay in the core's L2 (1 MiB here)
+#: and the shared L3 between operations. Measured on one array set of CaffeNet's 61M
+#: parameters, two threads, ms per pass: SGD's BLAS update 24.9-25.1 with 64 Ki blocks,
+#: 23.3-23.8 with 128 Ki, 23.8 with 256 Ki; the numpy chain (weight decay, momentum, step,
+#: zeroing) 31.3-32.6, 28.6-29.0 and 31.4. Smaller blocks lose more to handing the GIL
+#: back and forth.
+CPU_BLOCK = 1 << 17
 #: Elements per block on cupy: large enough that kernel launches do not count.
 GPU_BLOCK = 1 << 24
 #: At most this many threads; fewer when the blocks would not keep them busy.
@@ -46,7 +53,8 @@ BLOCKS_PER_THREAD = 8
 
 class Block(NamedTuple):
     """One block of learnable parameter ``index``: views of its weights, gradient and history
-    buffers (one per history set), and per thread a pair of scratch arrays, all of one shape.
+    buffers (one per history set), and per thread a pair of scratch arrays, all of one shape;
+    on numpy, the addresses of the weights, gradient and history views, for BLAS calls.
     """
 
     index: int
@@ -54,6 +62,7 @@ class Block(NamedTuple):
     diff: Any
     history: tuple[Any, ...]
     scratch: tuple[tuple[Any, Any], ...]
+    addresses: tuple[int, ...] | None
 
 
 class ParamBlocks:
@@ -73,6 +82,9 @@ class ParamBlocks:
         self.block = CPU_BLOCK if xp is np else GPU_BLOCK
         self._key: tuple[int, ...] | None = None
         self._blocks: list[Block] = []
+        #: Every block is a contiguous numpy view with its ``addresses`` (none was set by
+        #: the user as a strided array).
+        self.contiguous = True
         self._ones: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._threads = 1
@@ -91,11 +103,13 @@ class ParamBlocks:
         count = len(params)
         sets = len(history) // count if count else 0
         pieces: list[list[Any]] = []
+        self.contiguous = self.xp is np
         for i, blob in enumerate(params):
             arrays = [blob.data, blob.diff, *(history[i + k * count] for k in range(sets))]
             if not all(a.flags.c_contiguous for a in arrays):
                 # A non-contiguous array set by the user has no flat view: one whole block.
                 pieces.append([i, *arrays])
+                self.contiguous = False
                 continue
             flat = [a.reshape(-1) for a in arrays]
             for start in range(0, blob.count, self.block):
@@ -110,7 +124,14 @@ class ParamBlocks:
             for _ in range(threads)
         ]
         self._blocks = [
-            Block(p[0], p[1], p[2], tuple(p[3:]), tuple(_views(pair, p[2]) for pair in scratch))
+            Block(
+                p[0],
+                p[1],
+                p[2],
+                tuple(p[3:]),
+                tuple(_views(pair, p[2]) for pair in scratch),
+                tuple(a.ctypes.data for a in p[1:]) if self.contiguous else None,
+            )
             for p in pieces
         ]
         self._ones = np.ones(size, self.dtype) if self.xp is np else None
@@ -132,7 +153,23 @@ class ParamBlocks:
         """``work(block, scratch)`` for every block, on threads when there are several; the
         results, in block order on one thread, in no fixed order on several. The calling
         thread claims blocks too, rather than sleeping while the pool's threads wake up. An
-        exception in a thread is raised here."""
+        exception in a thread is raised here.
+
+        OpenBLAS runs on one thread meanwhile: a BLAS call on one block (the finiteness
+        check's dot product, the SGD update) is too small to share, and threading it costs
+        more than it saves (a 64 Ki-element ``saxpy``: 5.6 µs on one thread, 18.7 on two).
+        """
+        if self.xp is not np:
+            return [work(block, block.scratch[0]) for block in blocks]
+        previous = set_blas_threads(1)
+        try:
+            return self._run_numpy(blocks, work)
+        finally:
+            set_blas_threads(previous)
+
+    def _run_numpy(
+        self, blocks: list[Block], work: Callable[[Block, tuple[Any, Any]], Any]
+    ) -> list[Any]:
         if self._threads == 1:
             return [work(block, block.scratch[0]) for block in blocks]
         assert self._pool is not None

@@ -2,14 +2,21 @@
 
 Both fold the learning rate into the momentum history (``h = momentum·h + local_rate·g``),
 as Caffe does and PyTorch does not: changing the rate mid-run rescales only new steps.
-Each update is a few in-place element-wise operations per parameter block.
+Each update is a few in-place element-wise operations per parameter block; on numpy with
+its OpenBLAS, SGD's is three BLAS calls per block instead (``SGDSolver.fused_update``).
 """
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
+from netforge._blas import level1
 from netforge.solvers.base import Solver, register_solver
+from netforge.solvers.blocks import Block
 
 
 @register_solver
@@ -27,6 +34,60 @@ class SGDSolver(Solver):
         history *= self.param.momentum
         grad *= local_rate
         history += grad
+
+    def fused_update(
+        self,
+        local_rates: Sequence[float],
+        local_decays: Sequence[float],
+        scale: float,
+        defer: bool,
+    ) -> Callable[[Block, tuple[Any, Any]], None] | None:
+        """Caffe's SGD update of a block in three BLAS calls on data in the cache, where
+        the chain of numpy operations takes seven (the ``w·decay`` product, its sum into the
+        gradient, the momentum product, the rate product, the history sum, the step, the
+        zeroing). Each ``rotm`` maps two arrays to two in one pass (``netforge._blas``):
+
+        1. ``rotm`` on (g, h), H = [[0, 0], [rate·scale, momentum]]:
+           ``g, h = 0, rate·scale·g + momentum·h``;
+        2. ``rotm`` on (w, h), H = [[1, 0], [rate·decay, 1]]: ``h += rate·decay·w``;
+        3. ``axpy``: ``w -= h``.
+
+        That is Caffe's ``h = momentum·h + rate·(scale·g + decay·w)``, ``w -= h``, with the
+        rate distributed over the two terms. Measured on one 64 Ki-element float32 block in
+        L2 (2-core AMD EPYC): 15 µs, against 28 µs for the numpy chain.
+
+        Why these calls and not others: an ``axpy`` for step 2 is 1-2 µs faster, but
+        OpenBLAS's Haswell kernel fuses its multiply-add in the vector loop and not in the
+        tail, so the rounding would depend on where the blocks are cut; ``rotm`` rounds alike
+        everywhere, and the step's ``axpy`` multiplies by -1, which is exact. And folding
+        the decay into a rotation of the weights, ``w·(1 − rate·decay)``, would round the
+        decay away in float32 (``1 − 5e-8`` is 1).
+        """
+        routines = level1(self.dtype) if self.xp is np else None
+        if routines is None:
+            return None
+        rotm, axpy = routines
+        real = ctypes.c_float if self.dtype == np.float32 else ctypes.c_double
+        momentum = self.param.momentum
+        # rotm's parameter: the flag -1 (all of H given), then h11, h21, h12, h22.
+        folds = [(real * 5)(-1.0, 0.0, rate * scale, 0.0, momentum) for rate in local_rates]
+        decays = [
+            (real * 5)(-1.0, 1.0, rate * decay, 0.0, 1.0) if decay else None
+            for rate, decay in zip(local_rates, local_decays, strict=True)
+        ]
+
+        def update(block: Block, _scratch: tuple[Any, Any]) -> None:
+            assert block.addresses is not None
+            weights, grad, history = block.addresses
+            count, index = block.data.size, block.index
+            rotm(count, grad, 1, history, 1, folds[index])
+            if decays[index] is not None:
+                rotm(count, weights, 1, history, 1, decays[index])
+            axpy(count, -1.0, history, 1, weights, 1)
+            if not defer:
+                np.copyto(block.diff, block.history[0])
+
+        return update
 
 
 @register_solver
