@@ -1,6 +1,6 @@
 """Configure numpy's OpenBLAS before numpy loads: the fastest kernels, and idle threads
 that sleep instead of spinning; and reach the one BLAS call numpy does not offer, a GEMM
-that adds into its output (``matmul_add``).
+that adds into its output (``matmul_into``).
 
 numpy's bundled OpenBLAS reads ``OPENBLAS_CORETYPE`` once, when it is loaded. Machines that
 pin it to an older family (Haswell) on AVX-512 CPUs halve float32 GEMM speed (measured on
@@ -126,9 +126,11 @@ def _operand(array: Any) -> tuple[int, int] | None:
     return None
 
 
-def matmul_add(a: Any, b: Any, out: Any) -> None:
-    """``out += a @ b`` for 2-D arrays, the way Caffe accumulates parameter gradients: on
-    numpy, one GEMM with beta = 1 into ``out`` (numpy's ``matmul`` has no beta).
+def matmul_into(a: Any, b: Any, out: Any, *, accumulate: bool = True) -> None:
+    """``out += a @ b`` for 2-D arrays, the way Caffe accumulates parameter gradients, or
+    with ``accumulate`` False ``out[...] = a @ b`` (a parameter diff that holds nothing to
+    keep, ``Net.mark_param_diffs_stale``): on numpy, one GEMM with beta = 1 or 0 into
+    ``out`` (numpy's ``matmul`` has no beta).
 
     ``out += a @ b`` writes the product to a temporary, then reads ``out`` and the temporary
     and writes ``out``. For InnerProduct's weight gradient, the product of two thin matrices
@@ -160,10 +162,14 @@ def matmul_add(a: Any, b: Any, out: Any) -> None:
         or np.may_share_memory(a, out)
         or np.may_share_memory(b, out)
     ):
-        out += a @ b
+        if accumulate:
+            out += a @ b
+        else:
+            out[...] = a @ b
         return
     (trans_a, lda), (trans_b, ldb) = layouts
-    data = (a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, out.ctypes.data, n)
+    beta = 1.0 if accumulate else 0.0
+    data = (a.ctypes.data, lda, b.ctypes.data, ldb, beta, out.ctypes.data, n)
     gemm(_ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, *data)
 
 
@@ -187,31 +193,28 @@ def set_blas_threads(count: int) -> int:
     return count if _set_threads is None else _set_threads(count)
 
 
-# -- level 1: plane rotations and axpy --------------------------------------------------------
+# -- level 1: axpby, plane rotations, axpy ---------------------------------------------------
 _LEVEL1_NAMES = {
-    "float32": (
-        ("scipy_cblas_srotm64_", "cblas_srotm64_"),
-        ("scipy_cblas_saxpy64_", "cblas_saxpy64_"),
-    ),
-    "float64": (
-        ("scipy_cblas_drotm64_", "cblas_drotm64_"),
-        ("scipy_cblas_daxpy64_", "cblas_daxpy64_"),
-    ),
+    "float32": ("saxpby", "srotm", "saxpy"),
+    "float64": ("daxpby", "drotm", "daxpy"),
 }
 _level1: dict[str, Any] = {}
 
 
 class Level1(NamedTuple):
-    """numpy's OpenBLAS ``cblas_?rotm`` and ``cblas_?axpy`` for one dtype, ILP64, taking raw
-    addresses (``ndarray.ctypes.data``) and unit strides:
+    """numpy's OpenBLAS ``cblas_?axpby``, ``cblas_?rotm`` and ``cblas_?axpy`` for one dtype,
+    ILP64, taking raw addresses (``ndarray.ctypes.data``) and unit strides:
 
+    - ``axpby(n, alpha, x, 1, beta, y, 1)``: ``y = alpha·x + beta·y``;
     - ``rotm(n, x, 1, y, 1, param)``: for every i at once, ``x[i], y[i] = h11·x[i] +
       h12·y[i], h21·x[i] + h22·y[i]``, with ``param`` the address of ``[-1, h11, h21, h12,
-      h22]`` (the ``-1`` flag: all four entries given). Two outputs from two inputs in one
-      pass, which numpy's one-output ufuncs need four passes for.
+      h22]`` (the ``-1`` flag: all four entries given);
     - ``axpy(n, alpha, x, 1, y, 1)``: ``y += alpha·x``.
+
+    Each is one pass where numpy's one-output ufuncs need two or more.
     """
 
+    axpby: Any
     rotm: Any
     axpy: Any
 
@@ -223,15 +226,20 @@ def level1(dtype: Any) -> Level1 | None:
 
     name = np.dtype(dtype).name
     if name not in _level1:
-        rotm_names, axpy_names = _LEVEL1_NAMES.get(name, ((), ()))
-        rotm, axpy = openblas_symbol(*rotm_names), openblas_symbol(*axpy_names)
+        found = [
+            openblas_symbol(f"scipy_cblas_{routine}64_", f"cblas_{routine}64_")
+            for routine in _LEVEL1_NAMES.get(name, ())
+        ]
         routines = None
-        if rotm is not None and axpy is not None:
+        if found and None not in found:
+            axpby, rotm, axpy = found
             scalar = ctypes.c_float if name == "float32" else ctypes.c_double
             index, pointer = ctypes.c_int64, ctypes.c_void_p
+            axpby.argtypes = [index, scalar, pointer, index, scalar, pointer, index]
             rotm.argtypes = [index, pointer, index, pointer, index, pointer]
             axpy.argtypes = [index, scalar, pointer, index, pointer, index]
-            rotm.restype = axpy.restype = None
-            routines = Level1(rotm, axpy)
+            for function in found:
+                function.restype = None
+            routines = Level1(axpby, rotm, axpy)
         _level1[name] = routines
     return _level1[name]

@@ -9,7 +9,11 @@ modules (or classes) that register layers when imported.
 
 Gradient conventions (Caffe's): ``backward`` *overwrites* bottom diffs and *accumulates*
 into parameter diffs (``self.blobs[i].diff += ...``), because the solver zeroes parameter
-diffs once per iteration and ``iter_size`` sums several passes.
+diffs once per iteration and ``iter_size`` sums several passes. netforge's solver declares
+them stale instead of zeroing them (``Net.mark_param_diffs_stale``): the net zeroes a stale
+diff just before the backward of the layer that adds to it, unless the layer sets
+``overwrites_param_diffs`` and writes its gradient over the diffs flagged in
+``stale_param_diffs``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class Layer:
     tops: ClassVar[tuple[int, int | None]] = (0, None)
     #: Loss layers: top 0 gets loss_weight 1 by default, and a top is created if none given.
     is_loss: ClassVar[bool] = False
+    #: backward writes its parameter gradient over a diff flagged in ``stale_param_diffs``
+    #: rather than adding to it, sparing the net a zeroing pass over that diff.
+    overwrites_param_diffs: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -81,6 +88,10 @@ class Layer:
         #: nothing added). None, the default, means unknown. A finite bound spares the
         #: solver's finiteness check from reading that diff (``Net.param_diff_bounds``).
         self.diff_bounds: list[float] | None = None
+        #: Set by Net around the backward of a layer with ``overwrites_param_diffs``: per
+        #: parameter blob, whether its diff holds nothing to keep, so that backward must
+        #: write the gradient rather than add it. Empty: add to every diff.
+        self.stale_param_diffs: list[bool] = []
         self._device_rng: Any = None
 
     # -- contract ------------------------------------------------------------------------

@@ -139,6 +139,8 @@ class Net:
         self.learnable_param_ids: list[tuple[str, int]] = []
         #: per layer: the index into ``learnable_params`` of each of its parameter blobs
         self._param_slots: list[list[int]] = []
+        #: slots whose diffs hold nothing to keep (``mark_param_diffs_stale``)
+        self._stale_slots: set[int] = set()
         owners: dict[str, tuple[int, str]] = {}
         lr_set: list[bool] = []
         decay_set: list[bool] = []
@@ -397,17 +399,56 @@ class Net:
             if not self.layer_need_backward[i]:
                 continue
             layer = self.layers[i]
+            if self._stale_slots:
+                self._prepare_stale_diffs(i)
             layer.diff_bounds = None
             layer.backward(
                 self._blobs_of(self.top_names[i]),
                 self.bottom_need_backward[i],
                 self._blobs_of(self.bottom_names[i]),
             )
+            layer.stale_param_diffs = []
             added = layer.diff_bounds or [math.inf] * len(layer.blobs)
             for slot, bound in zip(self._param_slots[i], added):
                 self.param_diff_bounds[slot] += bound
             if self.debug_info:
                 self._log_backward(i)
+        if end == 0:
+            self.zero_stale_param_diffs()
+
+    def mark_param_diffs_stale(self) -> None:
+        """Caffe's ClearParamDiffs without a pass over memory: declare that no learnable
+        parameter's diff holds anything to keep, as if it were zero.
+
+        The next backward writes each stale diff before anything adds to it: a layer with
+        ``overwrites_param_diffs`` (InnerProduct) writes its gradient over the diff (its
+        GEMM with beta = 0 instead of 1), any other layer finds the diff zeroed just before
+        its backward, and diffs no layer reaches are zeroed when the pass reaches the first
+        layer. Zeroing every diff up front streams all of them through memory once more
+        per iteration (CaffeNet: 244 MB)."""
+        self._stale_slots = set(range(len(self.learnable_params)))
+        self.reset_param_diff_bounds(0.0)
+
+    def zero_stale_param_diffs(self) -> None:
+        """Zero the diffs still stale (see ``mark_param_diffs_stale``)."""
+        for slot in sorted(self._stale_slots):
+            self.learnable_params[slot].diff.fill(0)
+        self._stale_slots.clear()
+
+    def _prepare_stale_diffs(self, index: int) -> None:
+        """Before layer ``index``'s backward: flag the stale diffs it will write over, zero
+        the other stale diffs it may add to; none of its diffs is stale afterwards."""
+        layer, slots = self.layers[index], self._param_slots[index]
+        writes = layer.param_propagate_down if layer.overwrites_param_diffs else []
+        flags = []
+        for j, slot in enumerate(slots):
+            stale = slot in self._stale_slots
+            self._stale_slots.discard(slot)  # a blob shared within the layer: written once
+            flags.append(stale and j < len(writes) and writes[j])
+            if stale and not flags[-1]:
+                self.learnable_params[slot].diff.fill(0)
+        if any(flags):
+            layer.stale_param_diffs = flags
 
     def forward_loss(self) -> float:
         """Caffe's ``Net::Forward(&loss)``: run every layer, return the total loss."""

@@ -61,18 +61,24 @@ def layouts(rows: int, cols: int, dtype, seed: int):
     return [base, np.ascontiguousarray(base.T).T, wide[:, :cols]]
 
 
+@pytest.mark.parametrize("accumulate", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_matmul_add_adds_the_product_for_every_operand_layout(dtype) -> None:
+def test_matmul_into_adds_or_writes_the_product_for_every_operand_layout(dtype, accumulate) -> None:
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     for a in layouts(7, 4, dtype, seed=0):
         for b in layouts(4, 9, dtype, seed=1):
             out = np.random.default_rng(2).standard_normal((7, 9)).astype(dtype)
-            expected = out.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
-            _blas.matmul_add(a, b, out)
+            expected = a.astype(np.float64) @ b.astype(np.float64)
+            if accumulate:
+                expected += out
+            else:
+                out[0, 0] = np.nan  # a stale value is never read
+            _blas.matmul_into(a, b, out, accumulate=accumulate)
             np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
 
 
-def test_matmul_add_falls_back_where_blas_cannot_take_the_operands() -> None:
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_matmul_into_falls_back_where_blas_cannot_take_the_operands(accumulate) -> None:
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((5, 3)), rng.standard_normal((3, 5))
     cases = {
@@ -83,13 +89,13 @@ def test_matmul_add_falls_back_where_blas_cannot_take_the_operands() -> None:
     }
     for name, (left, right, out) in cases.items():
         right = out if right is None else right
-        expected = out + left @ right
-        _blas.matmul_add(left, right, out)
+        expected = out + left @ right if accumulate else left @ right
+        _blas.matmul_into(left, right, out, accumulate=accumulate)
         np.testing.assert_allclose(out, expected, rtol=1e-12, err_msg=name)
 
 
-def test_matmul_add_reaches_the_gemm_of_numpys_openblas() -> None:
-    """numpy's wheels bundle scipy-openblas, whose ILP64 GEMM ``matmul_add`` must find. A
+def test_matmul_into_reaches_the_gemm_of_numpys_openblas() -> None:
+    """numpy's wheels bundle scipy-openblas, whose ILP64 GEMM ``matmul_into`` must find. A
     numpy built on another BLAS has no such symbol of its own; the expression serves there,
     and the tests above cover it."""
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]

@@ -192,6 +192,60 @@ def test_param_diff_bounds_add_up_over_sharers_and_passes() -> None:
     assert np.abs(weight.diff).max() <= net.param_diff_bounds[0]
 
 
+STALE = """
+layer { name: "data" type: "Input" top: "a" top: "target"
+        input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 } } }
+layer { name: "ip_a" type: "InnerProduct" bottom: "a" top: "fa" param { name: "w" }
+        param { name: "bias" } inner_product_param { num_output: 4
+        weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "ip_b" type: "InnerProduct" bottom: "a" top: "fb" param { name: "w" }
+        param { name: "bias" } inner_product_param { num_output: 4 } }
+layer { name: "prelu" type: "PReLU" bottom: "fa" top: "fa" }
+layer { name: "ip_c" type: "InnerProduct" bottom: "fb" top: "fc" param { lr_mult: 1 }
+        param { lr_mult: 0 } inner_product_param { num_output: 4
+        weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "side" type: "InnerProduct" bottom: "a" top: "unused"
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+layer { name: "sum" type: "Eltwise" bottom: "fa" bottom: "fc" top: "f" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "f" bottom: "target" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_stale_param_diffs_end_as_if_zeroed(passes) -> None:
+    """Diffs marked stale (holding NaN here) come out of the backward passes exactly as
+    zeroed ones do: InnerProduct writes over the stale diffs it computes (the first sharer
+    to run, both of ip_b's), the net zeroes the rest before their layer runs (PReLU's
+    slope, ip_c's frozen bias) or when the pass ends (side, which feeds no loss)."""
+    zeroed, stale = net_from(STALE), net_from(STALE)
+    for net, value in ((zeroed, 0.0), (stale, np.nan)):
+        feed(net)
+        for blob in net.learnable_params:
+            blob.diff[...] = value
+    seen: dict[str, list[list[bool]]] = {}
+    for layer in stale.layers:
+        if layer.type == "InnerProduct":
+            backward = layer.backward
+
+            def record(*args, layer=layer, backward=backward):
+                seen.setdefault(layer.name, []).append(list(layer.stale_param_diffs))
+                backward(*args)
+
+            layer.backward = record
+    stale.mark_param_diffs_stale()
+    assert stale.param_diff_bounds == [0.0] * len(stale.learnable_params)
+    for _ in range(passes):
+        zeroed.forward_backward()
+        stale.forward_backward()
+    for mine, theirs in zip(stale.learnable_params, zeroed.learnable_params, strict=True):
+        np.testing.assert_array_equal(mine.diff, theirs.diff)
+    later = [[]] * (passes - 1)
+    # ip_b runs before its sharer ip_a and leaves it nothing stale; side never runs.
+    expected = {"ip_c": [[True, False], *later], "ip_b": [[True, True], *later]}
+    assert seen == {**expected, "ip_a": [[]] * passes}
+    assert not stale.layer_dict["ip_c"].stale_param_diffs  # reset after backward
+
+
 def test_construction_errors_name_the_layer() -> None:
     with pytest.raises(ConfigError, match=r"layer 'r'.*'missing'"):
         net_from('layer { name: "r" type: "ReLU" bottom: "missing" top: "y" }')

@@ -166,9 +166,10 @@ def test_restore_uses_the_restored_history(tmp_path, small_blocks):
 
 @pytest.mark.parametrize("calls", [[3], [1, 1, 1]])
 def test_sgd_diff_holds_the_step_after_step(tmp_path, small_blocks, calls):
-    """SGD's update leaves zeros in the diffs inside ``step`` (its step lives in the
-    history); what users see is still Caffe's: zero diffs at the start of each iteration
-    and, after ``step``, each diff holding the last step."""
+    """SGD's update leaves the gradients in the diffs inside ``step`` (its step lives in
+    the history, and the next backward writes over them); what users see is still Caffe's:
+    zero diffs at the start of each iteration and, after ``step``, each diff holding the
+    last step."""
     solver = make_solver(tmp_path, "SGD", "weight_decay: 0.1")
     params = solver.net.learnable_params
     at_start: list[float] = []

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from netforge._blas import matmul_add
+from netforge._blas import matmul_into
 from netforge.blob import Blob
 from netforge.errors import DataError
 from netforge.filler import filler_or
@@ -89,11 +89,14 @@ class InnerProductLayer(Layer):
     On numpy, backward reports ``diff_bounds`` for the weight and bias gradients from the
     largest magnitudes of the top gradient and the bottom, which it reads in a fraction of
     the time reading the weight gradient takes (CaffeNet's fc6: 0.4 M elements against
-    38 M), so the solver's finiteness check skips the largest diffs of a classifier.
+    38 M), so the solver's finiteness check skips the largest diffs of a classifier. It
+    writes its gradients over stale diffs (``overwrites_param_diffs``): the weight GEMM
+    then runs with beta = 0 and never reads the old diff.
     """
 
     bottoms = (1, 1)
     tops = (1, 1)
+    overwrites_param_diffs = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         p = self.layer_param.inner_product_param
@@ -135,14 +138,17 @@ class InnerProductLayer(Layer):
         dy = top[0].diff.reshape(self.m, self.num_output)
         x = bottom[0].data.reshape(self.m, self.k)
         grads = self.param_propagate_down or [False] * len(self.blobs)
+        stale = self.stale_param_diffs or [False] * len(self.blobs)
         if grads[0]:
-            # Accumulated by one GEMM into the diff, as Caffe's beta = 1 GEMM does.
-            if self.transpose:
-                matmul_add(x.T, dy, self.blobs[0].diff)
-            else:
-                matmul_add(dy.T, x, self.blobs[0].diff)
+            # One GEMM into the diff: Caffe's beta = 1 accumulation, or beta = 0 over a
+            # stale diff.
+            a, b = (x.T, dy) if self.transpose else (dy.T, x)
+            matmul_into(a, b, self.blobs[0].diff, accumulate=not stale[0])
         if self.bias_term and grads[1]:
-            self.blobs[1].diff += dy.sum(axis=0)
+            if stale[1]:
+                dy.sum(axis=0, out=self.blobs[1].diff)
+            else:
+                self.blobs[1].diff += dy.sum(axis=0)
         if self.xp is np:  # on a GPU the bounds would cost a host sync each
             # A weight gradient element sums m products dy·x, a bias one m values of dy;
             # rounding grows the magnitude of such a sum by at most (1 + eps)^(m + 1).

@@ -74,11 +74,11 @@ class Solver:
     history_sets: ClassVar[int] = 1
     #: The history set that holds the step after ``compute_update_value`` (SGD, whose step
     #: is its history), or None when the step is left in ``grad``. With a set named, an
-    #: update that another iteration of the same ``step`` call follows writes zeros to the
-    #: gradient block instead of the step, which saves that iteration's separate pass
-    #: zeroing the diffs (Caffe's ClearParamDiffs). Nothing can read the diffs in between;
-    #: should ``step`` end early or a snapshot be requested, the steps are copied into the
-    #: diffs first, so "the diff holds the step" holds wherever it can be observed.
+    #: update that another iteration of the same ``step`` call follows does not copy the
+    #: step into the gradient block: the next backward writes over the diffs anyway
+    #: (``Net.mark_param_diffs_stale``). Nothing can read the diffs in between; should
+    #: ``step`` end early or a snapshot be requested, the steps are copied into the diffs
+    #: first, so "the diff holds the step" holds wherever it can be observed.
     step_history: ClassVar[int | None] = None
 
     def __init__(
@@ -132,7 +132,7 @@ class Solver:
         self._rate = 0.0
         #: The last iteration's loss (the mean over its ``iter_size`` passes).
         self.loss = math.nan
-        #: The last update left zeros in the diffs and the steps in history set
+        #: The last update left the gradients in the diffs and the steps in history set
         #: ``step_history``.
         self._steps_owed = False
         log.info("Solver scaffolding done.")
@@ -324,13 +324,10 @@ class Solver:
         self._losses, self._smoothed_loss = [], 0.0
         timer, iterations_last = time.perf_counter(), self.iter
         while self.iter < stop_iter:
-            if self._steps_owed:
-                # The last update left the diffs zero; Caffe's ClearParamDiffs would drop
-                # its steps from them here anyway.
-                self._steps_owed = False
-            else:
-                self._clear_param_diffs()
-            net.reset_param_diff_bounds(0.0)
+            # Caffe's ClearParamDiffs, without a pass over the diffs: they hold the last
+            # steps, or nothing to keep after a deferred update; backward writes over them.
+            self._steps_owed = False
+            net.mark_param_diffs_stale()
             if (
                 param.test_interval
                 and self.iter % param.test_interval == 0
@@ -339,6 +336,8 @@ class Solver:
                 self.test_all()
                 if self.requested_early_exit:
                     break
+            if self.callbacks:
+                net.zero_stale_param_diffs()  # what Caffe's callbacks see: zeros
             for on_start, _ in self.callbacks:
                 if on_start:
                     on_start()
@@ -373,8 +372,8 @@ class Solver:
             for _, on_gradients_ready in self.callbacks:
                 if on_gradients_ready:
                     on_gradients_ready()
-            # An iteration follows in this call, with no snapshot in between: the diffs
-            # may be left zero for it.
+            # An iteration follows in this call, with no snapshot in between: the steps
+            # need not be copied into the diffs for it.
             follows = self.iter + 1 < stop_iter and not (
                 param.snapshot and (self.iter + 1) % param.snapshot == 0
             )
@@ -469,7 +468,7 @@ class Solver:
 
     def _apply_update(self, defer: bool) -> None:
         """``apply_update``; with ``defer``, solvers with a ``step_history`` leave the
-        diffs zero and the steps in the history."""
+        gradients in the diffs and the steps in the history."""
         param, net = self.param, self.net
         rate = self._rate = self.learning_rate()
         if param.display and self.iter % param.display == 0:
@@ -503,17 +502,14 @@ class Solver:
             step = grad if held is None else block.history[held]
             if subtract:
                 data -= step
-            if step is not grad:
-                if defer:
-                    grad.fill(0)
-                else:
-                    grad[...] = step
+            if step is not grad and not defer:
+                grad[...] = step
 
         fused = None
         if subtract and decay_type_l2 and self._blocks.contiguous:
             fused = self.fused_update(local_rates, local_decays, normalize or 1.0, defer)
         self._blocks.run(self._param_blocks(), fused or update)
-        self.net.reset_param_diff_bounds(math.inf)  # the diffs now hold steps, or zeros
+        self.net.reset_param_diff_bounds(math.inf)  # the diffs now hold steps, or gradients
         self._steps_owed = defer
         if not subtract:
             self._update_debug_info()
@@ -524,11 +520,6 @@ class Solver:
     def _param_blocks(self) -> list[Block]:
         """The blocks of the learnable parameters and their history."""
         return self._blocks.blocks(self.net.learnable_params, self.history)
-
-    def _clear_param_diffs(self) -> None:
-        """Caffe's ClearParamDiffs: zero the learnable parameters' gradients."""
-
-        self._blocks.run(self._param_blocks(), lambda block, _: block.diff.fill(0))
 
     def _settle_steps(self) -> None:
         """Copy the steps an update left in the history into the diffs (``step_history``)."""
@@ -594,7 +585,7 @@ class Solver:
     ) -> Callable[[Block, tuple[Any, Any]], None] | None:
         """A whole update of one block (normalise by ``scale``, L2-regularise, compute the
         step, subtract it from the weights, and leave in the diff the step or, with
-        ``defer``, zeros) done with fewer passes than the element-wise chain; or None, for
+        ``defer``, anything) done with fewer passes than the element-wise chain; or None, for
         the chain. Offered only on contiguous numpy blocks; the result must be the same
         formula, up to float rounding."""
         return None
