@@ -193,29 +193,21 @@ def set_blas_threads(count: int) -> int:
     return count if _set_threads is None else _set_threads(count)
 
 
-# -- level 1: axpby, plane rotations, axpy ---------------------------------------------------
-_LEVEL1_NAMES = {
-    "float32": ("saxpby", "srotm", "saxpy"),
-    "float64": ("daxpby", "drotm", "daxpy"),
-}
+# -- level 1: axpby and axpy -----------------------------------------------------------------
+_LEVEL1_NAMES = {"float32": ("saxpby", "saxpy"), "float64": ("daxpby", "daxpy")}
 _level1: dict[str, Any] = {}
 
 
 class Level1(NamedTuple):
-    """numpy's OpenBLAS ``cblas_?axpby``, ``cblas_?rotm`` and ``cblas_?axpy`` for one dtype,
-    ILP64, taking raw addresses (``ndarray.ctypes.data``) and unit strides:
+    """numpy's OpenBLAS ``cblas_?axpby`` and ``cblas_?axpy`` for one dtype, ILP64, taking
+    raw addresses (``ndarray.ctypes.data``) and unit strides:
 
-    - ``axpby(n, alpha, x, 1, beta, y, 1)``: ``y = alpha·x + beta·y``;
-    - ``rotm(n, x, 1, y, 1, param)``: for every i at once, ``x[i], y[i] = h11·x[i] +
-      h12·y[i], h21·x[i] + h22·y[i]``, with ``param`` the address of ``[-1, h11, h21, h12,
-      h22]`` (the ``-1`` flag: all four entries given);
+    - ``axpby(n, alpha, x, 1, beta, y, 1)``: ``y = alpha·x + beta·y``, one pass where numpy
+      needs two products and a sum;
     - ``axpy(n, alpha, x, 1, y, 1)``: ``y += alpha·x``.
-
-    Each is one pass where numpy's one-output ufuncs need two or more.
     """
 
     axpby: Any
-    rotm: Any
     axpy: Any
 
 
@@ -232,14 +224,12 @@ def level1(dtype: Any) -> Level1 | None:
         ]
         routines = None
         if found and None not in found:
-            axpby, rotm, axpy = found
+            axpby, axpy = found
             scalar = ctypes.c_float if name == "float32" else ctypes.c_double
             index, pointer = ctypes.c_int64, ctypes.c_void_p
             axpby.argtypes = [index, scalar, pointer, index, scalar, pointer, index]
-            rotm.argtypes = [index, pointer, index, pointer, index, pointer]
             axpy.argtypes = [index, scalar, pointer, index, pointer, index]
-            for function in found:
-                function.restype = None
-            routines = Level1(axpby, rotm, axpy)
+            axpby.restype = axpy.restype = None
+            routines = Level1(axpby, axpy)
         _level1[name] = routines
     return _level1[name]

@@ -11,9 +11,9 @@ and the solver, not data loading). netforge trains it with its SGD solver (momen
 decay 5e-4, ``lr_mult`` 2 on biases as the prototxts say); PyTorch (if installed; it is not a
 netforge dependency) trains the same layers, translated one for one, with ``torch.optim.SGD``
 and the same hyper-parameters, in the same process. The two alternate for ``--rounds`` rounds
-of about ``--seconds`` each, after two warm-up iterations, so that both see the same machine
-load; the figures are the medians over rounds, and the ratio is the median of the per-round
-ratios netforge / PyTorch (above 1: netforge is faster).
+of about ``--seconds`` each (at least 20 iterations), after two warm-up iterations, so that
+both see the same machine load; the figures are the medians over rounds, and the ratio is
+the median of the per-round ratios netforge / PyTorch (above 1: netforge is faster).
 
 "outside layers" is the share of netforge's iteration spent outside ``net.forward_backward``:
 the solver's update, regularization and bookkeeping (Caffe's ApplyUpdate and Step). For
@@ -257,10 +257,18 @@ def timed_run(trainer, iterations: int) -> float:
     return time.perf_counter() - start
 
 
+#: Iterations per round at least, in one ``solver.step`` call. A call's last update also
+#: copies the steps into the diffs (what Caffe leaves there after ``step``); ``netforge
+#: train`` makes one call for the whole run and pays that once, so rounds of a few
+#: iterations (CaffeNet: 4 in 2 s) would count it as a per-iteration cost.
+MIN_ITERATIONS = 20
+
+
 def iterations_for(trainer, seconds: float) -> int:
-    """How many iterations fill about ``seconds`` (after the two warm-up ones it times)."""
+    """How many iterations fill about ``seconds`` (after the two warm-up ones it times),
+    and at least ``MIN_ITERATIONS``."""
     per_iteration = timed_run(trainer, 2) / 2
-    return max(2, round(seconds / per_iteration))
+    return max(MIN_ITERATIONS, round(seconds / per_iteration))
 
 
 def bench_speed(name: str, rounds: int, seconds: float, with_torch: bool) -> dict:

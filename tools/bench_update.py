@@ -9,7 +9,8 @@ For each of ``tools/bench_layers.py``'s nets (same prototxts, batches and SGD se
 figures per iteration are timed in one process, alternating round by round:
 
 - **training**: real iterations, split as bench_layers splits them into the layers
-  (``net.forward_backward``) and the rest, the solver's part;
+  (``net.forward_backward``) and the rest, the solver's part; a round is one ``step`` call
+  of at least ``bench_layers.MIN_ITERATIONS``, as there;
 - **solver alone**: iterations with ``net.forward_backward`` replaced by a no-op, so only the
   solver runs (its update, regularization and bookkeeping) on warm parameters. The no-op
   reports no gradient bounds, so the finiteness check reads no diffs here; in training it
@@ -36,7 +37,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from bench_layers import BENCHES, NetforgeTrainer
+from bench_layers import BENCHES, MIN_ITERATIONS, NetforgeTrainer
 
 from netforge.blob import Blob
 from netforge.solvers.blocks import ParamBlocks
@@ -93,7 +94,7 @@ def bench(name: str, rounds: int, seconds: float) -> dict:
 
     trainer.run(2)  # warm-up: buffers allocated, pools started
     per_iteration = sum(training(2))
-    train_iterations = max(2, round(seconds / per_iteration))
+    train_iterations = max(MIN_ITERATIONS, round(seconds / per_iteration))
     alone_iterations = max(10, round(seconds / max(solver_alone(3), 1e-6)))
     floor_passes = max(10, round(seconds / max(seconds_per_call(floor, 3), 1e-6)))
     figures: dict[str, list[float]] = {k: [] for k in ("layers", "solver", "alone", "floor")}
