@@ -402,12 +402,14 @@ class Net:
             if self._stale_slots:
                 self._prepare_stale_diffs(i)
             layer.diff_bounds = None
-            layer.backward(
-                self._blobs_of(self.top_names[i]),
-                self.bottom_need_backward[i],
-                self._blobs_of(self.bottom_names[i]),
-            )
-            layer.stale_param_diffs = []
+            try:
+                layer.backward(
+                    self._blobs_of(self.top_names[i]),
+                    self.bottom_need_backward[i],
+                    self._blobs_of(self.bottom_names[i]),
+                )
+            finally:
+                layer.stale_param_diffs = []
             added = layer.diff_bounds or [math.inf] * len(layer.blobs)
             for slot, bound in zip(self._param_slots[i], added):
                 self.param_diff_bounds[slot] += bound

@@ -17,10 +17,10 @@ fast: the blocks are large and run on one thread, only to bound the scratch memo
 
 Measured on CaffeNet with the layers replaced by a no-op (2-core AMD EPYC, ms per SGD
 iteration with weight decay: zeroing, finiteness check and update): whole arrays 101;
-blocks of the numpy chain on one thread about 65, on two threads about 43; the BLAS
-update on two threads about 25, close to what the memory allows: it reads and writes the
-weights, gradients and history once, 6 × 244 MB at about 60 GB/s
-(``tools/bench_update.py``).
+blocks of the numpy chain on one thread about 65, on two threads about 43; SGD's BLAS
+update on two threads 21-25 (``tools/bench_update.py``), near what the memory allows: it
+reads the weights, gradients and history once and writes the weights and history once,
+5 × 244 MB, which the traffic floor of that tool streams in 17-20 ms.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from netforge._blas import set_blas_threads
 #: Elements per block on numpy: 128 Ki, 512 KiB per float32 array. Each operation of an
 #: update touches two or three of a block's arrays, which stay in the core's L2 (1 MiB here)
 #: and the shared L3 between operations. Measured on one array set of CaffeNet's 61M
-#: parameters, two threads, ms per pass: SGD's BLAS update 24.9-25.1 with 64 Ki blocks,
-#: 23.3-23.8 with 128 Ki, 23.8 with 256 Ki; the numpy chain (weight decay, momentum, step,
-#: zeroing) 31.3-32.6, 28.6-29.0 and 31.4. Smaller blocks lose more to handing the GIL
-#: back and forth.
+#: parameters, two threads, ms per pass with 64 Ki, 128 Ki and 256 Ki blocks: the numpy
+#: chain (weight decay, momentum, step, zeroing) 31.3-32.6, 28.6-29.0 and 31.4; SGD's BLAS
+#: calls (in an earlier form, a rotation zeroing the gradient) 24.9-25.1, 23.3-23.8 and
+#: 23.8. Smaller blocks lose more to handing the GIL back and forth.
 CPU_BLOCK = 1 << 17
 #: Elements per block on cupy: large enough that kernel launches do not count.
 GPU_BLOCK = 1 << 24

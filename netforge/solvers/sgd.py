@@ -51,8 +51,8 @@ class SGDSolver(Solver):
 
         then, unless ``defer``, the step is copied into the diff. That is Caffe's
         ``h = momentum·h + rate·(scale·g + decay·w)``, ``w -= h``, with the rate distributed
-        over the two terms. Measured on CaffeNet's 61M parameters (2-core AMD EPYC, two
-        threads, 128 Ki blocks): 22.2-22.5 ms per pass, against 28.6-29.0 for the chain.
+        over the two terms. Measured on one 64 Ki-element float32 block in L2 (2-core AMD
+        EPYC): 4.3 + 4.6 + 3.9 µs, against 28 µs for the chain with its zeroing.
 
         Why these calls: ``axpy`` would be 0.3 µs per 64 Ki block faster for step 2, but
         OpenBLAS's Haswell kernel fuses its multiply-add in the vector loop and not in the
