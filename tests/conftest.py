@@ -47,3 +47,20 @@ def shared_path(*parts: str) -> Path:
             pytest.fail(f"{path} is missing and NETFORGE_REQUIRE_SHARED is set (as in CI)")
         pytest.skip(f"{path} is not present (../shared is optional for the core tests)")
     return path
+
+
+def level1_or_skip(dtype):
+    """numpy's OpenBLAS level-1 routines for ``dtype`` (``netforge._blas.level1``). Where
+    numpy bundles scipy-openblas, as its wheels do, they must be found; only a numpy built
+    on another BLAS, where SGD keeps its numpy chain, skips."""
+    import numpy as np
+
+    from netforge import _blas
+
+    routines = _blas.level1(dtype)
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    if blas == "scipy-openblas":
+        assert routines is not None, "numpy's bundled OpenBLAS has no ILP64 axpby/axpy"
+    elif routines is None:
+        pytest.skip(f"numpy's BLAS is {blas}, not its bundled OpenBLAS")
+    return routines

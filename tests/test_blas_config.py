@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, level1_or_skip
 
 from netforge import _blas
 
@@ -104,9 +104,7 @@ def test_matmul_into_reaches_the_gemm_of_numpys_openblas() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_level1_axpby_and_axpy_compute_their_formulas(dtype) -> None:
-    routines = _blas.level1(dtype)
-    if routines is None:
-        pytest.skip("numpy's BLAS is not its bundled OpenBLAS (ILP64)")
+    routines = level1_or_skip(dtype)
     tolerance = 1e-6 if dtype == np.float32 else 1e-14
     rng = np.random.default_rng(4)
     x, y0 = (rng.standard_normal(1003).astype(dtype) for _ in range(2))

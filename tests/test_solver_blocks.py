@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import level1_or_skip
 from test_solver import CASES, TYPE_SETTINGS, make_solver, record_losses, reference_run
 
-from netforge import _blas
 from netforge.blob import Blob
 from netforge.errors import DivergenceError
 from netforge.proto import pb
@@ -238,8 +238,7 @@ def watch_fused_update(solver, allow: bool) -> list:
 def test_sgd_blas_update_computes_the_chains_formula(tmp_path, small_blocks, case, dtype):
     """SGD's update in BLAS calls (``SGDSolver.fused_update``) gives the numpy chain's
     weights, history and diffs up to rounding, deferred inside ``step`` and not."""
-    if _blas.level1(dtype) is None:
-        pytest.skip("numpy's BLAS is not its bundled OpenBLAS (ILP64)")
+    level1_or_skip(dtype)
     settings, net_options, _ = CASES[case]
     runs = []
     for fused in (True, False):

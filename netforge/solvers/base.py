@@ -30,7 +30,7 @@ from netforge.backend import Backend, default_backend, to_numpy
 from netforge.errors import ConfigError, DataError, DivergenceError
 from netforge.proto import pb
 from netforge.solvers import snapshot as snap
-from netforge.solvers.blocks import Block, ParamBlocks
+from netforge.solvers.blocks import Block, BlockWork, ParamBlocks
 from netforge.solvers.lr_policy import check_policy, learning_rate
 from netforge.solvers.scoring import group_entries, score
 from netforge.train_log import fmt, output_lines
@@ -582,7 +582,7 @@ class Solver:
         local_decays: Sequence[float],
         scale: float,
         defer: bool,
-    ) -> Callable[[Block, tuple[Any, Any]], None] | None:
+    ) -> BlockWork | None:
         """A whole update of one block (normalise by ``scale``, L2-regularise, compute the
         step, subtract it from the weights, and leave in the diff the step or, with
         ``defer``, anything) done with fewer passes than the element-wise chain; or None, for

@@ -65,6 +65,11 @@ class Block(NamedTuple):
     addresses: tuple[int, ...] | None
 
 
+#: What ``ParamBlocks.run`` calls per block: ``work(block, scratch)``, with the scratch pair
+#: of the thread it runs on.
+BlockWork = Callable[[Block, tuple[Any, Any]], Any]
+
+
 class ParamBlocks:
     """Cuts the learnable parameters and their history into blocks and runs a function over
     all blocks, on one thread or several.
@@ -149,7 +154,7 @@ class ParamBlocks:
             return float(np.dot(array, self._ones[: array.size]))
         return self.xp.sum(array)
 
-    def run(self, blocks: list[Block], work: Callable[[Block, tuple[Any, Any]], Any]) -> list[Any]:
+    def run(self, blocks: list[Block], work: BlockWork) -> list[Any]:
         """``work(block, scratch)`` for every block, on threads when there are several; the
         results, in block order on one thread, in no fixed order on several. The calling
         thread claims blocks too, rather than sleeping while the pool's threads wake up. An
@@ -167,9 +172,7 @@ class ParamBlocks:
         finally:
             set_blas_threads(previous)
 
-    def _run_numpy(
-        self, blocks: list[Block], work: Callable[[Block, tuple[Any, Any]], Any]
-    ) -> list[Any]:
+    def _run_numpy(self, blocks: list[Block], work: BlockWork) -> list[Any]:
         if self._threads == 1:
             return [work(block, block.scratch[0]) for block in blocks]
         assert self._pool is not None

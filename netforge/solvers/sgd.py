@@ -8,14 +8,14 @@ its OpenBLAS, SGD's is three BLAS calls per block instead (``SGDSolver.fused_upd
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from netforge._blas import level1
 from netforge.solvers.base import Solver, register_solver
-from netforge.solvers.blocks import Block
+from netforge.solvers.blocks import Block, BlockWork
 
 
 @register_solver
@@ -40,7 +40,7 @@ class SGDSolver(Solver):
         local_decays: Sequence[float],
         scale: float,
         defer: bool,
-    ) -> Callable[[Block, tuple[Any, Any]], None] | None:
+    ) -> BlockWork | None:
         """Caffe's SGD update of a block in three BLAS calls on data in the cache, where
         the chain of numpy operations takes six (the ``w·decay`` product, its sum into the
         gradient, the rate product, the momentum product, the history sum, the step):
