@@ -203,7 +203,7 @@ def register_creator(type_name: str, creator: LayerCreator) -> None:
 
 def _load_builtin_and_plugins() -> None:
     global _entry_points_loaded
-    importlib.import_module("netforge.layers")
+    importlib.import_module("netforge.builtin_layers")
     if _entry_points_loaded:
         return
     _entry_points_loaded = True

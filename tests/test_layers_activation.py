@@ -8,8 +8,8 @@ import pytest
 
 from netforge.backend import to_numpy
 from netforge.blob import Blob
+from netforge.builtin_layers import activation
 from netforge.errors import ConfigError, ShapeError
-from netforge.layers import activation
 from netforge.proto import pb
 from tests.harness import SEED, build, check_gradient, forward, run
 

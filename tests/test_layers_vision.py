@@ -13,10 +13,15 @@ import pytest
 
 from netforge._blas import set_blas_threads
 from netforge.backend import to_numpy
+from netforge.builtin_layers import _threads, conv_ops, convolution, pooling
+from netforge.builtin_layers.conv_rows import RowShiftConv
+from netforge.builtin_layers.conv_winograd import (
+    MAX_KERNEL_ROWS,
+    TILE,
+    WinogradRowConv,
+    minimal_filtering,
+)
 from netforge.errors import ConfigError, ShapeError
-from netforge.layers import _threads, conv_ops, vision
-from netforge.layers.conv_rows import RowShiftConv
-from netforge.layers.conv_winograd import MAX_KERNEL_ROWS, TILE, WinogradRowConv, minimal_filtering
 from netforge.proto import pb
 from tests.harness import SEED, build, check_gradient, forward, run
 
@@ -191,8 +196,8 @@ def test_convolution_axis_folds_leading_axes_into_the_batch():
 @pytest.mark.parametrize("kept", [1 << 25, 0])  # forward's columns kept, or recomputed
 @pytest.mark.parametrize("case", [0, 1])  # stride 1 (full-correlation dx) and stride 2
 def test_convolution_in_batch_chunks_matches(monkeypatch, case, kept):
-    monkeypatch.setattr(vision, "COLUMN_LIMIT", 100)  # one item per chunk
-    monkeypatch.setattr(vision, "KEPT_COLUMNS", kept)
+    monkeypatch.setattr(convolution, "COLUMN_LIMIT", 100)  # one item per chunk
+    monkeypatch.setattr(convolution, "KEPT_COLUMNS", kept)
     shape, params, stride, pad, dilation, group = CONV_CASES[case]
     x = RNG.normal(size=(3,) + shape[1:])
     layer, bottom, top = build(_conv_text("Convolution", 4, params), [x])
@@ -223,9 +228,9 @@ ROW_SHIFT_CASES = [
 @pytest.mark.parametrize("waste", [0.0, 100.0])  # bottom gradient by adjoint / full correlation
 @pytest.mark.parametrize("shape,params,pad,dilation,group", ROW_SHIFT_CASES)
 def test_row_shift_convolution(monkeypatch, shape, params, pad, dilation, group, waste, winograd):
-    monkeypatch.setattr(vision, "ROW_SHIFT_MIN_DEPTH", 0)
-    monkeypatch.setattr(vision, "FULL_CORRELATION_WASTE", waste)
-    monkeypatch.setattr(vision, "WINOGRAD_MIN_ROWS", 1 if winograd else 1 << 30)
+    monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_DEPTH", 0)
+    monkeypatch.setattr(convolution, "FULL_CORRELATION_WASTE", waste)
+    monkeypatch.setattr(convolution, "WINOGRAD_MIN_ROWS", 1 if winograd else 1 << 30)
     x = RNG.normal(size=shape)
     text = _conv_text("Convolution", 4, params)
     layer, bottom, top = build(text, [x])
@@ -243,9 +248,9 @@ def test_row_shift_convolution(monkeypatch, shape, params, pad, dilation, group,
 
 @pytest.mark.parametrize("kept", [1 << 25, 0])
 def test_row_shift_convolution_in_batch_chunks(monkeypatch, kept):
-    monkeypatch.setattr(vision, "ROW_SHIFT_MIN_DEPTH", 0)
-    monkeypatch.setattr(vision, "COLUMN_LIMIT", 100)  # one item per chunk
-    monkeypatch.setattr(vision, "KEPT_COLUMNS", kept)
+    monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_DEPTH", 0)
+    monkeypatch.setattr(convolution, "COLUMN_LIMIT", 100)  # one item per chunk
+    monkeypatch.setattr(convolution, "KEPT_COLUMNS", kept)
     x = RNG.normal(size=(3, 4, 7, 6))
     text = _conv_text("Convolution", 4, "kernel_size: 3 pad: 1 group: 2")
     layer, bottom, top = build(text, [x])
@@ -399,7 +404,7 @@ def test_convolution_chunks_are_cache_sized_and_results_reproducible():
     per_item = 8 * 9 * 144
     assert len(layer.chunks) >= min(9, _threads.WORKERS)
     assert all(
-        (stop - start) * per_item <= max(vision.CACHE_COLUMNS, per_item)
+        (stop - start) * per_item <= max(convolution.CACHE_COLUMNS, per_item)
         for start, stop in layer.chunks
     )
     first = forward(layer, bottom, top)[0].copy()
@@ -771,7 +776,7 @@ def test_pooling_reads_the_forks_ceil_mode_alias():
 def test_max_pooling_in_batch_chunks_routes_each_gradient_to_its_mask(
     monkeypatch, kernel, stride, pad, ceil
 ):
-    monkeypatch.setattr(vision, "POOL_CHUNK", 100)  # one item per chunk, on every worker
+    monkeypatch.setattr(pooling, "POOL_CHUNK", 100)  # one item per chunk, on every worker
     x = distinct(5, 2, 9, 10)
     text = _pool_text("MAX", kernel, stride, pad, ceil)
     layer, bottom, top = build(text, [x], num_tops=2)
@@ -792,7 +797,7 @@ def test_max_pooling_in_batch_chunks_routes_each_gradient_to_its_mask(
 
 @pytest.mark.parametrize("kernel,stride,pad,ceil", POOL_CASES)
 def test_ave_pooling_in_batch_chunks(monkeypatch, kernel, stride, pad, ceil):
-    monkeypatch.setattr(vision, "POOL_CHUNK", 100)  # one item per chunk, on every worker
+    monkeypatch.setattr(pooling, "POOL_CHUNK", 100)  # one item per chunk, on every worker
     x = RNG.normal(size=(5, 2, 9, 10))
     text = _pool_text("AVE", kernel, stride, pad, ceil)
     layer, bottom, top = build(text, [x])

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from netforge.blob import Blob
+from netforge.builtin_layers.common import canonical_axis, check_no_in_place, legacy_axis
 from netforge.errors import DataError
 from netforge.layer import Layer, register
-from netforge.layers.common import canonical_axis, check_no_in_place, legacy_axis
 
 
 def _parts(array: Any, axis: int, sizes: Sequence[int]) -> list[Any]:

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from netforge.backend import get_array_module
-from netforge.layers.conv_ops import Geometry, Workspace
-from netforge.layers.conv_rows import RowShiftConv
+from netforge.builtin_layers.conv_ops import Geometry, Workspace
+from netforge.builtin_layers.conv_rows import RowShiftConv
 
 #: Output rows per tile (the m of F(m, kh)).
 TILE = 4

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from netforge.backend import get_array_module
-from netforge.layers.conv_ops import Geometry, Workspace
+from netforge.builtin_layers.conv_ops import Geometry, Workspace
 
 
 class RowShiftConv:

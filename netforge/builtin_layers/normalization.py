@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from netforge.blob import Blob
+from netforge.builtin_layers.common import canonical_axis
 from netforge.filler import filler_or
 from netforge.layer import Layer, register
-from netforge.layers.common import canonical_axis
 from netforge.proto import pb
 
 
