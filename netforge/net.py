@@ -24,6 +24,7 @@ from netforge.blob import Blob
 from netforge.errors import ConfigError, DataError, ShapeError
 from netforge.graph import filter_net, insert_splits
 from netforge.layer import Layer, create_layer
+from netforge.memory import check_bytes
 from netforge.proto import pb
 from netforge.weights import WeightTable, array_to_proto, read_weight_table, write_hdf5_weights
 
@@ -142,12 +143,15 @@ class Net:
         #: slots whose diffs hold nothing to keep (``mark_param_diffs_stale``)
         self._stale_slots: set[int] = set()
         owners: dict[str, tuple[int, str]] = {}
+        held, counted = 0, set()  # bytes of data the blobs and parameters will take
         lr_set: list[bool] = []
         decay_set: list[bool] = []
+        memory_used = 0  # elements of every top, as Caffe's memory_used_ counts them
 
         for layer_param in param.layer:
             if not layer_param.HasField("phase"):
                 layer_param.phase = self.phase
+            log.info("Creating Layer %s", layer_param.name)
             layer = create_layer(
                 layer_param,
                 phase=self.phase,
@@ -197,11 +201,16 @@ class Net:
                     self.blobs[name] = blob
                 available[name] = None
                 top.append(blob)
+            _log_connections(layer.name, layer_param.bottom, top_names)
             if layer.type == "Input":
                 self.inputs.extend(top_names)
+            log.info("Setting up %s", layer.name)
             layer.check_blob_counts(bottom, top)
-            layer.setup(bottom, top)
-            layer.reshape(bottom, top)
+            self._set_up(layer, bottom, top)
+            held += sum(t.count for t in top if t.name not in counted) * self.dtype.itemsize
+            held += sum(b.count for b in layer.blobs) * self.dtype.itemsize
+            counted.update(t.name for t in top)
+            check_bytes(held, f"layer {layer.name!r}: the blobs and parameters up to it")
 
             weights = list(layer_param.loss_weight)
             if not weights and layer.is_loss:
@@ -214,6 +223,12 @@ class Net:
             layer_loss = [(t, w) for t, w in zip(top, weights) if w != 0]
             for t, w in layer_loss:
                 self.loss_weights[t.name] = w
+            for j, blob in enumerate(top):
+                log.info("Top shape: %s", "".join(f"{d} " for d in blob.shape) + f"({blob.count})")
+                if j < len(weights) and weights[j]:
+                    log.info("    with loss weight %s", _fmt(weights[j]))
+                memory_used += blob.count
+            log.info("Memory required for data: %d", memory_used * self.dtype.itemsize)
 
             specs = layer.layer_param.param  # read after setup: layers may add specs
             if len(specs) > len(layer.blobs):
@@ -242,6 +257,12 @@ class Net:
                 blob_needs_backward[name] = needs_backward
         self.outputs = sorted(available)
         self._analyse_backward(blob_needs_backward)
+        for i in reversed(range(len(self.layers))):
+            needs = "needs" if self.layer_need_backward[i] else "does not need"
+            log.info("%s %s backward computation.", self.layer_names[i], needs)
+        for name in self.outputs:
+            log.info("This network produces output %s", name)
+        log.info("Network initialization done.")
         # Unknown until the solver first zeroes the diffs.
         self.reset_param_diff_bounds(math.inf)
         # Caffe allows repeated layer names (mnist_autoencoder has two "loss" layers); lookups
@@ -250,6 +271,24 @@ class Net:
         for layer in self.layers:
             self.layer_dict.setdefault(layer.name, layer)
         self.params = {ly.name: list(ly.blobs) for ly in self.layers if ly.blobs}
+
+    @staticmethod
+    def _set_up(layer: Layer, bottom: list[Blob], top: list[Blob]) -> None:
+        """The layer's setup and first reshape; a shape error names the layer."""
+        try:
+            layer.setup(bottom, top)
+            layer.reshape(bottom, top)
+        except ShapeError as exc:
+            if f"layer {layer.name!r}" in str(exc):
+                raise
+            raise ShapeError(f"layer {layer.name!r} ({layer.type}): {exc}") from None
+        except MemoryError:
+            # What the size checks before allocations did not foresee (a layer's own buffer).
+            raise ShapeError(
+                f"layer {layer.name!r} ({layer.type}): out of memory while setting it up "
+                f"(bottom shapes {[b.shape for b in bottom]}); reduce the batch size or the "
+                "layer's dimensions"
+            ) from None
 
     def _load_layer_blobs(self, layer: Layer, layer_param: pb.LayerParameter) -> None:
         """Blobs stored in the prototxt itself become the layer's initial parameters."""
@@ -719,3 +758,16 @@ class Net:
 
 def _mean_abs(array: Any) -> float:
     return float(abs(array).mean()) if array.size else 0.0
+
+
+def _log_connections(layer: str, bottoms: Sequence[str], tops: Sequence[str]) -> None:
+    """Caffe's ``<layer> <- <bottom>`` and ``<layer> -> <top>`` lines of Net::Init."""
+    for name in bottoms:
+        log.info("%s <- %s", layer, name)
+    for j, name in enumerate(tops):
+        in_place = " (in-place)" if j < len(bottoms) and bottoms[j] == name else ""
+        log.info("%s -> %s%s", layer, name, in_place)
+
+
+def _fmt(value: float) -> str:
+    return f"{float(value):.6g}"

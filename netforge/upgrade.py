@@ -355,11 +355,25 @@ def upgrade_solver(solver: pb.SolverParameter, source: str = "<solver>") -> list
         solver.type = _SOLVER_TYPES[solver.solver_type]
         solver.ClearField("solver_type")
         steps.append("solver_type → type")
-    for field in ("net_param", "train_net_param"):
-        if solver.HasField(field):
-            upgrade_net(getattr(solver, field), f"{source} ({field})")
-    for net in solver.test_net_param:
-        upgrade_net(net, f"{source} (test_net_param)")
-    for step in steps:
-        log.info("%s: upgraded (%s)", source, step)
+        log.info("%s: upgraded (solver_type → type)", source)
+    # The embedded nets' steps are the solver file's too: a solver whose only legacy part is
+    # a V1 net_param is not "already in the latest format".
+    embedded = [(field, getattr(solver, field)) for field in ("net_param", "train_net_param")]
+    embedded += [("test_net_param", net) for net in solver.test_net_param]
+    for field, net in embedded:
+        if field == "test_net_param" or solver.HasField(field):
+            steps += [f"{field}: {step}" for step in upgrade_net(net, f"{source} ({field})")]
     return steps
+
+
+def check_layer_types(net: pb.NetParameter, source: str = "<net>") -> None:
+    """Raise a ConfigError naming the first layer whose type no registered layer builds
+    (with the nearest known type), so that an upgraded net that cannot load is caught when
+    it is upgraded rather than when it is trained. Caffe's upgrade tools do not check."""
+    from netforge.layer import layer_creator
+
+    for layer in net.layer:
+        try:
+            layer_creator(layer.type, layer.name)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None

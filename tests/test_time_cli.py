@@ -55,13 +55,15 @@ def test_time_prints_caffes_lines(tmp_path, capsys):
     assert main(["time", "--model", _write(tmp_path, TINY), "--iterations", "3"]) == 0
     lines = _messages(capsys.readouterr().err)
     start = lines.index("*** Benchmark begins ***")
-    assert lines[:start] == [
-        "Use CPU.",
+    # Caffe's net-setup lines come between "Use CPU." and the first pass.
+    built = lines.index("Network initialization done.")
+    assert lines[0] == "Use CPU." and lines[1].startswith("Creating Layer ")
+    assert lines[built + 1 : start] == [
         "Performing Forward",
-        lines[2],
+        lines[built + 2],
         "Performing Backward",
     ]
-    assert re.fullmatch(rf"Initial loss: {NUMBER}", lines[2])
+    assert re.fullmatch(rf"Initial loss: {NUMBER}", lines[built + 2])
     assert lines[start + 1] == "Testing for 3 iterations."
     for k in range(3):
         assert re.fullmatch(

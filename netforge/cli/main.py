@@ -12,6 +12,7 @@ import sys
 import click
 
 from netforge import __version__
+from netforge.cli.flags import caffe_argv
 from netforge.errors import NetforgeError
 
 # command name -> "module:attribute" of its click command
@@ -40,6 +41,16 @@ class LazyGroup(click.Group):
             return None
         module, attribute = target.split(":")
         return getattr(importlib.import_module(module), attribute)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """The subcommand, with its arguments in click's spelling: Caffe's single-dash and
+        underscore flags (``-solver s.prototxt``, ``-resize_height=40``) are accepted."""
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            rest = caffe_argv(command, rest, ctx)
+        return name, command, rest
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

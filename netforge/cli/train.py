@@ -36,7 +36,10 @@ def _names(text: str | None) -> list[str]:
 @click.option("--solver", required=True, help="Solver prototxt.")
 @click.option("--weights", default=None, help="Caffemodel(s) to fine-tune from: A[,B]; zoo:NAME.")
 @click.option("--snapshot", default=None, help="A .solverstate(.h5) to resume from.")
-@click.option("--gpu", default=None, help="GPU id or 'all'; CPU unless the solver says GPU.")
+@click.option(
+    "--gpu", default=None, help="GPU id or 'all' (-1: the CPU); CPU unless the solver says GPU."
+)
+@click.option("--cpu", is_flag=True, help="Train on the CPU whatever the solver's solver_mode.")
 @click.option("--stage", default=None, help="Comma-separated NetState stages of the train net.")
 @click.option("--level", default=0, show_default=True, help="NetState level of the train net.")
 @click.option("--iterations", type=int, default=None, help="Train to this many iterations.")
@@ -52,6 +55,7 @@ def train(
     weights: str | None,
     snapshot: str | None,
     gpu: str | None,
+    cpu: bool,
     stage: str | None,
     level: int,
     iterations: int | None,
@@ -64,6 +68,7 @@ def train(
     allow_python_layers: bool,
 ) -> None:
     """Train (or resume training) the net of a solver prototxt."""
+    from netforge.proto import pb
     from netforge.prototxt import read_solver
     from netforge.solvers import get_solver
     from netforge.solvers.control import SignalActions, train_backend
@@ -81,6 +86,11 @@ def train(
         if iterations <= 0:
             raise ConfigError(f"--iterations must be positive, got {iterations}")
         param.max_iter = iterations
+    if cpu or gpu == "-1":
+        if gpu not in (None, "-1"):
+            raise ConfigError(f"--cpu and --gpu {gpu} contradict each other; give one")
+        param.solver_mode = pb.SolverParameter.CPU
+        gpu = None
     backend = train_backend(gpu, param)
     if snapshot or weights:
         param.ClearField("weights")

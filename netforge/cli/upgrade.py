@@ -6,7 +6,7 @@ import click
 
 from netforge.proto import pb
 from netforge.prototxt import read_message, write_text
-from netforge.upgrade import upgrade_net, upgrade_solver
+from netforge.upgrade import check_layer_types, upgrade_net, upgrade_solver
 
 
 @click.command()
@@ -26,3 +26,16 @@ def upgrade(kind: str, source: str, destination: str) -> None:
         click.echo(f"{source}: {'; '.join(steps)}; wrote {destination}")
     else:
         click.echo(f"{source}: already in the latest format; wrote {destination}")
+    # The file is written first (the upgrade itself succeeded, as Caffe's tool writes it),
+    # then an unknown layer type exits 2, the status `netforge train` gives the same net: a
+    # typo must not pass a script's check of the upgrade only to fail at training.
+    nets = [message] if kind == "net" else _solver_nets(message)
+    for net in nets:
+        check_layer_types(net, f"{source} (upgraded to {destination})")
+
+
+def _solver_nets(solver: pb.SolverParameter) -> list[pb.NetParameter]:
+    embedded = [solver.net_param] if solver.HasField("net_param") else []
+    if solver.HasField("train_net_param"):
+        embedded.append(solver.train_net_param)
+    return embedded + list(solver.test_net_param)

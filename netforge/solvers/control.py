@@ -15,7 +15,7 @@ from typing import Any
 
 from netforge import backend as backends
 from netforge.backend import Backend
-from netforge.errors import ConfigError
+from netforge.errors import ConfigError, DeviceError
 from netforge.proto import pb
 
 log = logging.getLogger("netforge")
@@ -25,7 +25,10 @@ EFFECTS = ("stop", "snapshot", "none")
 
 def train_backend(gpu: str | None, param: pb.SolverParameter) -> Backend:
     """The backend ``caffe train`` would use for ``--gpu`` (an id, a comma list or "all")."""
-    if not gpu and param.HasField("solver_mode") and param.solver_mode == pb.SolverParameter.GPU:
+    from_solver = (
+        not gpu and param.HasField("solver_mode") and param.solver_mode == pb.SolverParameter.GPU
+    )
+    if from_solver:
         gpu = str(param.device_id)
     if not gpu:
         log.info("Use CPU.")
@@ -46,7 +49,17 @@ def train_backend(gpu: str | None, param: pb.SolverParameter) -> Backend:
         )
     log.info("Using GPUs %d", ids[0])
     param.device_id = ids[0]
-    return backends.gpu(ids[0])
+    try:
+        return backends.gpu(ids[0])
+    except DeviceError as exc:
+        if not from_solver:
+            raise
+        # Caffe's own solver files say solver_mode: GPU; on a CPU-only machine the user
+        # needs to know the override, not only that there is no GPU.
+        raise DeviceError(
+            f"{exc}; the solver sets solver_mode: GPU: train on the CPU with --cpu "
+            "(Caffe's -gpu -1), or set solver_mode: CPU in the solver"
+        ) from exc
 
 
 class SignalActions:

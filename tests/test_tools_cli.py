@@ -1,0 +1,228 @@
+"""Caffe's tool-side habits: gflags spellings on every command, the net-setup log lines,
+``train --cpu``, and the upgrade tools' reports."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import pytest
+
+from netforge.cli.flags import caffe_argv
+from netforge.cli.main import cli, main
+from netforge.errors import ConfigError, DeviceError
+from netforge.net import Net
+from netforge.proto import pb
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "solver_data.h5"
+
+
+def _argv(args: list[str]) -> list[str]:
+    """``args`` as LazyGroup hands them to the subcommand (the first word is its name)."""
+    ctx = click.Context(cli)
+    name, command, rest = cli.resolve_command(ctx, args)
+    return [name, *rest]
+
+
+def test_caffe_single_dash_flags_become_click_options() -> None:
+    assert _argv(["train", "-solver", "s.prototxt", "-gpu", "-1", "-weights=a,b"]) == [
+        "train",
+        "--solver",
+        "s.prototxt",
+        "--gpu",
+        "-1",
+        "--weights=a,b",
+    ]
+    # convert_imageset's README: underscores, -flag=value, bare booleans, -noflag
+    assert _argv(
+        ["convert", "imageset", "-resize_height=40", "-shuffle", "-backend=lmdb", "-nogray"]
+        + ["-check_size=true", "-encoded=false", "root/", "list.txt", "db"]
+    ) == [
+        "convert",
+        "imageset",
+        "--resize-height=40",
+        "--shuffle",
+        "--backend=lmdb",
+        "--check-size",
+        "root/",
+        "list.txt",
+        "db",
+    ]
+    # a value that looks like a flag stays a value; unknown flags reach click unchanged
+    assert _argv(["test", "-model", "-m.prototxt", "-bogus", "x"]) == [
+        "test",
+        "--model",
+        "-m.prototxt",
+        "-bogus",
+        "x",
+    ]
+    assert _argv(["upgrade", "net", "-h"]) == ["upgrade", "net", "-h"]
+
+
+def test_unknown_single_dash_flag_is_one_click_error() -> None:
+    assert main(["train", "-solverr", "x.prototxt"]) == 2
+
+
+def test_caffe_argv_negative_flag_with_secondary_spelling() -> None:
+    @click.command()
+    @click.option("--shuffle/--no-shuffle", default=True)
+    def command(shuffle: bool) -> None:
+        """A command with a negative spelling."""
+
+    ctx = click.Context(command)
+    assert caffe_argv(command, ["-noshuffle"], ctx) == ["--no-shuffle"]
+    assert caffe_argv(command, ["-shuffle=false"], ctx) == ["--no-shuffle"]
+    assert caffe_argv(command, ["--no-shuffle=false"], ctx) == ["--shuffle"]
+
+
+SOLVER = """net: "{net}"
+base_lr: 0.01
+lr_policy: "fixed"
+max_iter: 2
+display: 1
+snapshot_prefix: "{prefix}"
+solver_mode: GPU
+random_seed: 1
+"""
+
+NET = """name: "ls"
+layer {{ name: "data" type: "HDF5Data" top: "data" top: "targets"
+        hdf5_data_param {{ source: "{source}" batch_size: 4 }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param {{ num_output: 1 weight_filler {{ type: "gaussian" std: 1.0 }} }} }}
+layer {{ name: "relu" type: "ReLU" bottom: "ip" top: "ip" }}
+layer {{ name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "targets" top: "loss"
+        loss_weight: 0.5 }}
+"""
+
+
+@pytest.fixture
+def gpu_solver(tmp_path: Path) -> Path:
+    (tmp_path / "list.txt").write_text(f"{FIXTURE}\n")
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET.format(source=tmp_path / "list.txt"))
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(SOLVER.format(net=net, prefix=tmp_path / "ls"))
+    return solver
+
+
+def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(device_id: int = 0):
+        raise DeviceError("cupy is installed but no CUDA GPU is present")
+
+    monkeypatch.setattr("netforge.backend.gpu", refuse)
+
+
+def test_solver_mode_gpu_without_gpu_offers_cpu(
+    gpu_solver: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    _no_gpu(monkeypatch)
+    assert main(["train", "--solver", str(gpu_solver)]) == DeviceError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no CUDA GPU" in err and "--cpu" in err and "solver_mode: CPU" in err
+    for flags in (["--cpu"], ["-gpu", "-1"], ["-cpu"]):
+        assert main(["train", "-solver", str(gpu_solver), *flags]) == 0
+        assert (gpu_solver.parent / "ls_iter_2.caffemodel").is_file()
+        (gpu_solver.parent / "ls_iter_2.caffemodel").unlink()
+    assert main(["train", "--solver", str(gpu_solver), "--cpu", "--gpu", "0"]) == 2
+
+
+def test_explicit_gpu_error_is_not_rewritten(
+    gpu_solver: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    _no_gpu(monkeypatch)
+    assert main(["train", "--solver", str(gpu_solver), "--gpu", "0"]) == DeviceError.exit_code
+    assert "--cpu" not in capsys.readouterr().err
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_net_setup_lines_in_caffe_format(tmp_path: Path) -> None:
+    (tmp_path / "list.txt").write_text(f"{FIXTURE}\n")
+    (tmp_path / "net.prototxt").write_text(NET.format(source=tmp_path / "list.txt"))
+    handler = _Lines()
+    logger = logging.getLogger("netforge")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        net = Net(str(tmp_path / "net.prototxt"), phase=pb.TRAIN)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = handler.lines
+    # solver_data.h5: data (8, 3, 10, 10), targets (8, 1); batch 4. Tops in order: data,
+    # targets, ip, ip again (in-place ReLU), the scalar loss; 4 bytes per float32 element.
+    counts = [4 * 300, 4, 4, 4, 1]
+    assert lines[: lines.index("Creating Layer ip")] == [
+        "Creating Layer data",
+        "data -> data",
+        "data -> targets",
+        "Setting up data",
+        "Top shape: 4 3 10 10 (1200)",
+        "Top shape: 4 1 (4)",
+        f"Memory required for data: {4 * (counts[0] + counts[1])}",
+    ]
+    assert "relu -> ip (in-place)" in lines
+    loss_at = lines.index("Setting up loss")
+    assert lines[loss_at - 4 : loss_at + 4] == [
+        "Creating Layer loss",
+        "loss <- ip",
+        "loss <- targets",
+        "loss -> loss",
+        "Setting up loss",
+        "Top shape: (1)",
+        "    with loss weight 0.5",
+        f"Memory required for data: {4 * sum(counts)}",
+    ]
+    assert lines[-6:] == [
+        "loss needs backward computation.",
+        "relu needs backward computation.",
+        "ip needs backward computation.",
+        "data does not need backward computation.",
+        "This network produces output loss",
+        "Network initialization done.",
+    ]
+    assert net.outputs == ["loss"]
+
+
+V1_SOLVER = """base_lr: 0.1
+net_param {
+  name: "old"
+  layers { name: "ip" type: INNER_PRODUCT bottom: "x" top: "y"
+           inner_product_param { num_output: 1 } }
+}
+"""
+
+
+def test_upgrade_solver_reports_embedded_net_upgrade(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "s.prototxt").write_text(V1_SOLVER)
+    assert main(["upgrade", "solver", str(tmp_path / "s.prototxt"), str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "already in the latest format" not in out
+    assert "net_param: V1 layers → current" in out
+    assert 'type: "InnerProduct"' in (tmp_path / "t").read_text()
+
+
+def test_upgrade_net_unknown_type_names_layer_and_nearest(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "n.prototxt").write_text(
+        'layer { name: "act" type: "ReLu" bottom: "x" top: "x" }\n'
+    )
+    status = main(["upgrade", "net", str(tmp_path / "n.prototxt"), str(tmp_path / "out")])
+    assert status == ConfigError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'act'" in err and "'ReLu'" in err and "did you mean 'ReLU'" in err
+    assert str(tmp_path / "out") in err and (tmp_path / "out").is_file()
