@@ -24,6 +24,7 @@ COMMANDS = {
     "compute-mean": "netforge.cli.data:compute_mean",
     "zoo": "netforge.cli.zoo:zoo",
     "classify": "netforge.cli.zoo:classify",
+    "draw": "netforge.cli.draw:draw",
     "upgrade": "netforge.cli.upgrade:upgrade",
     "device-query": "netforge.cli.device:device_query",
 }
