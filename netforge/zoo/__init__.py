@@ -19,6 +19,7 @@ from netforge.zoo.download import (
     verify_file,
 )
 from netforge.zoo.manifest import (
+    MODELS_DIR,
     ZOO_DIR,
     Manifest,
     Preprocessing,
@@ -49,6 +50,7 @@ def preprocessing(name: str) -> Preprocessing:
 
 
 __all__ = [
+    "MODELS_DIR",
     "ZOO_DIR",
     "Manifest",
     "Preprocessing",

@@ -28,10 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netforge.errors import ConfigError
+from netforge.errors import ConfigError, DataError
 
-#: The repository's manifest folder (``zoo/`` beside the ``netforge`` package).
-ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
+
+def _data_root() -> Path:
+    """The folder holding ``zoo/`` and ``models/``: ``netforge/_data`` in an installed wheel
+    (setup.py copies them there), else the source tree beside the package (a checkout or an
+    editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "_data"
+    return installed if (installed / "zoo").is_dir() else package.parent
+
+
+#: The manifest folder (the repository's top-level ``zoo/``, or the installed copy).
+ZOO_DIR = _data_root() / "zoo"
+#: Caffe's model folders the manifests' prototxts live in (``models/`` beside ``zoo/``).
+MODELS_DIR = ZOO_DIR.parent / "models"
 
 _HEX = re.compile(r"[0-9a-f]+")
 _DIGEST_LENGTHS = {"sha1": 40, "sha256": 64}
@@ -343,10 +355,21 @@ def read_caffe_model_dir(folder: str | Path) -> Manifest:
 
 
 # -- lookup --------------------------------------------------------------------------------
+def _manifest_paths(folder: Path) -> list[Path]:
+    """The zoo's manifest files, sorted; an install without them must not look like a zoo
+    with no models, so none at all is an error."""
+    paths = sorted(folder.glob("*.json"))
+    if not paths:
+        raise DataError(
+            f"the zoo is empty: no manifests (*.json) in {folder}; this netforge was installed "
+            "without its zoo: reinstall it from a wheel or a source checkout"
+        )
+    return paths
+
+
 def list_manifests(zoo_dir: Path | None = None) -> list[Manifest]:
     """Every manifest in the zoo folder, sorted by name."""
-    folder = zoo_dir or ZOO_DIR
-    return [read_json_manifest(p) for p in sorted(folder.glob("*.json"))]
+    return [read_json_manifest(p) for p in _manifest_paths(zoo_dir or ZOO_DIR)]
 
 
 def load_manifest(name: str | Path, zoo_dir: Path | None = None) -> Manifest:
@@ -362,8 +385,8 @@ def load_manifest(name: str | Path, zoo_dir: Path | None = None) -> Manifest:
         candidate = folder / f"{name}.json"
         if candidate.is_file():
             return read_json_manifest(candidate)
-    known = ", ".join(p.stem for p in sorted(folder.glob("*.json")))
+    known = ", ".join(p.stem for p in _manifest_paths(folder))
     raise ConfigError(
-        f"no zoo model {str(name)!r}: not in {folder} (known: {known or 'none'}), "
+        f"no zoo model {str(name)!r}: not in {folder} (known: {known}), "
         "not a manifest .json, and not a Caffe model folder with a readme.md"
     )
