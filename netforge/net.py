@@ -665,6 +665,27 @@ class Net:
                 layers.append((layer.name, blobs))
         write_hdf5_weights(path, layers)
 
+    def to_onnx(
+        self,
+        path: str | os.PathLike,
+        opset: int | None = None,
+        dynamic_batch: bool = False,
+        fold_batchnorm: bool = False,
+    ) -> Any:
+        """Write the net and its weights as an ONNX model (needs ``netforge[onnx]``) and
+        return the ``onnx.ModelProto``; see ``netforge.export.net_to_onnx``."""
+        from netforge.export import net_to_onnx, save_onnx
+        from netforge.export.onnx_graph import DEFAULT_OPSET
+
+        model = net_to_onnx(
+            self,
+            opset=DEFAULT_OPSET if opset is None else opset,
+            dynamic_batch=dynamic_batch,
+            fold_batchnorm=fold_batchnorm,
+        )
+        save_onnx(model, path)
+        return model
+
     def freeze(self, pattern: str) -> list[str]:
         """Set lr_mult 0 on the parameters of layers whose name matches the glob ``pattern``
         (Caffe users did this by editing ParamSpecs); returns the frozen layers' names."""
