@@ -84,24 +84,56 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
-# pycaffe-style process defaults (set_mode_cpu / set_mode_gpu / set_device). They only choose
-# the backend of nets and solvers created afterwards without an explicit one.
-_default_mode = {"gpu": False, "device_id": 0}
+def move_array(array: Any, backend: Backend, moved: dict[int, tuple[Any, Any]]) -> Any:
+    """``array`` on ``backend``, each memory buffer copied once: arrays that view the same
+    buffer whole (shared parameters, ``Blob.share_data``) stay views of one moved copy.
+    ``moved`` maps id(buffer) -> (buffer, its copy) across one move of a net."""
+    if array is None:
+        return None
+    root = array
+    while isinstance(getattr(root, "base", None), type(array)):
+        root = root.base
+    if id(root) not in moved:
+        moved[id(root)] = (root, backend.asarray(root))
+    copy = moved[id(root)][1]
+    if root is array:
+        return copy
+    if root.size == array.size and array.flags.c_contiguous and root.flags.c_contiguous:
+        return copy.reshape(array.shape)
+    return backend.asarray(array)  # a partial view: it moves as an array of its own
+
+
+# pycaffe-style process defaults (set_mode_cpu / set_mode_gpu / set_device). They choose the
+# backend of nets and solvers created without an explicit one, and, as Caffe's global mode
+# does, where such a net runs next: it moves its arrays on its next forward or backward
+# after the mode changed ("version" counts the changes, so that check costs one compare).
+_default_mode = {"gpu": False, "device_id": 0, "version": 0}
 
 
 def set_mode_cpu() -> None:
-    """Make new nets and solvers run on the CPU (pycaffe's ``caffe.set_mode_cpu``)."""
+    """Run nets and solvers that follow the process mode on the CPU (pycaffe's
+    ``caffe.set_mode_cpu``): new ones, and existing ones from their next pass."""
     _default_mode["gpu"] = False
+    _default_mode["version"] += 1
 
 
 def set_mode_gpu() -> None:
-    """Make new nets and solvers run on the GPU chosen by ``set_device``."""
+    """Run nets and solvers that follow the process mode on the GPU chosen by
+    ``set_device``: new ones, and existing ones from their next pass (their arrays move
+    then, once). Without a usable GPU, that pass raises a DeviceError."""
     _default_mode["gpu"] = True
+    _default_mode["version"] += 1
 
 
 def set_device(device_id: int) -> None:
     """Choose the GPU used in GPU mode (pycaffe's ``caffe.set_device``)."""
     _default_mode["device_id"] = int(device_id)
+    _default_mode["version"] += 1
+
+
+def mode_version() -> int:
+    """A number that changes whenever set_mode_cpu, set_mode_gpu or set_device is called."""
+    return _default_mode["version"]
 
 
 def default_backend() -> Backend:

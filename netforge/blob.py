@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from netforge.backend import CPU, Backend
+from netforge.backend import CPU, Backend, move_array
 from netforge.errors import ShapeError
 
 MAX_BLOB_AXES = 32
@@ -75,6 +75,40 @@ class Blob:
             return None
         return array.reshape(self._shape)
 
+    def legacy_shape(self, index: int) -> int:
+        """Caffe's LegacyShape: axis ``index`` of a blob of at most 4 axes, with the missing
+        axes read as 1 (the one-padding of Caffe's old 4-D blobs)."""
+        if self.num_axes > 4:
+            raise ShapeError(
+                f"blob {self.name!r}: cannot use legacy accessors (num, channels, height, "
+                f"width) on a blob with {self.num_axes} > 4 axes; use shape instead"
+            )
+        if not -4 <= index < 4:
+            raise ShapeError(f"blob {self.name!r}: legacy axis {index} is outside [-4, 3]")
+        if index >= self.num_axes or index < -self.num_axes:
+            return 1
+        return self._shape[index]
+
+    @property
+    def num(self) -> int:
+        """Caffe's ``num()``: ``legacy_shape(0)``."""
+        return self.legacy_shape(0)
+
+    @property
+    def channels(self) -> int:
+        """Caffe's ``channels()``: ``legacy_shape(1)``."""
+        return self.legacy_shape(1)
+
+    @property
+    def height(self) -> int:
+        """Caffe's ``height()``: ``legacy_shape(2)``."""
+        return self.legacy_shape(2)
+
+    @property
+    def width(self) -> int:
+        """Caffe's ``width()``: ``legacy_shape(3)``."""
+        return self.legacy_shape(3)
+
     def shape_index(self, axis: int) -> int:
         """Caffe's CanonicalAxisIndex: a negative axis counts from the end."""
         n = self.num_axes
@@ -126,12 +160,14 @@ class Blob:
         self.share_data(other)
         self.share_diff(other)
 
-    def to(self, backend: Backend) -> None:
-        """Move the arrays to ``backend``, keeping their contents."""
+    def to(self, backend: Backend, moved: dict[int, tuple[Any, Any]] | None = None) -> None:
+        """Move the arrays to ``backend``, keeping their contents; blobs moved with the same
+        ``moved`` memo keep sharing their memory (see ``backend.move_array``)."""
         if backend == self.backend:
             return
-        self._data = None if self._data is None else backend.asarray(self._data)
-        self._diff = None if self._diff is None else backend.asarray(self._diff)
+        moved = {} if moved is None else moved
+        self._data = move_array(self._data, backend, moved)
+        self._diff = move_array(self._diff, backend, moved)
         self.backend = backend
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from netforge.backend import CPU, Backend
+from netforge.backend import CPU, Backend, move_array
 from netforge.blob import Blob
 from netforge.errors import ConfigError, ShapeError
 from netforge.filler import fill
@@ -125,6 +125,20 @@ class Layer:
     def set_state(self, state: bytes) -> None:
         """Restore what ``get_state`` returned."""
 
+    # -- device ----------------------------------------------------------------------------
+    def to(self, backend: Backend, moved: dict[int, tuple[Any, Any]]) -> None:
+        """Move the layer to ``backend``: its parameter blobs and whatever it keeps in its
+        attributes (arrays, blobs, inner layers or nets, in lists, tuples and dicts too),
+        each buffer once through the ``moved`` memo (``backend.move_array``). A layer that
+        keeps device state elsewhere overrides this and calls it."""
+        if backend == self.backend:
+            return
+        for name, value in vars(self).items():
+            if name != "backend":
+                setattr(self, name, move_state(value, backend, moved))
+        self.backend = backend
+        self._device_rng = None  # a generator of the old array module
+
     # -- helpers for subclasses ----------------------------------------------------------
     @property
     def xp(self) -> Any:
@@ -181,6 +195,28 @@ class Layer:
 LayerCreator = Callable[..., Layer]
 _REGISTRY: dict[str, LayerCreator] = {}
 _entry_points_loaded = False
+
+
+def move_state(value: Any, backend: Backend, moved: dict[int, tuple[Any, Any]]) -> Any:
+    """``value`` with every array, Blob, Layer or Net in it moved to ``backend`` (containers
+    rebuilt, other values kept)."""
+    kind = type(value)
+    if isinstance(value, np.ndarray) or (
+        kind.__name__ == "ndarray" and kind.__module__.startswith("cupy")
+    ):
+        return move_array(value, backend, moved)
+    if isinstance(value, (Blob, Layer)) or hasattr(value, "layer_tops"):  # a Net
+        value.to(backend, moved)
+        return value
+    if isinstance(value, list):
+        value[:] = [move_state(item, backend, moved) for item in value]
+        return value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(move_state(item, backend, moved) for item in value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = move_state(item, backend, moved)
+    return value
 
 
 def register(type_name: str) -> Callable[[type[Layer]], type[Layer]]:

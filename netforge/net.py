@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 
 from netforge.atomic import atomic_write
-from netforge.backend import Backend, default_backend, to_numpy
+from netforge.backend import Backend, default_backend, mode_version, to_numpy
 from netforge.blob import Blob
 from netforge.errors import ConfigError, DataError, ShapeError
 from netforge.graph import filter_net, insert_splits
 from netforge.layer import Layer, create_layer
 from netforge.memory import check_bytes
+from netforge.net_pycaffe import PycaffeNetMethods
+from netforge.process import default_rng
 from netforge.proto import pb
 from netforge.weights import WeightTable, array_to_proto, read_weight_table, write_hdf5_weights
 
@@ -67,7 +69,7 @@ def _parse_pycaffe_args(args: tuple, phase: int | None, weights: Any) -> tuple[i
     return phase, weights
 
 
-class Net:
+class Net(PycaffeNetMethods):
     """A network built from a prototxt (path) or a NetParameter; pycaffe's ``caffe.Net``.
 
     ``Net(model, phase=TEST, weights=None, stages=(), level=0, backend=None,
@@ -108,8 +110,11 @@ class Net:
         self.name = param.name
         self.phase = phase
         self.backend = backend if backend is not None else default_backend()
+        # Built on the process mode: follow set_mode_cpu/gpu from now on (Caffe's global mode).
+        self._follows_mode = backend is None
+        self._mode_seen = mode_version()
         self.dtype = np.dtype(dtype)
-        self.rng = rng if rng is not None else np.random.default_rng()
+        self.rng = rng if rng is not None else default_rng()
         self.force_backward = param.force_backward
         self.debug_info = param.debug_info
         self._allow_python = allow_python_layers
@@ -124,8 +129,8 @@ class Net:
         self.layers: list[Layer] = []
         self.layer_names: list[str] = []
         self.blobs: dict[str, Blob] = {}
-        self.bottom_names: list[list[str]] = []
-        self.top_names: list[list[str]] = []
+        self.layer_bottoms: list[list[str]] = []
+        self.layer_tops: list[list[str]] = []
         self.loss_weights: dict[str, float] = {}
         self.inputs: list[str] = []
         self._layer_loss: list[list[tuple[Blob, float]]] = []
@@ -248,8 +253,8 @@ class Net:
 
             self.layers.append(layer)
             self.layer_names.append(layer.name)
-            self.bottom_names.append(list(layer_param.bottom))
-            self.top_names.append(top_names)
+            self.layer_bottoms.append(list(layer_param.bottom))
+            self.layer_tops.append(top_names)
             self._layer_loss.append(layer_loss)
             self.layer_need_backward.append(needs_backward)
             self.bottom_need_backward.append(bottom_backward)
@@ -364,15 +369,15 @@ class Net:
         for i in reversed(range(len(self.layers))):
             layer_loss_tops = {t.name for t, _ in self._layer_loss[i]}
             contributes = any(
-                name in layer_loss_tops or name in under_loss for name in self.top_names[i]
+                name in layer_loss_tops or name in under_loss for name in self.layer_tops[i]
             )
-            skip = all(name in skip_backprop for name in self.top_names[i])
+            skip = all(name in skip_backprop for name in self.layer_tops[i])
             if self.layer_need_backward[i] and skip:
                 self.layer_need_backward[i] = False
                 self.bottom_need_backward[i] = [False] * len(self.bottom_need_backward[i])
             if not contributes:
                 self.layer_need_backward[i] = False
-            for j, name in enumerate(self.bottom_names[i]):
+            for j, name in enumerate(self.layer_bottoms[i]):
                 if contributes:
                     under_loss.add(name)
                 else:
@@ -411,16 +416,18 @@ class Net:
     # -- running -------------------------------------------------------------------------
     def reshape(self) -> None:
         """Propagate shapes through every layer (after an input changed size)."""
-        for layer, bottoms, tops in zip(self.layers, self.bottom_names, self.top_names):
+        for layer, bottoms, tops in zip(self.layers, self.layer_bottoms, self.layer_tops):
             layer.reshape(self._blobs_of(bottoms), self._blobs_of(tops))
 
     def forward_from_to(self, start: int = 0, end: int | None = None) -> float:
         """Run layers ``start..end`` (inclusive); returns their weighted loss."""
         end = len(self.layers) - 1 if end is None else end
+        if self._follows_mode:
+            self.follow_mode()
         loss = 0.0  # a device scalar once a loss is added: one host sync, at the end
         for i in range(start, end + 1):
             layer = self.layers[i]
-            bottom, top = self._blobs_of(self.bottom_names[i]), self._blobs_of(self.top_names[i])
+            bottom, top = self._blobs_of(self.layer_bottoms[i]), self._blobs_of(self.layer_tops[i])
             layer.reshape(bottom, top)
             layer.forward(bottom, top)
             for blob, weight in self._layer_loss[i]:
@@ -432,6 +439,8 @@ class Net:
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
         """Backpropagate from layer ``start`` down to ``end`` (inclusive)."""
         start = len(self.layers) - 1 if start is None else start
+        if self._follows_mode:
+            self.follow_mode()
         for i in range(start, end - 1, -1):
             for blob, weight in self._layer_loss[i]:
                 blob.diff.fill(weight)
@@ -443,9 +452,9 @@ class Net:
             layer.diff_bounds = None
             try:
                 layer.backward(
-                    self._blobs_of(self.top_names[i]),
+                    self._blobs_of(self.layer_tops[i]),
                     self.bottom_need_backward[i],
-                    self._blobs_of(self.bottom_names[i]),
+                    self._blobs_of(self.layer_bottoms[i]),
                 )
             finally:
                 layer.stale_param_diffs = []
@@ -509,6 +518,8 @@ class Net:
         **inputs: Any,
     ) -> dict[str, Any]:
         """pycaffe's ``net.forward``: set ``inputs``, run, return the outputs (and ``blobs``)."""
+        if self._follows_mode:
+            self.follow_mode()
         resized = False
         for name, value in inputs.items():
             if name not in self.blobs:
@@ -524,7 +535,7 @@ class Net:
         start_index = self._index(start, 0)
         end_index = self._index(end, len(self.layers) - 1)
         self.forward_from_to(start_index, end_index)
-        names = self.top_names[end_index] if end is not None else self.outputs
+        names = self.layer_tops[end_index] if end is not None else self.outputs
         return {n: self.blobs[n].data for n in [*names, *(blobs or ())]}
 
     def backward(
@@ -535,12 +546,14 @@ class Net:
         **top_diffs: Any,
     ) -> dict[str, Any]:
         """pycaffe's ``net.backward``: set top ``diffs``, backpropagate, return input diffs."""
+        if self._follows_mode:
+            self.follow_mode()
         for name, value in top_diffs.items():
             self.blobs[name].diff = self.backend.asarray(value, dtype=self.dtype)
         start_index = self._index(start, len(self.layers) - 1)
         end_index = self._index(end, 0)
         self.backward_from_to(start_index, end_index)
-        names = self.bottom_names[end_index] if end is not None else self.inputs
+        names = self.layer_bottoms[end_index] if end is not None else self.inputs
         return {n: self.blobs[n].diff for n in [*names, *(diffs or ())]}
 
     def set_input_arrays(self, data: Any, labels: Any, layer: str | None = None) -> None:
@@ -713,7 +726,7 @@ class Net:
         """The first (layer, blob, "data"|"diff") holding a NaN or infinity, in the order the
         values were computed: forward tops first, then backward diffs from the top down."""
         xp = self.backend.xp
-        for name, tops in zip(self.layer_names, self.top_names):
+        for name, tops in zip(self.layer_names, self.layer_tops):
             for top in tops:
                 if not bool(xp.isfinite(self.blobs[top].data).all()):
                     return name, top, "data"
@@ -724,7 +737,7 @@ class Net:
             for j, blob in enumerate(layer.blobs):
                 if not bool(xp.isfinite(blob.diff).all()):
                     return layer.name, f"param {j}", "diff"
-            for bottom, needed in zip(self.bottom_names[i], self.bottom_need_backward[i]):
+            for bottom, needed in zip(self.layer_bottoms[i], self.bottom_need_backward[i]):
                 if needed and not bool(xp.isfinite(self.blobs[bottom].diff).all()):
                     return layer.name, bottom, "diff"
         return None
@@ -742,7 +755,7 @@ class Net:
 
     def _log_forward(self, i: int) -> None:
         layer = self.layers[i]
-        for name in self.top_names[i]:
+        for name in self.layer_tops[i]:
             log.info(
                 "    [Forward] Layer %s, top blob %s data: %.6g",
                 layer.name,
@@ -759,7 +772,7 @@ class Net:
 
     def _log_backward(self, i: int) -> None:
         layer = self.layers[i]
-        for name, needed in zip(self.bottom_names[i], self.bottom_need_backward[i]):
+        for name, needed in zip(self.layer_bottoms[i], self.bottom_need_backward[i]):
             if needed:
                 log.info(
                     "    [Backward] Layer %s, bottom blob %s diff: %.6g",

@@ -108,7 +108,7 @@ def test_pytorch_translation_matches_netforge() -> None:
         "data": torch.tensor(data, requires_grad=True),
         "label": torch.tensor(labels).long(),
     }
-    for layer, bottoms, tops in zip(net.layers, net.bottom_names, net.top_names):
+    for layer, bottoms, tops in zip(net.layers, net.layer_bottoms, net.layer_tops):
         shapes = [net.blobs[b].shape for b in bottoms]
         module = bench_gpu.torch_module(torch, layer, shapes)
         if module is None:

@@ -180,7 +180,7 @@ class TorchTrainer:
         torch.manual_seed(0)
         self.steps: list[tuple[Callable, list[str], list[str]]] = []
         groups: dict[tuple[float, float], list[Any]] = {}
-        for layer, bottoms, tops in zip(net.layers, net.bottom_names, net.top_names):
+        for layer, bottoms, tops in zip(net.layers, net.layer_bottoms, net.layer_tops):
             shapes = [net.blobs[b].shape for b in bottoms]
             module = torch_module(torch, layer, shapes)
             if module is None:

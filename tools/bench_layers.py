@@ -154,7 +154,7 @@ class TorchTrainer:
         net = Net(train_net_param(bench), pb.TRAIN)
         self.steps: list[tuple[object, list[str], list[str]]] = []
         weights, biases = [], []
-        for layer, bottoms, tops in zip(net.layers, net.bottom_names, net.top_names):
+        for layer, bottoms, tops in zip(net.layers, net.layer_bottoms, net.layer_tops):
             module = self._module(layer, net.blobs[bottoms[0]].shape if bottoms else None)
             if module is None:
                 continue

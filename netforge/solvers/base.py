@@ -26,8 +26,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from netforge.backend import Backend, default_backend, to_numpy
+from netforge.backend import Backend, default_backend, mode_version, move_array, to_numpy
 from netforge.errors import ConfigError, DataError, DivergenceError
+from netforge.process import default_rng
 from netforge.proto import pb
 from netforge.solvers import snapshot as snap
 from netforge.solvers.blocks import Block, BlockWork, ParamBlocks
@@ -102,13 +103,16 @@ class Solver:
         self.param.weights.extend(weights)
         self.backend = backend or default_backend()
         self.xp = self.backend.xp
+        # Built on the process mode: follow set_mode_cpu/gpu from now on (Caffe's global mode).
+        self._follows_mode = backend is None
+        self._mode_seen = mode_version()
         self.dtype = np.dtype(dtype)
         self.allow_nonfinite = allow_nonfinite
         self.allow_python_layers = allow_python_layers
         self._check_param()
         seed = self.param.random_seed
         #: The one generator of the train and test nets (Caffe's global RNG).
-        self.rng = np.random.default_rng(seed if seed >= 0 else None)
+        self.rng = np.random.default_rng(seed) if seed >= 0 else default_rng()
         self.iter = 0
         self.current_step = 0
         self.requested_early_exit = False
@@ -313,6 +317,7 @@ class Solver:
     def step(self, iters: int) -> None:
         """Run ``iters`` iterations (Caffe's Solver::Step); afterwards each parameter's diff
         holds its last step, as in Caffe."""
+        self.follow_mode()
         try:
             self._iterate(iters)
         finally:
@@ -464,7 +469,32 @@ class Solver:
         one cache-sized block before the next block (``blocks.py``). Every element goes
         through the same operations in the same order, so the results are identical, and
         afterwards each parameter's diff holds its step, as in Caffe."""
+        self.follow_mode()
         self._apply_update(defer=False)
+
+    def follow_mode(self) -> None:
+        """Caffe's mode semantics for a solver built without an explicit backend: after
+        set_mode_gpu (or set_mode_cpu, set_device), the next step or update first moves
+        its nets and history to the new device, once. Test nets share the train net's
+        weights again at each test, so they follow too."""
+        if not self._follows_mode or self._mode_seen == mode_version():
+            return
+        target = default_backend()  # raises a DeviceError in GPU mode without a GPU
+        self._mode_seen = mode_version()
+        if target == self.backend:
+            return
+        self._settle_steps()
+        moved: dict = {}
+        for net in (self.net, *self.test_nets):
+            net.to(target, moved)
+        self.history = [move_array(h, target, moved) for h in self.history]
+        self.backend, self.xp = target, target.xp
+        self._blocks = ParamBlocks(self.xp, self.dtype)
+
+    def share_weights(self, net: Any) -> None:
+        """Make ``net`` use this solver's train net parameters for its layers of the same
+        name (pycaffe's ``solver.share_weights(net)``; Caffe's ShareTrainedLayersWith)."""
+        net.share_with(self.net)
 
     def _apply_update(self, defer: bool) -> None:
         """``apply_update``; with ``defer``, solvers with a ``step_history`` leave the
