@@ -15,7 +15,7 @@ from PIL import Image
 from netforge.cli.main import main
 from netforge.zoo import classify as zc
 from netforge.zoo import download as dl
-from netforge.zoo.manifest import Preprocessing
+from tests.test_pycaffe_io import reference_resize
 
 DEPLOY = """
 name: "tiny"
@@ -27,56 +27,21 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 """
 
 
-def reference_resize(image, out_h, out_w):
-    """Bilinear resize written pixel by pixel in float64 (half-pixel centres, clamped)."""
-    h, w, c = image.shape
-    out = np.zeros((out_h, out_w, c))
-    for i in range(out_h):
-        y = min(max((i + 0.5) * h / out_h - 0.5, 0), h - 1)
-        y0 = int(np.floor(y))
-        y1 = min(y0 + 1, h - 1)
-        for j in range(out_w):
-            x = min(max((j + 0.5) * w / out_w - 0.5, 0), w - 1)
-            x0 = int(np.floor(x))
-            x1 = min(x0 + 1, w - 1)
-            fy, fx = y - y0, x - x0
-            out[i, j] = (
-                image[y0, x0] * (1 - fy) * (1 - fx)
-                + image[y0, x1] * (1 - fy) * fx
-                + image[y1, x0] * fy * (1 - fx)
-                + image[y1, x1] * fy * fx
-            )
-    return out
-
-
-@pytest.mark.parametrize("size", [(3, 5), (7, 4), (5, 6)])
-def test_resize_matches_the_bilinear_formula(size):
-    image = np.random.default_rng(0).random((5, 6, 3))
-    got = zc.resize_image(image.astype(np.float32), size)
-    np.testing.assert_allclose(got, reference_resize(image, *size), rtol=1e-5, atol=1e-6)
-
-
-def test_preprocess_is_classify_py_centre_only():
-    rng = np.random.default_rng(1)
-    images = [rng.random((9, 7, 3)), rng.random((6, 6, 3))]
-    pre = Preprocessing(resize=(6, 5), mean_values=(10.0, 20.0, 30.0), raw_scale=255, scale=0.5)
-    got = zc.preprocess([im.astype(np.float32) for im in images], pre, (3, 3))
-    expected = []
-    for im in images:
-        resized = reference_resize(im, 6, 5)
-        top, left = int(6 / 2 - 3 / 2), int(5 / 2 - 3 / 2)  # 1, 1 (rounded down)
-        crop = resized[top : top + 3, left : left + 3]
-        chw = crop.transpose(2, 0, 1)[[2, 1, 0]] * 255
-        expected.append((chw - np.array([10.0, 20.0, 30.0])[:, None, None]) * 0.5)
-    np.testing.assert_allclose(got, np.stack(expected), rtol=1e-5, atol=1e-3)
-
-
-def test_channel_mean_and_labels(tmp_path):
+def test_mean_file_and_labels(tmp_path):
     mean = np.arange(3 * 2 * 2, dtype=np.float32).reshape(3, 2, 2)
     np.save(tmp_path / "mean.npy", mean)
-    np.testing.assert_allclose(zc.channel_mean(tmp_path / "mean.npy"), [1.5, 5.5, 9.5])
+    np.testing.assert_array_equal(zc.load_mean(tmp_path / "mean.npy"), mean)
     (tmp_path / "labels.txt").write_text("'n01 tench, Tinca'\nplain\n\n\"q\"\n")
     assert zc.read_labels(tmp_path / "labels.txt") == ["n01 tench, Tinca", "plain", "q"]
+
+
+def test_top_predictions_orders_scores_and_names_them():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]])
+    got = zc.top_predictions(scores, ["a", "b", "c"], top_k=2)
+    assert [[(p.label, p.score) for p in row] for row in got] == [
+        [("b", 0.7), ("c", 0.2)],
+        [("a", 0.5), ("b", 0.25)],  # a tie keeps the lower index first
+    ]
 
 
 @pytest.fixture
@@ -96,12 +61,23 @@ def tiny_model(tmp_path):
     pixels = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "image.png")
     mean = np.array([100.0, 110.0, 120.0])
-    # classify.py: resize 6x8 -> 6x6 (images_dim), centre crop 4x4, BGR, *255, -mean.
-    resized = reference_resize(pixels / 255.0, 6, 6)[1:5, 1:5]
-    x = resized.transpose(2, 0, 1)[[2, 1, 0]] * 255 - mean[:, None, None]
-    logits = weight.astype(np.float64) @ x.ravel() + bias
-    prob = np.exp(logits - logits.max())
-    return tmp_path, mean, prob / prob.sum()
+    resized = reference_resize(pixels / 255.0, 6, 6)  # images_dim 6,6
+    return tmp_path, mean, expected_probabilities(resized, mean, weight, bias)
+
+
+def expected_probabilities(resized, mean, weight, bias):
+    """classify.py on a tiny model in float64: the 4x4 crops of a 6x6 image, BGR, *255,
+    -mean, then the InnerProduct and softmax; returns (centre-crop, ten-crop average)."""
+
+    def prob(crop):
+        x = crop.transpose(2, 0, 1)[[2, 1, 0]] * 255 - mean[:, None, None]
+        logits = weight.astype(np.float64) @ x.ravel() + bias
+        e = np.exp(logits - logits.max())
+        return e / e.sum()
+
+    corners = [resized[t : t + 4, x : x + 4] for t, x in ((0, 0), (0, 2), (2, 0), (2, 2), (1, 1))]
+    crops = corners + [c[:, ::-1] for c in corners]
+    return prob(resized[1:5, 1:5]), np.mean([prob(c) for c in crops], axis=0)
 
 
 def parse_output(text):
@@ -110,7 +86,7 @@ def parse_output(text):
 
 
 def test_classify_cli_with_explicit_files(tiny_model, capsys):
-    folder, mean, prob = tiny_model
+    folder, mean, (prob, _) = tiny_model
     (folder / "labels.txt").write_text("cat\ndog\nfish\n")
     status = main(
         [
@@ -121,6 +97,7 @@ def test_classify_cli_with_explicit_files(tiny_model, capsys):
             "--mean-values", ",".join(str(v) for v in mean),
             "--images-dim", "6,6",
             "--top-k", "2",
+            "--center_only",
             str(folder / "image.png"),
         ]
     )  # fmt: skip
@@ -148,7 +125,7 @@ class _Files(http.server.BaseHTTPRequestHandler):
 
 
 def test_classify_cli_with_a_zoo_model(tiny_model, capsys, monkeypatch):
-    folder, mean, prob = tiny_model
+    folder, mean, (_, prob) = tiny_model
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
     np.save(folder / "mean.npy", np.broadcast_to(mean[:, None, None], (3, 5, 5)).copy())
     httpd.files = {
@@ -216,3 +193,37 @@ def test_classify_refuses_python_layers_unless_allowed(tiny_model, capsys):
     )  # fmt: skip
     assert status == 2
     assert "Python layer" in capsys.readouterr().err
+
+
+def test_classify_cli_folder_and_npy_inputs_and_npy_output(tiny_model, capsys):
+    """classify.py's forms: a folder of *.ext images, an .npy of images, and the positional
+    OUTPUT.npy; ten crops averaged by default."""
+    folder, mean, (centre, ten) = tiny_model
+    images = folder / "images"
+    images.mkdir()
+    (folder / "image.png").rename(images / "a.png")
+    (images / "skipped.jpg").write_bytes(b"not read: --ext png")
+    common = ["--model", str(folder / "deploy.prototxt"), "--weights",
+              str(folder / "tiny.caffemodel"), "--mean-values", ",".join(map(str, mean)),
+              "--images_dim", "6,6", "--ext", "png"]  # fmt: skip
+    assert main(["classify", *common, str(images), str(folder / "out.npy")]) == 0
+    np.testing.assert_allclose(np.load(folder / "out.npy"), [ten], atol=1e-5)
+
+    pixels = np.asarray(Image.open(images / "a.png"), dtype=np.float64) / 255.0
+    np.save(folder / "in.npy", np.stack([pixels, pixels[:, ::-1]]).astype(np.float32))
+    mirrored = expected_probabilities(
+        reference_resize(pixels[:, ::-1], 6, 6), mean, *tiny_weights(folder)
+    )
+    argv = ["classify", *common, "--center_only", str(folder / "in.npy"), "-o",
+            str(folder / "in_out.npy")]  # fmt: skip
+    assert main(argv) == 0
+    np.testing.assert_allclose(np.load(folder / "in_out.npy"), [centre, mirrored[0]], atol=1e-5)
+    out = capsys.readouterr().out
+    assert f"{folder / 'in.npy'}[1]" in out and "Saved 2x3 probabilities" in out
+
+
+def tiny_weights(folder):
+    from netforge.net import Net
+
+    net = Net(str(folder / "deploy.prototxt"), weights=str(folder / "tiny.caffemodel"))
+    return net.params["fc"][0].data.astype(np.float64), net.params["fc"][1].data.astype(np.float64)

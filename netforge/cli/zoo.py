@@ -1,8 +1,12 @@
-"""``netforge zoo list|info|download`` and ``netforge classify``: thin shells over netforge.zoo."""
+"""``netforge zoo list|info|download`` and ``netforge classify``: thin shells over netforge.zoo
+and netforge.Classifier."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+import numpy as np
 
 from netforge import zoo as nz
 from netforge.cli.options import allow_python_layers
@@ -93,32 +97,77 @@ def download_command(name: str, folder: str | None, timeout: float) -> None:
         click.echo(f"{role}: {path}")
 
 
+def _classify_inputs(inputs: tuple[str, ...], output: str | None) -> tuple[tuple[str, ...], str]:
+    """classify.py's ``INPUT OUTPUT.npy`` form: a last argument that ends in .npy and does
+    not exist yet is the output file."""
+    last = inputs[-1]
+    if output is None and len(inputs) > 1 and last.endswith(".npy") and not Path(last).exists():
+        return inputs[:-1], last
+    return inputs, output
+
+
 @click.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--weights", required=True, help="A .caffemodel(.h5), or zoo:NAME.")
-@click.option("--model", default=None, help="Deploy prototxt (default: the zoo model's).")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--weights", "--pretrained_model", required=True, help="A .caffemodel(.h5), or zoo:NAME."
+)
+@click.option(
+    "--model", "--model_def", default=None, help="Deploy prototxt (default: the zoo model's)."
+)
+@click.option(
+    "--output", "-o", default=None, help="Save the (N, classes) probabilities here (.npy)."
+)
+@click.option(
+    "--center_only",
+    "--center-only",
+    is_flag=True,
+    help="Classify the centre crop alone instead of averaging the ten crops (corners, centre "
+    "and their mirrors).",
+)
 @click.option("--top-k", type=int, default=5, show_default=True)
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option(
+    "--mean_file",
     "--mean-file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="A .npy or .binaryproto mean; its per-channel mean is subtracted.",
+    help="A (C, H, W) or (C,) mean, .npy or .binaryproto (resized to the net's input).",
 )
 @click.option(
     "--mean-values", default=None, help="Per-channel mean in the net's order, e.g. 104,117,123."
 )
 @click.option(
-    "--raw-scale", type=float, default=None, help="Multiplies [0,1] pixels (default 255)."
+    "--raw_scale",
+    "--raw-scale",
+    type=float,
+    default=None,
+    help="Multiplies [0,1] pixels (default 255).",
 )
-@click.option("--input-scale", type=float, default=None, help="Multiplies after the mean.")
-@click.option("--images-dim", default=None, help="H,W to resize to before the centre crop.")
-@click.option("--channel-swap", default=None, help="Order of RGB channels for the net (2,1,0).")
+@click.option(
+    "--input_scale", "--input-scale", type=float, default=None, help="Multiplies after the mean."
+)
+@click.option(
+    "--images_dim",
+    "--images-dim",
+    default=None,
+    help="H,W to resize to before cropping (default: the net's input).",
+)
+@click.option(
+    "--channel_swap",
+    "--channel-swap",
+    default=None,
+    help="Order of RGB channels for the net (default 2,1,0; '' for none).",
+)
+@click.option("--ext", default="jpg", show_default=True, help="Image extension read from folders.")
+@click.option("--gpu", is_flag=True, help="Run on the GPU (the one --device names).")
+@click.option("--device", type=int, default=0, show_default=True, help="GPU id for --gpu.")
 @allow_python_layers
 def classify(
-    images: tuple[str, ...],
+    inputs: tuple[str, ...],
     weights: str,
     model: str | None,
+    output: str | None,
+    center_only: bool,
     top_k: int,
     labels: str | None,
     mean_file: str | None,
@@ -127,18 +176,24 @@ def classify(
     input_scale: float | None,
     images_dim: str | None,
     channel_swap: str | None,
+    ext: str,
+    gpu: bool,
+    device: int,
     allow_python_layers: bool,
 ) -> None:
-    """Print the top-k classes of each IMAGE (pycaffe's classify.py, centre crop).
+    """Classify images and print each one's top-k classes (pycaffe's classify.py).
 
-    With --weights zoo:NAME the manifest gives the deploy prototxt, preprocessing, mean and
-    labels; options given here override them.
+    Each INPUT is an image, a folder (its *.EXT images) or an .npy array of (N, H, W, K)
+    images in [0, 1]. As classify.py, the ten crops of each image are averaged unless
+    --center_only; --output (or a last argument OUTPUT.npy that does not exist yet) saves the
+    probabilities. With --weights zoo:NAME the manifest gives the deploy prototxt,
+    preprocessing, mean and labels; options given here override them.
     """
-    from netforge.net import Net
-    from netforge.proto import pb
-    from netforge.zoo.classify import classify as run_classify
-    from netforge.zoo.classify import resolve_setup
+    from netforge.backend import CPU
+    from netforge.backend import gpu as gpu_backend
+    from netforge.zoo.classify import load_inputs, resolve_setup, top_predictions
 
+    inputs, output = _classify_inputs(inputs, output)
     setup = resolve_setup(
         weights,
         model,
@@ -148,19 +203,23 @@ def classify(
         raw_scale=raw_scale,
         scale=input_scale,
         resize=_ints(images_dim),
-        channel_swap=_ints(channel_swap),
+        channel_swap=() if channel_swap == "" else _ints(channel_swap),
     )
-    net = Net(setup.model, phase=pb.TEST, allow_python_layers=allow_python_layers)
-    net.copy_from(setup.weights)
-    results = run_classify(
-        net,
-        images,
-        setup.preprocessing,
-        mean=setup.mean,
-        labels=setup.labels,
-        top_k=top_k,
+    names, images = [], []
+    for item in inputs:
+        item_names, item_images = load_inputs(item, ext)
+        names.extend(item_names)
+        images.extend(item_images)
+    classifier = setup.classifier(
+        allow_python_layers=allow_python_layers,
+        backend=gpu_backend(device) if gpu else CPU,
     )
-    for image, predictions in zip(images, results):
-        click.echo(image)
+    scores = classifier.predict(images, oversample=not center_only)
+    if output is not None:
+        np.save(output, scores)
+    for name, predictions in zip(names, top_predictions(scores, setup.labels, top_k)):
+        click.echo(name)
         for p in predictions:
             click.echo(f"  {p.score:.4f}  {p.label}")
+    if output is not None:
+        click.echo(f"Saved {scores.shape[0]}x{scores.shape[1]} probabilities to {output}")

@@ -1,14 +1,10 @@
-"""Classify images with a deploy net: pycaffe's ``classify.py`` with ``--center_only``.
+"""What ``netforge classify`` needs around :class:`netforge.Classifier`: pycaffe's
+``classify.py`` inputs (an image, a folder of images, or an ``.npy`` array of images), the
+mean file, the labels, the top-k table, and a zoo model's deploy prototxt and preprocessing.
 
-The preprocessing is pycaffe's ``caffe.Classifier`` + ``caffe.io.Transformer``: load the
-image as RGB floats in [0, 1] (``caffe.io.load_image``), resize it to ``resize`` (the
-``--images_dim``), take the centre crop of the net's input size, then per image: HWC to
-CHW, channel swap (RGB to BGR), multiply by ``raw_scale``, subtract the per-channel mean
-(``classify.py`` averages a mean image over its height and width), multiply by ``scale``
-(``input_scale``). The net's first output is read as the class scores.
-
-Where it differs: resizing is bilinear with half-pixel centres and edge clamping, which is
-scikit-image's order-1 ``resize`` without its optional anti-aliasing.
+The preprocessing itself is ``netforge.Classifier`` (pycaffe's ``caffe.Classifier``): resize
+to ``images_dim``, ten crops averaged (or the centre crop), HWC to CHW, channel swap, raw
+scale, mean, input scale.
 """
 
 from __future__ import annotations
@@ -17,12 +13,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from netforge.errors import ConfigError, DataError, ShapeError
 from netforge.zoo.manifest import Preprocessing
+
+if TYPE_CHECKING:
+    from netforge.classifier import Classifier
 
 
 @dataclass(frozen=True)
@@ -34,77 +33,45 @@ class Prediction:
     score: float
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as float32 RGB (H, W, 3) in [0, 1]; grey is repeated, alpha dropped
-    (``caffe.io.load_image`` with ``color=True``)."""
-    from PIL import Image, UnidentifiedImageError
+def load_inputs(path: str | os.PathLike, ext: str = "jpg") -> tuple[list[str], list[np.ndarray]]:
+    """classify.py's input: an ``.npy`` array of (H, W, K) images, a folder (its ``*.ext``
+    files, in name order), or one image file. Returns a name and an image per input."""
+    from netforge.io import load_image
 
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from exc
-    return np.asarray(rgb, dtype=np.float32) / 255.0
-
-
-def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Bilinear resize of an (H, W, C) image to ``size`` = (height, width).
-
-    Output pixel centres map to input coordinates ``(i + 0.5) * in / out - 0.5``, clamped
-    to the image, as scikit-image's order-1 interpolation samples them.
-    """
-    height, width = image.shape[:2]
-    out_h, out_w = int(size[0]), int(size[1])
-    if (height, width) == (out_h, out_w):
-        return image.astype(np.float32, copy=False)
-
-    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        coords = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-        low = np.floor(coords).astype(np.intp)
-        high = np.minimum(low + 1, n_in - 1)
-        return low, high, (coords - low).astype(np.float32)
-
-    y0, y1, wy = axis(height, out_h)
-    x0, x1, wx = axis(width, out_w)
-    wx = wx[None, :, None]
-    rows0, rows1 = image[y0], image[y1]
-    top = rows0[:, x0] * (1 - wx) + rows0[:, x1] * wx
-    bottom = rows1[:, x0] * (1 - wx) + rows1[:, x1] * wx
-    wy = wy[:, None, None]
-    return (top * (1 - wy) + bottom * wy).astype(np.float32)
+    path = Path(os.path.expanduser(path))
+    if path.suffix == ".npy":
+        try:
+            images = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read images ({exc})") from None
+        if images.ndim != 4:
+            raise ShapeError(f"{path}: an .npy input holds (N, H, W, K) images, got {images.shape}")
+        return [f"{path}[{i}]" for i in range(len(images))], list(images)
+    if path.is_dir():
+        files = sorted(path.glob(f"*.{ext}"))
+        if not files:
+            raise DataError(f"{path}: no *.{ext} images in this folder (choose --ext)")
+        return [str(f) for f in files], [load_image(f) for f in files]
+    return [str(path)], [load_image(path)]
 
 
-def centre_crop(images: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """The centre (height, width) crop of (N, H, W, C) images, offsets rounded down as
-    ``caffe.Classifier.predict`` computes them."""
-    height, width = images.shape[1:3]
-    if size[0] > height or size[1] > width:
-        raise ShapeError(
-            f"cannot crop {size[0]}x{size[1]} from {height}x{width} images: the resize "
-            "must be at least the net's input size"
-        )
-    top = int(height / 2.0 - size[0] / 2.0)
-    left = int(width / 2.0 - size[1] / 2.0)
-    return images[:, top : top + size[0], left : left + size[1], :]
-
-
-def channel_mean(path: str | os.PathLike) -> np.ndarray:
-    """The per-channel mean of a mean file (``.npy`` (C, H, W) or a ``.binaryproto``)."""
+def load_mean(path: str | os.PathLike) -> np.ndarray:
+    """A mean file as an array: ``.npy`` ((C, H, W) or (C,)) or a ``.binaryproto``."""
     path = Path(path)
     if path.suffix == ".npy":
         try:
             mean = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: cannot read mean ({exc})") from exc
+            raise DataError(f"{path}: cannot read mean ({exc})") from None
     else:
         from netforge.weights import read_mean
 
         mean = read_mean(path)
-    if mean.ndim == 1:
-        return mean.astype(np.float32)
-    if mean.ndim != 3:
+    if mean.ndim == 4 and mean.shape[0] == 1:
+        mean = mean[0]
+    if mean.ndim not in (1, 3):
         raise ShapeError(f"{path}: a mean must be (C,) or (C, H, W), got shape {mean.shape}")
-    return mean.mean(axis=(1, 2)).astype(np.float32)
+    return mean.astype(np.float32)
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
@@ -114,6 +81,8 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise DataError(f"{path}: cannot read labels ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: labels are not UTF-8 text (byte {exc.start})") from None
     labels = []
     for line in lines:
         line = line.strip()
@@ -124,54 +93,11 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     return labels
 
 
-def preprocess(
-    images: Sequence[np.ndarray],
-    pre: Preprocessing,
-    input_size: Sequence[int],
-    mean: np.ndarray | None = None,
-) -> np.ndarray:
-    """Stack RGB [0, 1] images into the net's (N, C, H, W) input, as described above.
-
-    ``mean`` is the per-channel mean in the net's channel order (from ``mean_file``);
-    ``pre.mean_values`` is used when it is None.
-    """
-    resize = pre.resize or tuple(input_size)
-    batch = np.stack([resize_image(im, resize) for im in images])
-    batch = centre_crop(batch, input_size)
-    batch = batch.transpose(0, 3, 1, 2)[:, list(pre.channel_swap)] * np.float32(pre.raw_scale)
-    if mean is None and pre.mean_values is not None:
-        mean = np.asarray(pre.mean_values, dtype=np.float32)
-    if mean is not None:
-        if mean.shape != (batch.shape[1],):
-            raise ShapeError(f"mean has {mean.shape[0]} channels, the images {batch.shape[1]}")
-        batch = batch - mean[None, :, None, None]
-    return (batch * np.float32(pre.scale)).astype(np.float32)
-
-
-def classify(
-    net: Any,
-    images: Sequence[str | os.PathLike],
-    pre: Preprocessing,
-    *,
-    mean: np.ndarray | None = None,
-    labels: Sequence[str] | None = None,
-    top_k: int = 5,
+def top_predictions(
+    scores: np.ndarray, labels: Sequence[str] | None = None, top_k: int = 5
 ) -> list[list[Prediction]]:
-    """Top-k predictions of ``net`` (a deploy Net) for each image file."""
-    if not net.inputs:
-        raise ConfigError(f"net {net.name!r} has no input blob to feed images to")
-    name = net.inputs[0]
-    shape = net.blobs[name].shape
-    if len(shape) != 4:
-        raise ShapeError(f"input {name!r} of net {net.name!r} is {shape}, not N×C×H×W")
-    size = pre.input_size or tuple(shape[2:])
-    batch = preprocess([load_image(p) for p in images], pre, size, mean)
-    if batch.shape[1] != shape[1]:
-        raise ShapeError(f"the net takes {shape[1]} channels; the images have {batch.shape[1]}")
-    from netforge.backend import to_numpy
-
-    scores = to_numpy(net.forward(**{name: batch})[net.outputs[0]])
-    scores = scores.reshape(len(images), -1)
+    """The top-k classes of each row of (N, classes) scores, best first (ties: lower index)."""
+    scores = np.asarray(scores).reshape(len(scores), -1)
     if labels is not None and len(labels) != scores.shape[1]:
         raise ConfigError(f"{len(labels)} labels for a net with {scores.shape[1]} outputs")
     order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
@@ -193,6 +119,26 @@ class ClassifySetup:
     preprocessing: Preprocessing
     mean: np.ndarray | None
     labels: list[str] | None
+
+    def classifier(self, **net_options: Any) -> Classifier:
+        """The :class:`netforge.Classifier` this setup describes: the mean file's array, or
+        else the manifest's per-channel mean values; an empty channel swap is none."""
+        from netforge.classifier import Classifier
+
+        pre = self.preprocessing
+        mean = self.mean
+        if mean is None and pre.mean_values is not None:
+            mean = np.asarray(pre.mean_values, dtype=np.float32)
+        return Classifier(
+            self.model,
+            self.weights,
+            image_dims=pre.resize,
+            mean=mean,
+            input_scale=pre.scale,
+            raw_scale=pre.raw_scale,
+            channel_swap=pre.channel_swap or None,
+            **net_options,
+        )
 
 
 def resolve_setup(
@@ -234,6 +180,6 @@ def resolve_setup(
         model=Path(model),
         weights=resolve_weights(weights),
         preprocessing=pre,
-        mean=channel_mean(mean_path) if mean_path else None,
+        mean=load_mean(mean_path) if mean_path else None,
         labels=read_labels(labels_path) if labels_path else None,
     )
