@@ -165,6 +165,34 @@ def test_lrn(region: str) -> None:
     check(build(layer("lrn", "LRN", "x", "y", param), {"x": (2, 7, 6, 5)}))
 
 
+@pytest.mark.parametrize(
+    ("param", "shape"),
+    [
+        ("", (2, 3, 4, 5)),
+        ("mvn_param { across_channels: true eps: 0.01 }", (2, 3, 4, 5)),
+        ("mvn_param { normalize_variance: false }", (2, 3, 4, 5)),
+        ("mvn_param { across_channels: true }", (2, 6)),
+    ],
+)
+def test_mvn(param: str, shape: tuple[int, ...]) -> None:
+    check(build(layer("mvn", "MVN", "x", "y", param), {"x": shape}))
+
+
+@pytest.mark.parametrize("height", [1, 3])
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_spp(method: str, height: int) -> None:
+    param = f"spp_param {{ pool: {method} pyramid_height: {height} }}"
+    check(build(layer("spp", "SPP", "x", "y", param), {"x": (2, 3, 7, 10)}))
+
+
+def test_parameter_and_constant_dummy_data_layers_are_constants() -> None:
+    body = layer("p", "Parameter", [], "w", "parameter_param { shape { dim: 1 dim: 4 } }")
+    param = "dummy_data_param { shape { dim: 1 dim: 4 } data_filler { value: 0.5 } }"
+    body += layer("c", "DummyData", [], "c", param)
+    body += layer("sum", "Eltwise", ["x", "w", "c"], "y")
+    check(build(body, {"x": (1, 4)}), batches=(1,))
+
+
 @pytest.mark.parametrize("fold", [False, True])
 def test_batchnorm_scale_bias_with_scale_factor(fold: bool) -> None:
     body = layer(
@@ -359,8 +387,14 @@ def test_opsets(opset: int) -> None:
 
 # -- refusals ------------------------------------------------------------------------------------
 def test_layers_without_a_faithful_form_are_named() -> None:
-    net = build(layer("mvn", "MVN", "x", "y"), {"x": (1, 2, 3, 3)})
-    with pytest.raises(ConfigError, match=r"layer 'mvn' \(MVN\).*cannot be exported to ONNX"):
+    # Caffe's DummyData refills a gaussian blob at every forward: no ONNX form
+    param = 'dummy_data_param { shape { dim: 1 dim: 2 } data_filler { type: "gaussian" } }'
+    body = layer("noise", "DummyData", [], "n", param)
+    body += layer("sum", "Eltwise", ["x", "n"], "y")
+    net = build(body, {"x": (1, 2)})
+    with pytest.raises(
+        ConfigError, match=r"layer 'noise' \(DummyData\).*cannot be exported to ONNX"
+    ):
         net_to_onnx(net)
 
 

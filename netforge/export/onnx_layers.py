@@ -186,8 +186,6 @@ def pooling(g: OnnxGraph, site: Site) -> list[str]:
         if np.all(factor == 1):
             return [mean]
         return [g.node("Mul", [mean, g.const(factor, f"{site.hint}/divisor")], site.hint)]
-    if layer.phase == pb.TRAIN:
-        raise site.refuse("STOCHASTIC pooling samples at random in TRAIN; export a TEST net")
     area = g.const(math.prod(layer.kernel), f"{site.hint}/area")
     square = g.node("Mul", [padded, padded], f"{site.hint}/square")
     sum_sq = g.node(
@@ -202,6 +200,21 @@ def pooling(g: OnnxGraph, site: Site) -> list[str]:
     )
     flt_min = g.const(np.finfo(np.float32).tiny, f"{site.hint}/flt_min")
     return [g.node("Div", [sum_sq, g.node("Add", [total, flt_min], f"{site.hint}/den")], site.hint)]
+
+
+@converts("SPP")
+def spp(g: OnnxGraph, site: Site) -> list[str]:
+    """Each pyramid level is the layer's own inner Pooling (Caffe's kernel, stride and pad
+    for the plane), converted as a Pooling layer, flattened and concatenated on axis 1."""
+    layer, x = site.layer, site.inputs[0]
+    levels = []
+    for inner, out in zip(layer.levels, layer.outputs):
+        level_site = Site(inner, [x], site.bottom_shapes, [tuple(out.shape)])
+        levels.append(pooling(g, level_site)[0])
+    if len(levels) == 1:
+        return levels
+    flat = [g.node("Flatten", [y], f"{site.hint}/level", axis=1) for y in levels]
+    return [g.node("Concat", flat, site.hint, axis=1)]
 
 
 @converts("LRN")
@@ -283,6 +296,26 @@ def batch_norm(g: OnnxGraph, site: Site) -> list[str]:
         g.const(var, f"{hint}/var"),
     ]
     return [g.node("BatchNormalization", inputs, hint, epsilon=layer.eps)]
+
+
+@converts("MVN")
+def mvn(g: OnnxGraph, site: Site) -> list[str]:
+    """x − mean, then / (std + eps) (eps added to the biased standard deviation, as Caffe),
+    over each (item, channel) plane or each item; the top has Caffe's legacy 4 axes."""
+    layer, x, hint = site.layer, site.inputs[0], site.hint
+    shape = site.bottom_shapes[0]
+    if len(shape) < 4:
+        x = g.reshape(x, batch_target(g, site.top_shapes[0], range(len(shape)), None), hint)
+    axes = [1, 2, 3] if layer.across_channels else [2, 3]
+    mean = g.reduce("ReduceMean", x, axes, f"{hint}/mean", keepdims=1)
+    y = g.node("Sub", [x, mean], f"{hint}/centred")
+    if not layer.normalize_variance:
+        return [y]
+    square = g.node("Mul", [y, y], f"{hint}/square")
+    var = g.reduce("ReduceMean", square, axes, f"{hint}/var", keepdims=1)
+    std = g.node("Sqrt", [var], f"{hint}/std")
+    std_eps = g.node("Add", [std, g.const(layer.eps, f"{hint}/eps")], f"{hint}/std_eps")
+    return [g.node("Div", [y, std_eps], hint)]
 
 
 def _operand(g: OnnxGraph, site: Site, param: Any, blob_index: int) -> str:
@@ -437,6 +470,25 @@ def argmax(g: OnnxGraph, site: Site) -> list[str]:
 
 
 # -- shapes and routing ---------------------------------------------------------------------
+@converts("Parameter")
+def parameter(g: OnnxGraph, site: Site) -> list[str]:
+    """The layer's blob, a constant of the graph."""
+    return [g.const(site.blob(0), site.hint)]
+
+
+@converts("DummyData")
+def dummy_data(g: OnnxGraph, site: Site) -> list[str]:
+    """Constant-filled tops are constants; tops refilled at random at every forward have
+    no ONNX form."""
+    layer = site.layer
+    if any(layer.refill):
+        raise site.refuse("its random filler refills a top at every forward")
+    return [
+        g.const(np.full(shape, filler.value), f"{site.hint}/value")
+        for shape, filler in zip(site.top_shapes, layer.fillers)
+    ]
+
+
 @converts("Split")
 def split(g: OnnxGraph, site: Site) -> list[str]:
     """Every top is the bottom."""
