@@ -516,3 +516,16 @@ def test_small_repository_models(path: str) -> None:
     net = Net(Path(__file__).resolve().parents[1] / "models" / path, phase=pb.TEST)
     random_weights(net)
     check(net)
+
+
+def test_cli_refuses_a_python_layer_before_running_it(tmp_path: Path, capsys) -> None:
+    # the module does not exist: the refusal must come before any import is tried
+    text = 'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } }\n'
+    text += layer("py", "Python", "x", "y", 'python_param { module: "no_such" layer: "L" }')
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(text)
+    weights = tmp_path / "w.caffemodel"
+    weights.write_bytes(pb.NetParameter().SerializeToString())
+    code = main(["export", "onnx", "--model", str(deploy), "--weights", str(weights)])
+    assert code == 2
+    assert "layer 'py' (Python) runs user code" in capsys.readouterr().err

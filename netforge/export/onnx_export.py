@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from netforge.errors import ConfigError
-from netforge.export import onnx_neurons  # noqa: F401  (registers the neuron converters)
+from netforge.export import onnx_neurons, onnx_vision  # noqa: F401  (register converters)
 from netforge.export.onnx_graph import DEFAULT_OPSET, MIN_OPSET, OnnxGraph, require_onnx
 from netforge.export.onnx_layers import CONVERTERS, Site
 from netforge.proto import pb

@@ -118,7 +118,7 @@ def threshold(g: OnnxGraph, site: Site) -> list[str]:
     hint = site.hint
     t = g.const(site.layer.layer_param.threshold_param.threshold, f"{hint}/threshold")
     above = g.node("Greater", [site.inputs[0], t], f"{hint}/above")
-    return [g.node("Cast", [above], hint, to=1)]
+    return [g.node("Cast", [above], hint, to=g.onnx.TensorProto.FLOAT)]
 
 
 @converts("Swish")
