@@ -27,6 +27,7 @@ COMMANDS = {
     "draw": "netforge.cli.draw:draw",
     "upgrade": "netforge.cli.upgrade:upgrade",
     "device-query": "netforge.cli.device:device_query",
+    "pycaffe": "netforge.cli.pycaffe:pycaffe",
     "export": "netforge.cli.export:export",
 }
 

@@ -1,0 +1,165 @@
+"""Unmodified pycaffe scripts: ``netforge pycaffe script.py`` (the opt-in ``caffe`` alias)
+and the mechanical import rewrite of tools/pycaffe_rewrite.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import netforge
+from netforge.errors import ConfigError
+from netforge.prototxt import read_net
+from netforge.pycaffe_alias import caffe_alias, run_script
+
+REPO = Path(__file__).resolve().parent.parent
+
+SCRIPT = """\
+import sys
+import caffe
+import caffe.io
+from caffe import layers as L, params as P
+from caffe.proto import caffe_pb2
+import numpy as np
+
+caffe.set_mode_cpu()
+n = caffe.NetSpec()
+n.data = L.Input(shape=dict(dim=[2, 3]))
+n.loss = L.Python(n.data, module="pyloss_mod", layer="SumSquares", loss_weight=1)
+with open(sys.argv[1], "w") as f:
+    f.write(str(n.to_proto()))
+net = caffe.Net(sys.argv[1], caffe.TRAIN)
+net.blobs["data"].data[...] = np.arange(6).reshape(2, 3)
+print("loss", float(net.forward()["loss"]))
+print("pooling", P.Pooling.AVE, isinstance(caffe_pb2.NetParameter(), caffe.proto.pb.NetParameter))
+print("args", sys.argv[2:])
+print("io", caffe.io.__name__)
+"""
+
+# A Python layer module as pycaffe users write them: it imports caffe too.
+PYLOSS = """\
+import caffe
+
+
+class SumSquares(caffe.Layer):
+    def reshape(self, bottom, top):
+        top[0].reshape()
+
+    def forward(self, bottom, top):
+        top[0].data[...] = (bottom[0].data ** 2).sum() / 2
+
+    def backward(self, top, propagate_down, bottom):
+        bottom[0].diff[...] = bottom[0].data * top[0].diff
+"""
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    (tmp_path / "pyloss_mod.py").write_text(PYLOSS)
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_netforge_pycaffe_runs_an_unmodified_script(script: Path, tmp_path: Path) -> None:
+    if importlib.util.find_spec("netforge.io") is None:
+        script.write_text(SCRIPT.replace("import caffe.io\n", "").replace('print("io"', "0 and (0"))
+    result = subprocess.run(
+        [sys.executable, "-m", "netforge", "pycaffe", str(script), str(tmp_path / "n.prototxt"),
+         "--center_only", "-x"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"loss {sum(i * i for i in range(6)) / 2}"  # 0+1+4+9+16+25 = 55, halved
+    assert lines[1] == "pooling 1 True"
+    assert lines[2] == "args ['--center_only', '-x']"
+    if len(lines) > 3:
+        assert lines[3] == "io netforge.io"
+
+
+def test_importing_netforge_does_not_make_caffe_importable() -> None:
+    code = "import netforge, importlib.util; print(importlib.util.find_spec('caffe'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "None"
+
+
+def test_the_alias_gives_netforge_modules_and_goes_away(script: Path, tmp_path: Path) -> None:
+    with caffe_alias():
+        import caffe  # noqa: PLC0415
+        import caffe.net_spec  # noqa: PLC0415
+
+        assert caffe is netforge
+        assert caffe.net_spec is netforge.net_spec
+        assert caffe.__spec__.name == "netforge"  # netforge keeps its own spec
+    assert "caffe" not in sys.modules and "caffe.net_spec" not in sys.modules
+    assert importlib.util.find_spec("caffe") is None
+    saved = sys.modules.get("pyloss_mod")
+    try:
+        run_script(script, [str(tmp_path / "in_process.prototxt")])
+    finally:
+        sys.modules.pop("pyloss_mod", None)
+        if saved is not None:
+            sys.modules["pyloss_mod"] = saved
+    written = read_net(str(tmp_path / "in_process.prototxt"))
+    assert [layer.python_param.layer for layer in written.layer] == ["", "SumSquares"]
+    assert "caffe" not in sys.modules
+
+
+def test_a_real_caffe_already_imported_is_not_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = type(sys)("caffe")
+    monkeypatch.setitem(sys.modules, "caffe", fake)
+    with pytest.raises(ConfigError, match="real 'caffe' module is already imported"):
+        with caffe_alias():
+            pass
+    assert sys.modules["caffe"] is fake
+
+
+def test_missing_script_is_one_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "netforge", "pycaffe", str(tmp_path / "nope.py")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "nope.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def _rewrite():
+    spec = importlib.util.spec_from_file_location(
+        "pycaffe_rewrite", REPO / "tools" / "pycaffe_rewrite.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.rewrite_source
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("import caffe\n", "import netforge as caffe\n"),
+        ("import caffe as cf\n", "import netforge as cf\n"),
+        ("import caffe.io\n", "import netforge.io, netforge as caffe\n"),
+        ("import caffe.proto.caffe_pb2 as pb2\n", "import netforge.proto.caffe_pb2 as pb2\n"),
+        ("from caffe import layers as L\n", "from netforge import layers as L\n"),
+        ("from caffe.proto import caffe_pb2\n", "from netforge.proto import caffe_pb2\n"),
+        ("    import numpy, caffe  # a\n", "    import numpy, netforge as caffe  # a\n"),
+        ("import sys; import caffe\n", "import sys; import netforge as caffe\n"),
+        ("import caffeine\n", "import caffeine\n"),
+        ("x = caffe.io.load_image(f)\n", "x = caffe.io.load_image(f)\n"),
+        ("from caffe_tools import x\n", "from caffe_tools import x\n"),
+    ],
+)  # fmt: skip
+def test_rewrite_changes_only_the_caffe_imports(line: str, expected: str) -> None:
+    assert _rewrite()(line) == expected
+
+
+def test_rewritten_source_runs(tmp_path: Path) -> None:
+    source = _rewrite()("import caffe\nfrom caffe import layers as L\nprint(caffe.TEST, L)\n")
+    result = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 <netforge.net_spec.Layers")
+    np.testing.assert_equal(netforge.TEST, 1)
