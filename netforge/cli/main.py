@@ -28,6 +28,9 @@ COMMANDS = {
     "upgrade": "netforge.cli.upgrade:upgrade",
     "device-query": "netforge.cli.device:device_query",
     "pycaffe": "netforge.cli.pycaffe:pycaffe",
+    "extract-features": "netforge.cli.tools:extract_features",
+    "parse-log": "netforge.cli.tools:parse_log",
+    "plot": "netforge.cli.tools:plot",
     "export": "netforge.cli.export:export",
 }
 

@@ -48,6 +48,12 @@ def _names(text: str | None) -> list[str]:
 @click.option("--reinit", default=None, help="Layers not to copy from --weights: L[,L].")
 @click.option("--freeze", multiple=True, help="Glob of layers to freeze (lr_mult 0).")
 @click.option("--metrics", default=None, help="JSON-lines metrics file.")
+@click.option(
+    "--tensorboard",
+    default=None,
+    metavar="DIR",
+    help="Also write the metrics as TensorBoard events in DIR (netforge[tensorboard]).",
+)
 @click.option("--allow-nonfinite", is_flag=True, help="Carry on when the loss diverges.")
 @allow_python_layers
 def train(
@@ -64,6 +70,7 @@ def train(
     reinit: str | None,
     freeze: tuple[str, ...],
     metrics: str | None,
+    tensorboard: str | None,
     allow_nonfinite: bool,
     allow_python_layers: bool,
 ) -> None:
@@ -112,6 +119,10 @@ def train(
                 log.info("  %s", line)
         the_solver.set_action_function(actions)
         the_solver.metrics = MetricsWriter(metrics or f"{param.snapshot_prefix}_metrics.jsonl")
+        if tensorboard:
+            from netforge.tensorboard import Tee, TensorBoardWriter
+
+            the_solver.metrics = Tee(the_solver.metrics, TensorBoardWriter(tensorboard))
         if sys.stderr.isatty():
             the_solver.progress = ProgressLine(sys.stderr)
             the_solver.progress.attach(logger)

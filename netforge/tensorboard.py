@@ -1,0 +1,98 @@
+"""``netforge train --tensorboard DIR``: the metrics file's scalars as TensorBoard events.
+
+The events are written by tensorboardX (the optional extra ``netforge[tensorboard]``), not
+by hand. ``TensorBoardWriter`` has the interface of ``netforge.train_log.MetricsWriter``
+(``train``, ``test``, ``close``) and logs the same values under these tags, at the record's
+iteration:
+
+- ``train/loss`` (the smoothed loss Caffe displays), ``train/lr``, ``train/data_wait`` and
+  ``train/<output>`` for each train net output;
+- ``test<i>/<output>`` for each output of test net ``i`` and, with ``test_compute_loss``,
+  ``test<i>/total_loss``.
+
+A blob of several elements gives one tag per element, ``<output>/<k>``. ``Tee`` hands each
+record to several writers (the metrics file and TensorBoard).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from netforge.errors import ConfigError
+
+INSTALL_HINT = "pip install 'netforge[tensorboard]' (tensorboardX)"
+
+
+def _scalars(prefix: str, outputs: dict[str, Any]) -> list[tuple[str, float]]:
+    tags = []
+    for name, value in outputs.items():
+        if isinstance(value, list):
+            tags.extend((f"{prefix}/{name}/{k}", float(v)) for k, v in enumerate(value))
+        else:
+            tags.append((f"{prefix}/{name}", float(value)))
+    return tags
+
+
+class TensorBoardWriter:
+    """TensorBoard event files in ``logdir`` with the metrics' scalars."""
+
+    def __init__(self, logdir: str | os.PathLike) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ConfigError(f"--tensorboard needs tensorboardX: {INSTALL_HINT}") from None
+        self.logdir = os.fspath(logdir)
+        self._writer = SummaryWriter(logdir=self.logdir)
+        self._last_time, self._last_wait = time.perf_counter(), 0.0
+
+    def train(
+        self, iteration: int, loss: float, lr: float, outputs: dict[str, Any], wait: float
+    ) -> None:
+        """A display iteration's scalars (``wait``: the data layers' total waiting seconds,
+        shown as the share of wall time since the previous record, as the metrics file)."""
+        now = time.perf_counter()
+        span = now - self._last_time
+        share = (wait - self._last_wait) / span if span > 0 else 0.0
+        self._last_time, self._last_wait = now, wait
+        scalars = [("train/loss", float(loss)), ("train/lr", float(lr))]
+        scalars.append(("train/data_wait", min(max(share, 0.0), 1.0)))
+        for tag, value in scalars + _scalars("train", outputs):
+            self._writer.add_scalar(tag, value, iteration)
+        self._writer.flush()
+
+    def test(
+        self, iteration: int, net_id: int, outputs: dict[str, Any], loss: float | None
+    ) -> None:
+        """The mean outputs of one pass of test net ``net_id``."""
+        scalars = _scalars(f"test{net_id}", outputs)
+        if loss is not None:
+            scalars.append((f"test{net_id}/total_loss", float(loss)))
+        for tag, value in scalars:
+            self._writer.add_scalar(tag, value, iteration)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class Tee:
+    """Hands every metrics record to each of ``writers``."""
+
+    def __init__(self, *writers: Any) -> None:
+        self.writers = writers
+
+    def train(self, *args: Any) -> None:
+        """Record a display iteration in every writer."""
+        for writer in self.writers:
+            writer.train(*args)
+
+    def test(self, *args: Any) -> None:
+        """Record a test pass in every writer."""
+        for writer in self.writers:
+            writer.test(*args)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
