@@ -21,17 +21,20 @@ from pathlib import Path
 from pycaffe_rewrite import rewrite_source
 
 
-def copy_tests(caffe_root: Path, target: Path) -> list[Path]:
-    """Copy the pycaffe tests of ``caffe_root`` into ``target``, rewritten."""
+def copy_tests(caffe_root: Path, target: Path) -> Path:
+    """Copy the pycaffe tests of ``caffe_root`` into ``target/python/caffe/test``, rewritten,
+    beside links to the checkout's ``models`` and ``examples`` (test_draw finds the
+    prototxts it draws three folders up from itself). Returns the tests' folder."""
     source = caffe_root / "python" / "caffe" / "test"
     if not source.is_dir():
         raise SystemExit(f"{caffe_root}: no python/caffe/test folder; point at a Caffe checkout")
-    copied = []
+    tests = target / "python" / "caffe" / "test"
+    tests.mkdir(parents=True)
+    for folder in ("models", "examples"):
+        (target / folder).symlink_to(caffe_root / folder, target_is_directory=True)
     for path in sorted(source.glob("*.py")):
-        destination = target / path.name
-        destination.write_text(rewrite_source(path.read_text()))
-        copied.append(destination)
-    return copied
+        (tests / path.name).write_text(rewrite_source(path.read_text()))
+    return tests
 
 
 def outcome_counts(report: Path) -> dict[str, Counter]:
@@ -51,9 +54,8 @@ def main(argv: list[str]) -> int:
         return 2
     caffe_root = Path(argv[0]).resolve()
     with tempfile.TemporaryDirectory(prefix="pycaffe_tests_") as folder:
-        work = Path(folder)
-        copy_tests(caffe_root, work)
-        report = work / "report.xml"
+        work = copy_tests(caffe_root, Path(folder))
+        report = Path(folder) / "report.xml"
         command = [
             sys.executable,
             "-m",
