@@ -54,14 +54,15 @@ def images():
 
 
 def make(tmp_path, **kwargs):
+    """A Classifier of a tiny deploy (batch 2, 3x4x4 input) with pycaffe's usual options."""
     deploy, weights, weight, bias = tiny_deploy(tmp_path, batch=2, size=4)
     options = dict(mean=MEAN, raw_scale=255.0, input_scale=0.5, channel_swap=(2, 1, 0))
     options.update(kwargs)
     return netforge.Classifier(deploy, weights, **options), weight, bias
 
 
-def test_predict_centre_crop(tmp_path, images):
-    classifier, weight, bias = make(tmp_path, image_dims=(6, 7))
+def test_predict_centre_crop(tmp_path, images, backend):
+    classifier, weight, bias = make(tmp_path, image_dims=(6, 7), backend=backend)
     got = classifier.predict(images, oversample=False)
     expected = []
     for im in images:
@@ -72,8 +73,8 @@ def test_predict_centre_crop(tmp_path, images):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_predict_averages_ten_crops(tmp_path, images):
-    classifier, weight, bias = make(tmp_path, image_dims=(6, 7))
+def test_predict_averages_ten_crops(tmp_path, images, backend):
+    classifier, weight, bias = make(tmp_path, image_dims=(6, 7), backend=backend)
     got = classifier.predict(images)
     expected = []
     for im in images:

@@ -23,7 +23,7 @@ def scene(tmp_path):
     return tmp_path / "scene.png", pixels / 255.0
 
 
-def detector(tmp_path, context_pad=None, batch=2):
+def detector(tmp_path, context_pad=None, batch=2, **net_options):
     deploy, weights, weight, bias = tiny_deploy(tmp_path, batch=batch, size=8)
     made = netforge.Detector(
         deploy,
@@ -33,13 +33,14 @@ def detector(tmp_path, context_pad=None, batch=2):
         input_scale=0.5,
         channel_swap=(2, 1, 0),
         context_pad=context_pad,
+        **net_options,
     )
     return made, weight, bias
 
 
-def test_detect_windows_classifies_each_warped_window(tmp_path, scene):
+def test_detect_windows_classifies_each_warped_window(tmp_path, scene, backend):
     path, image = scene
-    det, weight, bias = detector(tmp_path)
+    det, weight, bias = detector(tmp_path, backend=backend)
     windows = np.array([[0, 0, 10, 10], [5, 2, 17, 19], [3, 4, 7, 9]])
     got = det.detect_windows([(str(path), windows[:2]), (str(path), windows[2:])])
     assert [d["filename"] for d in got] == [str(path)] * 3
