@@ -53,3 +53,9 @@ class NetworkError(NetforgeError):
     """A download failed: HTTP error, timeout, or no network."""
 
     exit_code = 8
+
+
+class ParallelError(NetforgeError):
+    """A data-parallel run lost a rank, or its ranks disagree (see ``netforge.parallel``)."""
+
+    exit_code = 9

@@ -89,8 +89,11 @@ class Net(PycaffeNetMethods):
         dtype: Any = np.float32,
         rng: np.random.Generator | None = None,
         allow_python_layers: bool = True,
+        source: str | None = None,
     ) -> None:
         phase, weights = _parse_pycaffe_args(args, phase, weights)
+        #: where the net came from, for errors: its prototxt, or what the caller says
+        self.source = source or (None if isinstance(model, pb.NetParameter) else os.fspath(model))
         if isinstance(model, pb.NetParameter):
             from netforge.upgrade import upgrade_net
 
@@ -118,7 +121,13 @@ class Net(PycaffeNetMethods):
         self.force_backward = param.force_backward
         self.debug_info = param.debug_info
         self._allow_python = allow_python_layers
-        self._build(insert_splits(filter_net(param, param.state)))
+        built = insert_splits(filter_net(param, param.state))
+        try:
+            self._build(built)
+        except DataError as exc:
+            # A data layer's file is missing or unreadable: say which layer of which
+            # prototxt asked for it (self.layers holds the layers built before it).
+            raise _in_layer(exc, built.layer[len(self.layers)], self.source) from None
         if weights is not None:
             from netforge.weights import resolve_weights
 
@@ -805,3 +814,32 @@ def _log_connections(layer: str, bottoms: Sequence[str], tops: Sequence[str]) ->
 
 def _fmt(value: float) -> str:
     return f"{float(value):.6g}"
+
+def _path_fields(layer: pb.LayerParameter) -> list[str]:
+    """The file and folder paths a layer's parameters name (sources, means, roots)."""
+    paths = [layer.transform_param.mean_file]
+    for name in ("data_param", "hdf5_data_param", "image_data_param", "window_data_param"):
+        if layer.HasField(name):
+            message = getattr(layer, name)
+            paths += [message.source, getattr(message, "mean_file", "")]
+            paths.append(getattr(message, "root_folder", ""))
+    if layer.HasField("hdf5_output_param"):
+        paths.append(layer.hdf5_output_param.file_name)
+    return [path for path in paths if path]
+
+
+def _in_layer(exc: DataError, layer: pb.LayerParameter, source: str | None) -> DataError:
+    """``exc`` with the layer and prototxt that asked for the data; a relative path there
+    was resolved against the working directory, which the message then names."""
+    where = f"layer {layer.name!r} ({layer.type})" + (f" in {source}" if source else "")
+    text = str(exc)
+    if not text.startswith(f"layer {layer.name!r}"):
+        text = f"{where}: {text}"
+    elif source and source not in text:
+        text = f"{source}: {text}"
+    if any(not os.path.isabs(path) for path in _path_fields(layer)):
+        text += (
+            f" (relative paths in a prototxt are resolved against the working directory, "
+            f"{os.getcwd()}: run from the folder they are relative to, or make them absolute)"
+        )
+    return type(exc)(text)

@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 
 from netforge.cli.flags import caffe_argv
 from netforge.cli.main import cli, main
-from netforge.errors import ConfigError, DeviceError
+from netforge.errors import ConfigError, DataError, DeviceError
 from netforge.net import Net
 from netforge.proto import pb
 
@@ -226,3 +227,72 @@ def test_upgrade_net_unknown_type_names_layer_and_nearest(
     assert len(err.splitlines()) == 1
     assert "'act'" in err and "'ReLu'" in err and "did you mean 'ReLU'" in err
     assert str(tmp_path / "out") in err and (tmp_path / "out").is_file()
+
+
+def _missing_data_net(tmp_path: Path, layer: str) -> Path:
+    path = tmp_path / "nets" / "missing.prototxt"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(f'name: "m"\n{layer}\n')
+    return path
+
+
+def _lmdb(path: Path) -> None:
+    from netforge.data.datum import make_datum
+    from netforge.data.db import Writer
+
+    with Writer(path) as writer:
+        writer.put("0", make_datum(np.zeros((1, 2, 2), np.uint8)).SerializeToString())
+
+
+@pytest.mark.parametrize(
+    "layer, missing",
+    [
+        (
+            'layer { name: "mnist" type: "Data" top: "data" top: "label"\n'
+            '  data_param { source: "db/no_such_lmdb" batch_size: 2 backend: LMDB } }',
+            "db/no_such_lmdb",
+        ),
+        (
+            'layer { name: "mnist" type: "Data" top: "data" top: "label"\n'
+            '  transform_param { mean_file: "no_mean.binaryproto" }\n'
+            '  data_param { source: "real_lmdb" batch_size: 2 backend: LMDB } }',
+            "no_mean.binaryproto",
+        ),
+        (
+            'layer { name: "mnist" type: "HDF5Data" top: "data" top: "label"\n'
+            '  hdf5_data_param { source: "no_list.txt" batch_size: 2 } }',
+            "no_list.txt",
+        ),
+    ],
+)
+def test_missing_data_names_layer_prototxt_and_working_directory(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    layer: str,
+    missing: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _lmdb(tmp_path / "real_lmdb")
+    net = _missing_data_net(tmp_path, layer)
+    assert main(["time", "--model", str(net), "--iterations", "1"]) == DataError.exit_code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("netforge: error:")]
+    assert "layer 'mnist'" in line and str(net) in line and missing in line
+    assert f"resolved against the working directory, {tmp_path}" in line
+
+
+def test_missing_absolute_data_path_has_no_working_directory_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = tmp_path / "no_list.txt"
+    layer = (
+        'layer { name: "h5" type: "HDF5Data" top: "data" top: "label"\n'
+        f'  hdf5_data_param {{ source: "{source}" batch_size: 2 }} }}'
+    )
+    net = _missing_data_net(tmp_path, layer)
+    assert main(["time", "--model", str(net)]) == DataError.exit_code
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("netforge: err")]
+    assert "layer 'h5' (HDF5Data)" in line and str(net) in line and str(source) in line
+    assert "working directory" not in line

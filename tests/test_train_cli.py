@@ -138,7 +138,7 @@ def test_finetune_flags(files, capsys):
         (["--snapshot", "{tmp}/ls_iter_4.caffemodel"], 2, "caffemodel"),
         (["--snapshot", "{tmp}/nothing.solverstate"], 4, "no such solver state"),
         (["--weights", "{tmp}/nothing.caffemodel"], 4, "no such weights file"),
-        (["--gpu", "0,1"], 2, "multi-GPU data parallelism is not available yet"),
+        (["--gpu", "0,0"], 2, "a GPU is named twice; one rank per GPU"),
         (["--gpu", "x"], 2, "give a GPU id"),
         (["--iterations", "0"], 2, "--iterations must be positive"),
     ],

@@ -31,6 +31,8 @@ from netforge.data.transform import Transformer
 from netforge.data.window import WindowSource
 from netforge.errors import DataError
 from netforge.layer import Layer, register
+from netforge.parallel.world import world
+from netforge.proto import pb
 
 
 class BatchLoader:
@@ -89,6 +91,10 @@ class PrefetchingDataLayer(Layer):
     tops = (1, 2)
     #: how many batches the producer may run ahead.
     prefetch = 4
+    #: In TRAIN, the source keeps only this rank's share of the records when several solvers
+    #: train together (Caffe's Data and HDF5Data skip rule; netforge applies it to image
+    #: lists too). TEST nets run on rank 0 alone and read everything, as in Caffe.
+    sharded = False
 
     def make_source(self, top: Sequence[Blob]) -> Any:
         raise NotImplementedError
@@ -100,6 +106,8 @@ class PrefetchingDataLayer(Layer):
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self.source = self.make_source(top)
+        if self.sharded and self.phase == pb.TRAIN:
+            self.source.shard = tuple(world())
         self.top_shapes = self.source.shapes()[: len(top)]
         self.prefetcher = Prefetcher(self.source, self.prefetch, self.name)
         self.loader = BatchLoader()
@@ -147,6 +155,8 @@ class DataLayer(PrefetchingDataLayer):
     the legacy scale/mean/crop/mirror fields of DataParameter are ignored, as by Caffe.
     """
 
+    sharded = True
+
     def make_source(self, top: Sequence[Blob]) -> DatumSource:
         p = self.layer_param.data_param
         if not p.batch_size:
@@ -165,6 +175,8 @@ class ImageDataLayer(PrefetchingDataLayer):
     neither); ``is_color`` false reads gray; ``shuffle`` permutes the list at the start and
     each epoch; ``rand_skip`` skips a random number of entries at the start.
     """
+
+    sharded = True
 
     def make_source(self, top: Sequence[Blob]) -> ImageListSource:
         p = self.layer_param.image_data_param
@@ -196,6 +208,8 @@ class HDF5DataLayer(PrefetchingDataLayer):
 
     tops = (1, None)
     prefetch = 2
+
+    sharded = True
 
     def make_source(self, top: Sequence[Blob]) -> HDF5Source:
         if self.layer_param.HasField("transform_param"):

@@ -9,13 +9,16 @@ progress line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import click
 
 from netforge.cli.options import allow_python_layers
-from netforge.errors import ConfigError
+from netforge.errors import ConfigError, DivergenceError, NetforgeError
 
 log = logging.getLogger("netforge")
 
@@ -37,7 +40,9 @@ def _names(text: str | None) -> list[str]:
 @click.option("--weights", default=None, help="Caffemodel(s) to fine-tune from: A[,B]; zoo:NAME.")
 @click.option("--snapshot", default=None, help="A .solverstate(.h5) to resume from.")
 @click.option(
-    "--gpu", default=None, help="GPU id or 'all' (-1: the CPU); CPU unless the solver says GPU."
+    "--gpu",
+    default=None,
+    help="GPU id, ids (0,1: a rank per GPU, NCCL) or 'all' (-1: the CPU); else the solver's.",
 )
 @click.option("--cpu", is_flag=True, help="Train on the CPU whatever the solver's solver_mode.")
 @click.option("--stage", default=None, help="Comma-separated NetState stages of the train net.")
@@ -75,6 +80,13 @@ def train(
     allow_python_layers: bool,
 ) -> None:
     """Train (or resume training) the net of a solver prototxt."""
+    from netforge.parallel.launch import (
+        gpu_ids,
+        prepare_rank,
+        rank_communicator,
+        run_gpu_ranks,
+        start_rank,
+    )
     from netforge.proto import pb
     from netforge.prototxt import read_solver
     from netforge.solvers import get_solver
@@ -98,12 +110,23 @@ def train(
             raise ConfigError(f"--cpu and --gpu {gpu} contradict each other; give one")
         param.solver_mode = pb.SolverParameter.CPU
         gpu = None
+    gpus = gpu_ids(gpu)
+    if len(gpus) > 1:
+        # One process per GPU, each running this command on its own GPU, NCCL among them.
+        run_gpu_ranks(gpus, _train_gpu_rank, (dict(click.get_current_context().params),))
+        return
+    comm = rank_communicator()  # MPI under mpiexec, NCCL in a rank of the above, or None
+    if comm is not None and comm.rank:
+        logger.setLevel(logging.WARNING)  # rank 0 reports for all, as Caffe's root solver
     backend = train_backend(gpu, param)
     if snapshot or weights:
         param.ClearField("weights")
     if weights:
         param.weights.append(weights)
-    with SignalActions(sigint_effect, sighup_effect) as actions:
+    if comm is not None:
+        prepare_rank(param, comm)
+    root = comm is None or comm.rank == 0
+    with SignalActions(sigint_effect, sighup_effect) as actions, _rank_errors(comm):
         the_solver = get_solver(
             param,
             backend=backend,
@@ -118,24 +141,61 @@ def train(
             for line in report.lines():
                 log.info("  %s", line)
         the_solver.set_action_function(actions)
-        the_solver.metrics = MetricsWriter(metrics or f"{param.snapshot_prefix}_metrics.jsonl")
-        if tensorboard:
-            from netforge.tensorboard import Tee, TensorBoardWriter
+        if root:
+            the_solver.metrics = MetricsWriter(metrics or f"{param.snapshot_prefix}_metrics.jsonl")
+            if tensorboard:
+                from netforge.tensorboard import Tee, TensorBoardWriter
 
-            the_solver.metrics = Tee(the_solver.metrics, TensorBoardWriter(tensorboard))
-        if sys.stderr.isatty():
+                the_solver.metrics = Tee(the_solver.metrics, TensorBoardWriter(tensorboard))
+        if root and sys.stderr.isatty():
             the_solver.progress = ProgressLine(sys.stderr)
             the_solver.progress.attach(logger)
         try:
             if snapshot:
                 log.info("Resuming from %s", snapshot)
                 the_solver.restore(snapshot)
+            if comm is not None:
+                start_rank(the_solver, comm)
             log.info("Starting Optimization")
             the_solver.solve()
         finally:
-            the_solver.metrics.close()
+            if the_solver.metrics is not None:
+                the_solver.metrics.close()
             if the_solver.progress is not None:
                 the_solver.progress.clear()
+
+
+@contextlib.contextmanager
+def _rank_errors(comm: Any) -> Iterator[None]:
+    """In a rank of a data-parallel run: an error must not leave the other ranks waiting.
+
+    A divergence is found by every rank together (the gradients are summed first): rank 0
+    reports it and the others exit with its status, quietly. Any other error is this rank's
+    alone: it is reported with the rank, and the whole job is aborted."""
+    try:
+        yield
+    except DivergenceError as exc:
+        if comm is not None and comm.rank:
+            raise click.exceptions.Exit(exc.exit_code) from None
+        raise
+    except (Exception, KeyboardInterrupt) as exc:
+        if comm is None or isinstance(exc, click.exceptions.Exit):
+            raise
+        text = str(exc) if isinstance(exc, NetforgeError) else f"{type(exc).__name__}: {exc}"
+        click.echo(f"netforge: error: rank {comm.rank} of {comm.size}: {text}", err=True)
+        comm.abort(getattr(exc, "exit_code", 1))
+
+
+def _train_gpu_rank(params: dict[str, Any]) -> None:
+    """One rank of ``train --gpu 0,1,...``, in its own process (see ``run_gpu_ranks``)."""
+    from netforge.parallel.launch import assigned_device
+
+    params["gpu"] = str(assigned_device())
+    try:
+        train.callback(**params)
+    except NetforgeError as exc:
+        click.echo(f"netforge: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
 
 
 @click.command()

@@ -115,6 +115,9 @@ class HDF5Source:
         self.file_index = 0
         self.row = 0
         self.rows_state: dict | None = None
+        #: (rank, count): keep row k of the stream when k % count == rank (Caffe's
+        #: HDF5DataLayer::Skip for data-parallel training); every rank walks every row.
+        self.shard = (0, 1)
         if shuffle:
             self.file_order = self.rng.permutation(len(self.files)).tolist()
         self._load()
@@ -137,10 +140,17 @@ class HDF5Source:
 
     def next_batch(self) -> list[np.ndarray]:
         parts: list[list[np.ndarray]] = []
-        need = self.batch_size
+        rank, count = self.shard
+        need = self.batch_size * count
         while need:
             take = min(need, self.current.rows - self.row)
-            parts.append(self.current.take(self.row_order[self.row : self.row + take]))
+            rows = self.row_order[self.row : self.row + take]
+            if count > 1:
+                # A batch starts at a stream offset that is a multiple of count.
+                done = self.batch_size * count - need
+                rows = rows[(np.arange(done, done + take) % count) == rank]
+            if len(rows):
+                parts.append(self.current.take(rows))
             if self.current.shapes() != self.row_shapes:
                 raise DataError(
                     f"{self.where}: file {self.current.path} has row shapes "

@@ -61,6 +61,9 @@ class BatchSource:
         self.rng = child_rng(rng)
         self.dtype = np.dtype(dtype)
         self.num_targets = 0
+        #: (rank, count): keep record k of the stream when k % count == rank (Caffe's
+        #: DataLayer::Skip for data-parallel training); every rank walks the whole stream.
+        self.shard = (0, 1)
 
     def color(self) -> bool | None:
         """How encoded records decode: force_color, force_gray, or their own channels."""
@@ -106,10 +109,12 @@ class DatumSource(BatchSource):
         return self._decode(records[0]), records[0][0].decode(errors="replace")
 
     def next_batch(self) -> list[np.ndarray]:
-        items, self.key, wraps = self.reader.read(self.key, self.batch_size)
+        rank, count = self.shard
+        items, self.key, wraps = self.reader.read(self.key, self.batch_size * count)
         if wraps:
             log.info("%s: restarting data prefetching from start", self.where)
             self.epoch += wraps
+        items = items[rank::count]
         records = decode_map(self._decode, items)
         return self.assemble(records, [k.decode(errors="replace") for k, _ in items])
 
@@ -170,7 +175,8 @@ class ImageListSource(BatchSource):
 
     def next_batch(self) -> list[np.ndarray]:
         picked = []
-        for _ in range(self.batch_size):
+        rank, count = self.shard
+        for _ in range(self.batch_size * count):
             picked.append(self.entries[self.order[self.cursor]])
             self.cursor += 1
             if self.cursor == len(self.entries):
@@ -179,6 +185,7 @@ class ImageListSource(BatchSource):
                 self.epoch += 1
                 if self.shuffle:
                     self._shuffle()
+        picked = picked[rank::count]
         records = decode_map(self._read, picked)
         return self.assemble(records, [e.path for e in picked])
 

@@ -190,6 +190,7 @@ class Solver:
             dtype=self.dtype,
             rng=self.rng,
             allow_python_layers=self.allow_python_layers,
+            source=os.fspath(model) if isinstance(model, (str, os.PathLike)) else self.source,
         )
 
     def _build_train_net(self) -> Any:

@@ -1,0 +1,169 @@
+"""Starting the ranks of a data-parallel run, and what each rank does before training.
+
+Two ways in, one code path after them:
+
+- ``mpiexec -n 4 netforge train --solver S``: the MPI launcher starts the processes (on
+  one node or several); ``rank_communicator()`` finds it in the environment and opens an
+  ``MPICommunicator``.
+- ``netforge train --solver S --gpu 0,1,2,3`` (or ``--gpu all``): ``run_gpu_ranks`` starts
+  one process per GPU (multiprocessing's spawn, as BVLC's ``python/train.py``), hands each
+  the same NCCL id, and watches them: when one exits with an error or is killed, the others
+  are stopped at once and a ``ParallelError`` names the rank.
+
+In every rank, ``prepare_rank`` runs before the solver is built (its data layers shard by
+the rank; every rank gets rank 0's random seed so shuffled orders agree; only rank 0 loads
+``--weights``), and ``start_rank`` after it is built and restored (the flat gradient
+buffer, the hooks, and the broadcast of rank 0's weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from typing import Any
+
+import numpy as np
+
+from netforge.errors import ConfigError, ParallelError
+from netforge.parallel.comm import (
+    Communicator,
+    MPICommunicator,
+    NCCLCommunicator,
+    collective_timeout,
+    launched_size,
+    new_nccl_uid,
+)
+from netforge.parallel.data_parallel import DataParallel
+from netforge.parallel.world import set_world
+from netforge.proto import pb
+
+log = logging.getLogger("netforge")
+
+#: Seconds the other ranks get to exit after SIGTERM before they are killed.
+STOP_GRACE = 5.0
+
+# (uid, rank, size, device) of this process when run_gpu_ranks started it.
+_assigned: dict[str, Any] = {}
+
+
+def gpu_ids(gpu: str | None) -> list[int]:
+    """The GPU ids of a ``--gpu`` value: an id, a comma list, or "all" (every GPU)."""
+    if not gpu:
+        return []
+    if gpu == "all":
+        from netforge.backend import import_cupy
+
+        return list(range(import_cupy().cuda.runtime.getDeviceCount()))
+    try:
+        ids = [int(part) for part in gpu.split(",")]
+    except ValueError:
+        raise ConfigError(f"--gpu {gpu!r}: give a GPU id, a comma list of ids, or 'all'") from None
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"--gpu {gpu}: a GPU is named twice; one rank per GPU")
+    if len(ids) > 1:
+        from netforge.backend import gpu as gpu_backend
+
+        for device in ids:  # before any rank starts: a DeviceError names the missing one
+            gpu_backend(device)
+    return ids
+
+
+def rank_communicator() -> Communicator | None:
+    """This process's communicator: NCCL when ``run_gpu_ranks`` started it, MPI when an MPI
+    launcher started it among several, None when it trains alone."""
+    if _assigned:
+        return NCCLCommunicator(**_assigned)
+    if launched_size() > 1:
+        return MPICommunicator(timeout=collective_timeout())
+    return None
+
+
+def assigned_device() -> int:
+    """The GPU ``run_gpu_ranks`` gave this process."""
+    return int(_assigned["device_id"])
+
+
+def prepare_rank(param: pb.SolverParameter, comm: Communicator) -> None:
+    """Before the solver is built: set the world its data layers shard by, give every
+    rank rank 0's ``random_seed`` (drawing one when the solver has none), and leave the
+    ``weights`` to rank 0 alone (they reach the others by the broadcast)."""
+    set_world(comm.rank, comm.size)
+    seed = param.random_seed
+    if seed < 0:
+        seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0])
+    agreed = int(comm.allgather_bytes(str(seed).encode())[0])
+    param.random_seed = agreed
+    if comm.rank:
+        param.ClearField("weights")
+    # Should a rank die, its launcher names the process: these lines name its rank.
+    places = comm.allgather_bytes(f"{os.getpid()} on {socket.gethostname()}".encode())
+    for rank, place in enumerate(places):
+        log.info("Rank %d is process %s", rank, place.decode())
+    log.info(
+        "Data-parallel training over %s on %d ranks: effective batch = %d x the batch size; "
+        "random_seed %d",
+        comm.kind,
+        comm.size,
+        comm.size,
+        agreed,
+    )
+
+
+def start_rank(solver: Any, comm: Communicator) -> DataParallel:
+    """After the solver is built (and restored): lay out the gradient buffer, hook the
+    reduce into the solver, and broadcast rank 0's weights."""
+    parallel = DataParallel(solver, comm).attach()
+    parallel.broadcast()
+    return parallel
+
+
+def run_gpu_ranks(gpus: list[int], target: Callable[..., None], args: tuple) -> None:
+    """Run ``target(*args)`` in one process per GPU, with NCCL among them; return when all
+    have finished, or raise a ParallelError naming the first rank that failed (after
+    stopping the others)."""
+    uid = new_nccl_uid()
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_rank_main,
+            args=(target, args, {"uid": uid, "rank": r, "size": len(gpus), "device_id": g}),
+            name=f"netforge-rank-{r}",
+        )
+        for r, g in enumerate(gpus)
+    ]
+    for process in processes:
+        process.start()
+    running = {process.sentinel: r for r, process in enumerate(processes)}
+    try:
+        while running:
+            for sentinel in wait(list(running)):
+                rank = running.pop(sentinel)
+                code = processes[rank].exitcode
+                if code:
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+                    raise ParallelError(
+                        f"rank {rank} (GPU {gpus[rank]}) {how}; the other ranks were stopped"
+                    )
+    finally:
+        _stop(processes)
+
+
+def _stop(processes: list[Any]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(STOP_GRACE)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _rank_main(target: Callable[..., None], args: tuple, assigned: dict[str, Any]) -> None:
+    """A spawned rank: remember its NCCL assignment, then run the target."""
+    _assigned.update(assigned)
+    target(*args)

@@ -1,0 +1,351 @@
+"""Data-parallel training (netforge.parallel): Caffe's record split in the data layers, the
+exactness of 2 ranks × batch b against one process with iter_size 2 for every solver type,
+the ``mpiexec netforge train`` entry point, resuming on another number of ranks, and a rank
+that raises, is killed or diverges.
+
+The multi-rank tests run ``mpiexec`` from the ``mpi`` extra (mpi4py and MPICH's wheel, in
+the ``test`` extra, so CI runs them) under a timeout: a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from netforge.data import db as nfdb
+from netforge.data.datum import make_datum
+from netforge.parallel.world import set_world
+from netforge.proto import pb
+from netforge.prototxt import parse_text
+from netforge.solvers import get_solver
+from netforge.weights import read_weight_table
+from tests import parallel_worker as worker
+from tests.harness import build
+
+REPO = Path(__file__).resolve().parent.parent
+#: Seconds any multi-rank run may take before the test calls it a hang.
+TIMEOUT = 120
+WORKER = [sys.executable, str(REPO / "tests" / "parallel_worker.py")]
+
+
+def mpiexec() -> str:
+    found = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
+    assert found, "mpiexec is missing beside the interpreter: pip install -e '.[mpi]'"
+    return found
+
+
+def run_ranks(
+    ranks: int, args: list[str], cwd: Path, path: str = str(REPO)
+) -> subprocess.CompletedProcess:
+    """``mpiexec -n ranks args`` with one BLAS thread per rank; fails the test on a hang."""
+    env = dict(os.environ, PYTHONPATH=path, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [mpiexec(), "-n", str(ranks), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def reference(listing: Path, solver_type: str, iter_size: int, steps: int = worker.STEPS):
+    """The learned parameters of one process with ``iter_size`` (no sharding)."""
+    set_world(0, 1)
+    param = parse_text(worker.solver_text(listing, solver_type, iter_size), pb.SolverParameter)
+    solver = get_solver(param)
+    solver.step(steps)
+    return [np.asarray(p.data) for p in solver.net.learnable_params]
+
+
+def assert_same(found: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    # The sums over ranks and over iter_size passes add the same terms in another order:
+    # float32 rounding, amplified a little by 20 iterations, is all that may differ.
+    for got, want in zip(found, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+# -- the record split -------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_rank():
+    """Every test starts and ends alone in its world (a process-wide default)."""
+    set_world(0, 1)
+    yield
+    set_world(0, 1)
+
+
+def stream_of(text: str, rank: int, count: int, batches: int, phase: int = pb.TRAIN):
+    set_world(rank, count)
+    layer, _, top = build(text, [], num_tops=2, phase=phase)
+    try:
+        labels = []
+        for _ in range(batches):
+            layer.forward([], top)
+            labels.append(np.asarray(top[1].data).copy())
+        return np.concatenate(labels)
+    finally:
+        layer.close()
+
+
+def assert_interleaves(text: str, count: int = 3, batches: int = 4) -> None:
+    """Rank r's records are the whole stream's records r, r + count, r + 2 count..."""
+    whole = stream_of(text, 0, 1, batches * count)
+    for rank in range(count):
+        np.testing.assert_array_equal(stream_of(text, rank, count, batches), whole[rank::count])
+    # TEST nets read everything, whatever the rank (Caffe: only rank 0 tests).
+    test_stream = stream_of(text, 1, count, batches, pb.TEST)
+    np.testing.assert_array_equal(test_stream, whole[: len(test_stream)])
+
+
+def test_lmdb_records_split_by_caffes_skip_rule(tmp_path):
+    # 13 records: the stream wraps inside a batch, and the split goes on across the wrap.
+    with nfdb.open_writer(tmp_path / "db") as writer:
+        for k in range(13):
+            image = np.full((1, 2, 2), k, np.uint8)
+            writer.put(f"{k:08d}", make_datum(image, label=k).SerializeToString())
+    text = f'type: "Data" data_param {{ source: "{tmp_path / "db"}" backend: LMDB batch_size: 5 }}'
+    assert_interleaves(text)
+
+
+def test_hdf5_rows_split_by_caffes_skip_rule(tmp_path):
+    # Two files of 7 and 4 rows: a batch of the stream spans both files and the wrap.
+    files = []
+    for name, rows in (("a", range(7)), ("b", range(7, 11))):
+        import h5py
+
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f["data"] = np.array([[r, r] for r in rows], np.float32)
+            f["label"] = np.array(list(rows), np.float32)
+        files.append(str(tmp_path / f"{name}.h5"))
+    (tmp_path / "list.txt").write_text("\n".join(files) + "\n")
+    text = (
+        f'type: "HDF5Data" top: "data" top: "label" '
+        f'hdf5_data_param {{ source: "{tmp_path / "list.txt"}" batch_size: 5 }}'
+    )
+    assert_interleaves(text)
+
+
+def test_image_list_entries_split_by_caffes_skip_rule(tmp_path):
+    lines = []
+    for k in range(11):
+        Image.fromarray(np.full((3, 3), k * 10, np.uint8)).save(tmp_path / f"{k}.png")
+        lines.append(f"{k}.png {k}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    for shuffle in ("false", "true"):  # a shuffled order is drawn alike on every rank
+        text = (
+            f'type: "ImageData" image_data_param {{ source: "{tmp_path / "list.txt"}" '
+            f'root_folder: "{tmp_path}/" batch_size: 4 is_color: false shuffle: {shuffle} }}'
+        )
+        assert_interleaves(text)
+
+
+# -- exactness: 2 ranks x batch b == 1 process x batch b x iter_size 2 -------------------
+
+
+def test_two_ranks_match_one_process_with_iter_size_for_every_solver(tmp_path):
+    listing = worker.write_data(tmp_path)
+    types = list(worker.TYPE_SETTINGS)
+    # 64-byte buckets: every parameter is its own all-reduce, started during backward.
+    args = [str(tmp_path), str(listing), "1", "64", *types]
+    result = run_ranks(2, [*WORKER, *args], tmp_path)
+    assert result.returncode == 0, result.stderr
+    for solver_type in types:
+        found = np.load(tmp_path / f"{solver_type}.npz")
+        found = [found[f"arr_{i}"] for i in range(4)]
+        assert_same(found, reference(listing, solver_type, iter_size=2))
+    # The comparison can fail: one process at iter_size 1 sees half the records.
+    alone = reference(listing, "SGD", iter_size=1)
+    sgd = np.load(tmp_path / "SGD.npz")
+    assert np.abs(sgd["arr_0"] - alone[0]).max() > 1e-3
+
+
+def test_two_ranks_with_iter_size_match_one_process_with_twice_the_iter_size(tmp_path):
+    listing = worker.write_data(tmp_path)
+    # One bucket for the whole net: the all-reduce starts after the last pass's backward.
+    args = [str(tmp_path), str(listing), "2", str(1 << 20), "SGD", "Adam"]
+    result = run_ranks(2, [*WORKER, *args], tmp_path)
+    assert result.returncode == 0, result.stderr
+    for solver_type in ("SGD", "Adam"):
+        found = np.load(tmp_path / f"{solver_type}.npz")
+        assert_same([found[f"arr_{i}"] for i in range(4)], reference(listing, solver_type, 4))
+
+
+# -- the command line: mpiexec -n 2 netforge train, and resuming on one rank --------------
+
+
+def write_solver(tmp_path: Path, listing: Path, **extra: object) -> Path:
+    fields = {"snapshot": 10, "snapshot_prefix": f'"{tmp_path / "snap" / "run"}"', **extra}
+    path = tmp_path / "solver.prototxt"
+    path.write_text(worker.solver_text(listing, "SGD", 1, **fields))
+    return path
+
+
+def learned(path: Path) -> list[np.ndarray]:
+    table = read_weight_table(str(path))
+    return [
+        table[name][i].data.reshape(table[name][i].shape) for name in ("ip1", "ip2") for i in (0, 1)
+    ]
+
+
+def test_mpiexec_train_and_resume_on_another_rank_count(tmp_path):
+    listing = worker.write_data(tmp_path)
+    solver = write_solver(tmp_path, listing, display=5, test_iter=2, test_interval=10)
+    netforge = str(Path(sys.executable).parent / "netforge")
+    result = run_ranks(2, [netforge, "train", "--solver", str(solver)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = result.stderr
+    # Rank 0 alone tests, logs and snapshots; the loss it reports is the mean over ranks.
+    assert log.count("Test net output #0") == 3
+    assert log.count("Snapshotting to binary proto file") == 2
+    assert "Data-parallel training over MPI on 2 ranks" in log
+    assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == [
+        "run_iter_10.caffemodel",
+        "run_iter_10.solverstate",
+        "run_iter_20.caffemodel",
+        "run_iter_20.solverstate",
+        "run_metrics.jsonl",
+    ]
+    final = learned(tmp_path / "snap" / "run_iter_20.caffemodel")
+    # The solver's own file has iter_size 1: the reference is this run's one-process twin.
+    assert_same(final, reference(listing, "SGD", iter_size=2))
+
+    # Resume the 2-rank snapshot in one process with iter_size 2: the data cursor is the
+    # stream position both ranks share, so the next records are exactly those 2 ranks
+    # would have read, and the run ends where the 2-rank run did.
+    set_world(0, 1)
+    param = parse_text(worker.solver_text(listing, "SGD", 2), pb.SolverParameter)
+    one = get_solver(param)
+    one.restore(tmp_path / "snap" / "run_iter_10.solverstate")
+    one.step(10)
+    assert_same([np.asarray(p.data) for p in one.net.learnable_params], final)
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+FAULT_LAYER = '''
+import os
+import signal
+
+import netforge
+from netforge.errors import DataError
+from netforge.parallel.world import world
+
+
+class Fault(netforge.Layer):
+    """Passes its bottom through; on rank 1, at the third forward, does param_str."""
+
+    def setup(self, bottom, top):
+        self.calls = 0
+
+    def reshape(self, bottom, top):
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        self.calls += 1
+        top[0].data[...] = bottom[0].data
+        if world().rank != 1 or self.calls != 3:
+            return
+        if self.param_str == "raise":
+            raise DataError("injected failure in layer fault")
+        if self.param_str == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        top[0].data[0, 0] = float("nan")
+
+    def backward(self, top, propagate_down, bottom):
+        bottom[0].diff[...] = top[0].diff
+'''
+
+
+def fault_run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
+    listing = worker.write_data(tmp_path)
+    (tmp_path / "fault_layer.py").write_text(FAULT_LAYER)
+    text = worker.solver_text(listing, "SGD", 1, snapshot_prefix=f'"{tmp_path / "snap" / "run"}"')
+    fault = (
+        'layer { name: "fault" type: "Python" bottom: "data" top: "faulty" '
+        f'python_param {{ module: "fault_layer" layer: "Fault" param_str: "{mode}" }} }} '
+    )
+    text = text.replace('layer { name: "ip1"', fault + 'layer { name: "ip1"').replace(
+        'bottom: "data" top: "ip1"', 'bottom: "faulty" top: "ip1"'
+    )
+    (tmp_path / "solver.prototxt").write_text(text)
+    netforge = str(Path(sys.executable).parent / "netforge")
+    args = [netforge, "train", "--solver", "solver.prototxt", "--allow-python-layers"]
+    return run_ranks(2, args, tmp_path, path=f"{tmp_path}{os.pathsep}{REPO}")
+
+
+def test_a_rank_that_raises_stops_every_rank_with_its_error(tmp_path):
+    result = fault_run(tmp_path, "raise")
+    assert result.returncode != 0
+    assert "netforge: error: rank 1 of 2: injected failure in layer fault" in result.stderr
+    assert not (tmp_path / "snap").exists() or not list((tmp_path / "snap").glob("*.caffemodel"))
+
+
+def test_a_killed_rank_stops_every_rank(tmp_path):
+    result = fault_run(tmp_path, "kill")
+    assert result.returncode != 0
+    # mpiexec ends the others at once and names the killed process; the log names its rank.
+    banner = result.stdout + result.stderr
+    assert "signal 9" in banner or "Killed" in banner, banner
+    pid = re.search(r"PID (\d+)", banner).group(1)
+    assert re.search(rf"Rank 1 is process {pid} on ", result.stderr), banner
+
+
+def test_a_divergence_on_one_rank_stops_all_and_names_it(tmp_path):
+    result = fault_run(tmp_path, "nan")
+    assert result.returncode == 6, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("netforge: error")]
+    assert len(lines) == 1, result.stderr  # rank 0 reports it for both
+    assert "diverged at iteration 2" in lines[0]
+    assert "blob 'faulty' (layer 'fault') on rank 1" in lines[0]
+    assert (tmp_path / "snap" / "run_iter_2.solverstate").is_file()
+
+
+LATE_RANK = """
+import time
+import numpy as np
+from netforge.errors import ParallelError
+from netforge.parallel import MPICommunicator
+
+comm = MPICommunicator(timeout=1.0)
+if comm.rank == 1:
+    time.sleep(4)  # alive, but not in the collective: rank 0 must give up, not hang
+try:
+    comm.allreduce(np.ones(4, np.float32))
+except ParallelError as exc:
+    print(exc, flush=True)
+    comm.abort(9)
+"""
+
+
+def test_a_rank_that_stops_answering_times_out_the_collective(tmp_path):
+    start = time.monotonic()
+    result = run_ranks(2, [sys.executable, "-c", LATE_RANK], tmp_path)
+    assert result.returncode != 0
+    assert "rank 0 of 2: no answer from the other ranks for 1 s" in result.stdout
+    assert time.monotonic() - start < 4 + TIMEOUT / 4
+
+
+def test_collective_timeout_setting(monkeypatch):
+    from netforge.errors import ConfigError
+    from netforge.parallel.comm import DEFAULT_TIMEOUT, collective_timeout
+
+    monkeypatch.delenv("NETFORGE_COLLECTIVE_TIMEOUT", raising=False)
+    assert collective_timeout() == DEFAULT_TIMEOUT
+    monkeypatch.setenv("NETFORGE_COLLECTIVE_TIMEOUT", "0")
+    assert collective_timeout() is None
+    monkeypatch.setenv("NETFORGE_COLLECTIVE_TIMEOUT", "12.5")
+    assert collective_timeout() == 12.5
+    monkeypatch.setenv("NETFORGE_COLLECTIVE_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="NETFORGE_COLLECTIVE_TIMEOUT='soon'"):
+        collective_timeout()
