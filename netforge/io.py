@@ -392,11 +392,10 @@ def oversample(images: Sequence[np.ndarray] | np.ndarray, crop_dims: Sequence[in
 
     The centre crop starts at ``H / 2 - h / 2`` (truncated), as pycaffe computes it.
     """
-    images = (
-        np.asarray(images, dtype=np.float32)
-        if not isinstance(images, np.ndarray)
-        else (images.astype(np.float32, copy=False))
-    )
+    if not isinstance(images, np.ndarray):
+        if len({np.shape(im) for im in images}) > 1:
+            raise ArrayShapeError("oversample takes images of one size: resize them first")
+    images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4:
         raise ArrayShapeError(f"oversample takes (N, H, W, K) images, got shape {images.shape}")
     height, width = images.shape[1:3]

@@ -223,6 +223,8 @@ def test_oversample_is_corners_centre_and_mirrors():
         crops = [im[0:4, 0:5], im[0:4, 4:9], im[3:7, 0:5], im[3:7, 4:9], im[1:5, 2:7]]
         crops += [c[:, ::-1] for c in crops]
         np.testing.assert_array_equal(got[10 * n : 10 * n + 10], np.stack(crops))
+    with pytest.raises(ValueError, match="one size"):
+        io.oversample([images[0], images[1][:6]], (4, 5))
 
 
 # -- load_image --------------------------------------------------------------------------------
