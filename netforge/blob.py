@@ -15,6 +15,7 @@ import numpy as np
 
 from netforge.backend import CPU, Backend, move_array
 from netforge.errors import ShapeError
+from netforge.memory import check_bytes
 
 MAX_BLOB_AXES = 32
 
@@ -65,6 +66,8 @@ class Blob:
             raise ShapeError(f"blob {self.name!r}: negative dimension in shape {shape}")
         if shape == self._shape:
             return
+        # Checked here, before anything is allocated, so an absurd shape is one clear error.
+        check_bytes(math.prod(shape) * self.dtype.itemsize, f"blob {self.name!r} {shape}")
         self._shape = shape
         self._data = self._fit(self._data)
         self._diff = self._fit(self._diff)

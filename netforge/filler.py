@@ -29,10 +29,26 @@ def _variance_n(filler: pb.FillerParameter, shape: Sequence[int]) -> float:
     fan_in, fan_out = _fans(shape)
     norm = filler.variance_norm
     if norm == pb.FillerParameter.FAN_OUT:
-        return fan_out
-    if norm == pb.FillerParameter.AVERAGE:
-        return (fan_in + fan_out) / 2.0
-    return fan_in
+        n = fan_out
+    elif norm == pb.FillerParameter.AVERAGE:
+        n = (fan_in + fan_out) / 2.0
+    else:
+        n = fan_in
+    if n <= 0:
+        raise ConfigError(f"{filler.type} filler: a blob of shape {tuple(shape)} has no fan")
+    return n
+
+
+def _check_values(filler: pb.FillerParameter) -> None:
+    """Finite parameters, a non-negative std and min <= max: numpy would raise a bare
+    ValueError (or fill NaNs) for the others."""
+    for name in ("value", "min", "max", "mean", "std"):
+        if not math.isfinite(getattr(filler, name)):
+            raise ConfigError(f"{filler.type} filler: {name} must be finite")
+    if filler.std < 0:
+        raise ConfigError(f"{filler.type} filler: std must be >= 0, got {filler.std}")
+    if filler.min > filler.max:
+        raise ConfigError(f"{filler.type} filler: min {filler.min} is above max {filler.max}")
 
 
 def fill(
@@ -44,6 +60,7 @@ def fill(
     """An array of ``shape`` filled as Caffe's filler of type ``filler.type`` would."""
     shape = tuple(int(d) for d in shape)
     kind = filler.type
+    _check_values(filler)
     if kind == "constant":
         out = np.full(shape, filler.value, dtype=np.float64)
     elif kind == "uniform":

@@ -287,22 +287,25 @@ class Net(PycaffeNetMethods):
         self.params = {ly.name: list(ly.blobs) for ly in self.layers if ly.blobs}
 
     @staticmethod
+    def _out_of_memory(layer: Layer, bottom: Sequence[Blob]) -> ShapeError:
+        """What the size checks before allocations did not foresee (a layer's own buffers)."""
+        return ShapeError(
+            f"layer {layer.name!r} ({layer.type}): out of memory (bottom shapes "
+            f"{[b.shape for b in bottom]}); reduce the batch size or the layer's dimensions"
+        )
+
+    @staticmethod
     def _set_up(layer: Layer, bottom: list[Blob], top: list[Blob]) -> None:
         """The layer's setup and first reshape; a shape error names the layer."""
         try:
             layer.setup(bottom, top)
             layer.reshape(bottom, top)
-        except ShapeError as exc:
+        except (ShapeError, ConfigError) as exc:
             if f"layer {layer.name!r}" in str(exc):
                 raise
-            raise ShapeError(f"layer {layer.name!r} ({layer.type}): {exc}") from None
+            raise type(exc)(f"layer {layer.name!r} ({layer.type}): {exc}") from None
         except MemoryError:
-            # What the size checks before allocations did not foresee (a layer's own buffer).
-            raise ShapeError(
-                f"layer {layer.name!r} ({layer.type}): out of memory while setting it up "
-                f"(bottom shapes {[b.shape for b in bottom]}); reduce the batch size or the "
-                "layer's dimensions"
-            ) from None
+            raise Net._out_of_memory(layer, bottom) from None
 
     def _load_layer_blobs(self, layer: Layer, layer_param: pb.LayerParameter) -> None:
         """Blobs stored in the prototxt itself become the layer's initial parameters."""
@@ -437,8 +440,11 @@ class Net(PycaffeNetMethods):
         for i in range(start, end + 1):
             layer = self.layers[i]
             bottom, top = self._blobs_of(self.layer_bottoms[i]), self._blobs_of(self.layer_tops[i])
-            layer.reshape(bottom, top)
-            layer.forward(bottom, top)
+            try:
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
+            except MemoryError:
+                raise self._out_of_memory(layer, bottom) from None
             for blob, weight in self._layer_loss[i]:
                 loss = loss + weight * blob.data.sum()
             if self.debug_info:

@@ -121,7 +121,25 @@ def parse_binary(data: bytes, message_cls: type[M], filename: str = "<bytes>") -
         raise DataError(
             f"{filename}: not a valid binary {message_cls.__name__} (truncated or corrupt: {exc})"
         ) from None
+    _check_text_fields(message, filename)
     return message
+
+
+def _check_text_fields(message: protobuf_message.Message, filename: str) -> None:
+    """Raise a DataError for a string field that is not UTF-8. protobuf's Python runtime
+    hands such a proto2 field over as bytes, which would fail later as a TypeError far from
+    the file; the walk visits set fields only, never the repeated numbers of a blob."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            for text in value if field.is_repeated else (value,):
+                if not isinstance(text, str):
+                    raise DataError(
+                        f"{filename}: field {field.name!r} is not UTF-8 text "
+                        f"({bytes(text)[:40]!r}); the file is corrupt"
+                    )
+        elif field.type == field.TYPE_MESSAGE:
+            for child in value if field.is_repeated else (value,):
+                _check_text_fields(child, filename)
 
 
 def read_binary(path: str | os.PathLike, message_cls: type[M]) -> M:

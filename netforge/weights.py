@@ -13,11 +13,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from netforge.atomic import atomic_path, atomic_write
 from netforge.errors import DataError, ShapeError
+from netforge.memory import check_bytes
 from netforge.proto import pb
 
 _LEGACY_DIMS = ("num", "channels", "height", "width")
@@ -48,6 +50,8 @@ def proto_shape(blob: pb.BlobProto) -> tuple[tuple[int, ...], bool]:
 def stored_blob(blob: pb.BlobProto, where: str = "blob") -> StoredBlob:
     """Decode a BlobProto, checking that its value count matches its shape."""
     shape, legacy = proto_shape(blob)
+    if any(d < 0 for d in shape):
+        raise DataError(f"{where}: negative dimension in its shape {shape} (the file is corrupt)")
     if len(blob.double_data):
         data = np.asarray(blob.double_data, dtype=np.float64)
     else:
@@ -139,22 +143,70 @@ def _table_from_net(net: pb.NetParameter, where: str) -> WeightTable:
     }
 
 
+def refuse_links(handle: Any, path: str | os.PathLike) -> None:
+    """Raise a DataError if the HDF5 file links outside itself (an external link would
+    read, or probe, whatever file it names) or holds a dangling soft link."""
+    import h5py
+
+    def visit(name: str, link: Any) -> str | None:
+        # An exception raised in here would come out of h5py mangled: return the message,
+        # which also stops the walk.
+        if isinstance(link, h5py.ExternalLink):
+            return (
+                f"{path}: {name!r} is a link to another file ({link.filename}); netforge reads "
+                "only self-contained HDF5 files"
+            )
+        if isinstance(link, h5py.SoftLink) and link.path not in handle:
+            return f"{path}: {name!r} is a link to {link.path!r}, which does not exist"
+        return None
+
+    problem = handle.visititems_links(visit)
+    if problem:
+        raise DataError(problem)
+
+
+def read_dataset(dataset: Any, what: str) -> np.ndarray:
+    """A numeric HDF5 dataset as an array, its size checked before it is read."""
+    if not isinstance(dataset, _h5_dataset()) or dataset.dtype.kind not in "fiub":
+        raise DataError(f"{what}: expected an array of numbers, found {dataset!r}")
+    check_bytes(dataset.size * dataset.dtype.itemsize, what)
+    return np.asarray(dataset[()])
+
+
+def _h5_dataset() -> type:
+    import h5py
+
+    return h5py.Dataset
+
+
 def _table_from_hdf5(path: Path) -> WeightTable:
     import h5py
 
     table: WeightTable = {}
     try:
         with h5py.File(path, "r") as handle:
+            refuse_links(handle, path)
             group = handle.get("data")
-            if group is None:
+            if not isinstance(group, h5py.Group):
                 raise DataError(f"{path}: no /data group; not a Caffe HDF5 weights file")
             for layer_name, layer_group in group.items():
+                where = f"{path}: layer {layer_name!r}"
+                if not isinstance(layer_group, h5py.Group):
+                    raise DataError(f"{where} is not a group of parameter blobs")
                 table[layer_name] = {}
                 for key, dataset in layer_group.items():
-                    array = np.asarray(dataset[()])
+                    if not key.isdigit() or len(key) > 9:
+                        raise DataError(f"{where}: blob name {key!r} is not a blob index")
+                    array = read_dataset(dataset, f"{where} blob {key}")
                     table[layer_name][int(key)] = StoredBlob(array, array.shape, False)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read HDF5 weights ({exc})") from None
+    except DataError:
+        raise
+    except Exception as exc:  # h5py turns a damaged file into many types (OSError on a bad
+        # signature, RuntimeError on a damaged B-tree, KeyError, TypeError...).
+        raise DataError(
+            f"{path}: cannot read HDF5 weights ({type(exc).__name__}: {exc}); the file is "
+            "damaged or not a Caffe HDF5 weights file"
+        ) from None
     return table
 
 
@@ -196,10 +248,12 @@ def read_mean(path: str | os.PathLike) -> np.ndarray:
 
     blob = read_binary(path, pb.BlobProto)
     array = stored_blob(blob, str(path)).data.astype(np.float32)
-    if array.ndim == 4:
+    if array.ndim == 4 and array.shape[0] >= 1:
         array = array[0]
-    if array.ndim != 3:
-        raise ShapeError(f"{path}: a mean must be (1,) C×H×W, got shape {array.shape}")
+    if array.ndim != 3 or not array.size:
+        raise ShapeError(
+            f"{path}: a mean must be a non-empty (1,) C×H×W image, got shape {array.shape}"
+        )
     return array
 
 

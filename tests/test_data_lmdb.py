@@ -376,3 +376,16 @@ def test_convert_imageset_cli_takes_caffes_flag_spellings(tmp_path):
     for db in ("a", "b"):
         _, top = data_layer(tmp_path / db, 2, tops=1)
         assert top[0].shape == (2, 1, 4, 5)
+
+
+def test_targets_after_a_first_record_without_them_are_refused(tmp_path):
+    # issue 19: a record with targets was accepted silently when the first had none
+    image = np.zeros((1, 2, 2), np.uint8)
+    records = [
+        ("00000000", make_datum(image, 3).SerializeToString()),
+        ("00000001", make_datum(image, 0, [0.5, 1.0]).SerializeToString()),
+    ]
+    write_lmdb(tmp_path / "db", records)
+    layer, top = data_layer(tmp_path / "db", 2)
+    with pytest.raises(DataError, match="record '00000001' has 2 targets, the first record had 0"):
+        layer.forward([], top)

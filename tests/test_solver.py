@@ -361,7 +361,7 @@ def test_multistep_advances_at_most_one_step_per_call():
     [
         ("", "unknown learning rate policy none"),
         ('lr_policy: "cosine"', "'cosine'"),
-        ('lr_policy: "exp" gamma: -1', "gamma >= 0"),
+        ('lr_policy: "exp" gamma: -1', "gamma is -1.0; it must be >= 0"),
         ('lr_policy: "step" gamma: 0.1', "stepsize > 0"),
         ('lr_policy: "fixed" regularization_type: "L3"', "regularization_type"),
     ],

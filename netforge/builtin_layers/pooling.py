@@ -85,6 +85,7 @@ class PoolingLayer(Layer):
             (p.kernel_size, p.kernel_size) if has("kernel_size") else (p.kernel_h, p.kernel_w)
         )
         self.stride = (p.stride_h, p.stride_w) if has("stride_h") else (p.stride, p.stride)
+        self.stride_param = self.stride
         self.pad = (p.pad_h, p.pad_w) if has("pad_h") else (p.pad, p.pad)
         self._divisors: dict[tuple[int, ...], Any] = {}
         if p.HasField("ceil_mode") and p.HasField("round_mode"):
@@ -116,14 +117,20 @@ class PoolingLayer(Layer):
             self.kernel = shape[2:]
         out = [
             _pool_extent(self, h, k, s, p, self.ceil)
-            for h, k, s, p in zip(shape[2:], self.kernel, self.stride, self.pad)
+            for h, k, s, p in zip(shape[2:], self.kernel, self.stride_param, self.pad)
         ]
         if any(self.pad):
             # The last window must start inside the image or its near padding.
             for d in range(2):
-                if (out[d] - 1) * self.stride[d] >= shape[2 + d] + self.pad[d]:
+                if (out[d] - 1) * self.stride_param[d] >= shape[2 + d] + self.pad[d]:
                     out[d] -= 1
         self.out = tuple(out)
+        # A stride past the padded plane leaves at most one more window, which reads nothing
+        # at any such stride: H + 2p + 1 gives the same outputs and keeps the buffers and
+        # phase loops sized by the input, not by a stride that may be near 2^31.
+        self.stride = tuple(
+            min(s, h + 2 * p + 1) for s, h, p in zip(self.stride_param, shape[2:], self.pad)
+        )
         self.geom = Geometry(tuple(self.kernel), self.stride, self.pad, (1, 1))
         for t in top:
             t.reshape(shape[:2] + self.out)

@@ -13,9 +13,10 @@ larger ones are read per batch by h5py slicing (sorted row indices when shuffled
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from netforge.data.sources import child_rng
 from netforge.errors import DataError
+from netforge.weights import refuse_links
 
 log = logging.getLogger("netforge")
 
@@ -37,9 +39,25 @@ def read_file_list(source: str | os.PathLike) -> list[str]:
         names = Path(source).read_text().split()
     except OSError as exc:
         raise DataError(f"cannot read HDF5 list file {source}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"HDF5 list file {source} is not text (byte {exc.start})") from None
     if not names:
         raise DataError(f"HDF5 list file {source} names no files")
     return names
+
+
+@contextlib.contextmanager
+def _damage_is_data_error(path: str) -> Iterator[None]:
+    """h5py reports a damaged file as OSError, RuntimeError, KeyError, ValueError... as the
+    damage is met; each means the same to the user: this file cannot be read."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"HDF5 file {path} is damaged ({type(exc).__name__}: {exc}); regenerate it"
+        ) from None
 
 
 class _Rows:
@@ -51,6 +69,12 @@ class _Rows:
             self.file = h5py.File(path, "r")
         except OSError as exc:
             raise DataError(f"cannot open HDF5 file {path}: {exc}") from None
+        with _damage_is_data_error(path):
+            self._open(names, memory_limit)
+
+    def _open(self, names: Sequence[str], memory_limit: int) -> None:
+        path = self.path
+        refuse_links(self.file, path)
         self.sets: list[Any] = []
         for name in names:
             if name not in self.file:
@@ -80,6 +104,10 @@ class _Rows:
     def take(self, index: np.ndarray) -> list[np.ndarray]:
         if isinstance(self.sets[0], np.ndarray):
             return [d[index] for d in self.sets]
+        with _damage_is_data_error(self.path):
+            return self._read(index)
+
+    def _read(self, index: np.ndarray) -> list[np.ndarray]:
         if (np.diff(index) == 1).all():
             rows = slice(int(index[0]), int(index[-1]) + 1)
             return [d[rows] for d in self.sets]

@@ -68,6 +68,10 @@ def read_list(path: str | os.PathLike) -> list[Entry]:
             lines = handle.read().splitlines()
     except OSError as exc:
         raise DataError(f"cannot read list file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"list file {path} is not UTF-8 text (byte {exc.start}); is it the right file?"
+        ) from None
     entries = [
         parse_line(line, f"{path}:{number}")
         for number, line in enumerate(lines, 1)

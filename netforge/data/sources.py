@@ -32,15 +32,18 @@ def child_rng(rng: np.random.Generator) -> np.random.Generator:
 
 
 def labels_of(records: Sequence[Record], num_targets: int, keys: Sequence[str], where: str):
-    """The label top of a batch: (N,) int labels as floats, or (N, T) targets."""
-    if not num_targets:
-        return np.array([r.label for r in records], dtype=np.float64)
+    """The label top of a batch: (N,) int labels as floats, or (N, T) targets.
+
+    ``num_targets`` is what the source's first record holds (0: a single label); every record
+    must agree, in either direction, or its targets would be dropped or misread silently."""
     for key, record in zip(keys, records):
         if len(record.targets) != num_targets:
             raise DataError(
                 f"{where}: record {key!r} has {len(record.targets)} targets, the first record "
                 f"had {num_targets}; every record must have the same number"
             )
+    if not num_targets:
+        return np.array([r.label for r in records], dtype=np.float64)
     return np.array([r.targets for r in records], dtype=np.float64)
 
 

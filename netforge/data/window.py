@@ -52,9 +52,12 @@ class Window:
 def read_window_file(path: str, root: str, fg: float, bg: float) -> tuple[list, list, list]:
     """(image paths, foreground windows, background windows) of a window file."""
     try:
-        tokens = open(path).read().split()
+        with open(path, encoding="utf-8") as handle:
+            tokens = handle.read().split()
     except OSError as exc:
         raise DataError(f"cannot read window file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"window file {path} is not text (byte {exc.start})") from None
     images: list[str] = []
     fgs: list[Window] = []
     bgs: list[Window] = []

@@ -15,6 +15,15 @@ from typing import Any
 
 from netforge.errors import ConfigError
 from netforge.solvers.base import Solver, register_solver
+from netforge.solvers.validate import check_unit_interval
+
+
+def _check_delta(solver: Solver) -> None:
+    """ε keeps the denominators above zero: 0 gives 0/0 wherever a gradient is 0."""
+    if not solver.param.delta > 0:
+        raise ConfigError(
+            f"{solver.source}: delta is {solver.param.delta}; it must be > 0 for {solver.type}"
+        )
 
 
 def _decay_into(history: Any, decay: float, update: Any) -> None:
@@ -33,6 +42,7 @@ class AdaGradSolver(Solver):
     def check_param(self) -> None:
         if self.param.momentum != 0:
             raise ConfigError(f"{self.source}: momentum cannot be used with AdaGrad; remove it")
+        _check_delta(self)
 
     def compute_update_value(
         self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
@@ -62,6 +72,7 @@ class RMSPropSolver(Solver):
             raise ConfigError(
                 f"{self.source}: rms_decay must be in [0, 1), got {self.param.rms_decay}"
             )
+        _check_delta(self)
 
     def compute_update_value(
         self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
@@ -82,6 +93,12 @@ class AdaDeltaSolver(Solver):
 
     type = "AdaDelta"
     history_sets = 2
+
+    def check_param(self) -> None:
+        check_unit_interval(
+            self.source, "momentum", self.param.momentum, closed=True, solver="AdaDelta"
+        )
+        _check_delta(self)
 
     def compute_update_value(
         self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float
@@ -109,6 +126,12 @@ class AdamSolver(Solver):
 
     type = "Adam"
     history_sets = 2
+
+    def check_param(self) -> None:
+        # β1 = 1 divides by 1 − β1ᵗ = 0; β2 > 1 takes the square root of a negative number.
+        check_unit_interval(self.source, "momentum", self.param.momentum, solver="Adam")
+        check_unit_interval(self.source, "momentum2", self.param.momentum2, solver="Adam")
+        _check_delta(self)
 
     def compute_update_value(
         self, grad: Any, history: tuple[Any, ...], scratch: tuple[Any, Any], local_rate: float

@@ -27,13 +27,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from netforge.backend import Backend, default_backend, mode_version, move_array, to_numpy
-from netforge.errors import ConfigError, DataError, DivergenceError
+from netforge.errors import ConfigError, DataError, DivergenceError, NetforgeError
 from netforge.process import default_rng
 from netforge.proto import pb
 from netforge.solvers import snapshot as snap
 from netforge.solvers.blocks import Block, BlockWork, ParamBlocks
 from netforge.solvers.lr_policy import check_policy, learning_rate
 from netforge.solvers.scoring import group_entries, score
+from netforge.solvers.validate import check_solver_fields
 from netforge.train_log import fmt, output_lines
 
 log = logging.getLogger("netforge")
@@ -144,10 +145,7 @@ class Solver:
     # -- set-up --------------------------------------------------------------------------
     def _check_param(self) -> None:
         param = self.param
-        if param.average_loss < 1:
-            raise ConfigError(f"{self.source}: average_loss must be >= 1")
-        if param.iter_size < 1:
-            raise ConfigError(f"{self.source}: iter_size must be >= 1")
+        check_solver_fields(param, self.source)
         if param.regularization_type not in ("L1", "L2"):
             raise ConfigError(
                 f"{self.source}: unknown regularization_type {param.regularization_type!r}; "
@@ -459,7 +457,9 @@ class Solver:
     # -- the update ----------------------------------------------------------------------
     def learning_rate(self) -> float:
         """The rate for the current iteration (updates ``current_step`` as Caffe does)."""
-        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        rate, self.current_step = learning_rate(
+            self.param, self.iter, self.current_step, self.source
+        )
         return rate
 
     def apply_update(self) -> None:
@@ -725,8 +725,18 @@ class Solver:
                     f"{path}: history blob {i} has shape {stored.shape}, the net's parameter "
                     f"needs {current.shape}; the snapshot belongs to a different net"
                 )
-        if state.learned_net:
-            self.net.copy_from(str(self._learned_net_path(state.learned_net, path)))
+        # The data cursors first, undone if they or the weights cannot be restored: a
+        # corrupt file then leaves the solver as it was.
+        nets = [self.net, *self.test_nets]
+        before = [net.layer_states() for net in nets]
+        try:
+            self._restore_layer_states(state.layer_states, path)
+            if state.learned_net:
+                self.net.copy_from(str(self._learned_net_path(state.learned_net, path)))
+        except BaseException:
+            for net, states in zip(nets, before, strict=True):
+                net.set_layer_states(states)
+            raise
         self.iter = state.iter
         self.current_step = state.current_step
         self.history = [
@@ -735,7 +745,6 @@ class Solver:
         ]
         if state.rng_state is not None:
             self.rng.bit_generator.state = json.loads(state.rng_state)
-        self._restore_layer_states(state.layer_states)
         log.info("%s: restoring history (iteration %d)", self.type, self.iter)
 
     @staticmethod
@@ -752,20 +761,32 @@ class Solver:
             "directory training ran in, or put the .caffemodel beside the .solverstate"
         )
 
-    def _restore_layer_states(self, entries: list[tuple[str, bytes]]) -> None:
+    def _restore_layer_states(
+        self, entries: list[tuple[str, bytes]], path: str | os.PathLike
+    ) -> None:
         if not entries:
             return
         per_net: list[list[tuple[str, bytes]]] = [[] for _ in range(len(self.test_nets) + 1)]
         for name, blob in entries:
             net_index = 0
-            if name.startswith(_TEST_PREFIX):
-                number, _, name = name[len(_TEST_PREFIX) :].partition(":")
-                net_index = int(number) + 1
+            found = snap.TEST_NAME.fullmatch(name)
+            if found:  # read_state checked that every "#test" name has this form
+                net_index, name = int(found.group(1)) + 1, found.group(2)
             if net_index < len(per_net):
                 per_net[net_index].append((name, blob))
         for net, states in zip([self.net, *self.test_nets], per_net, strict=True):
-            if states:
+            if not states:
+                continue
+            try:
                 net.set_layer_states(states)
+            except NetforgeError as exc:
+                raise DataError(f"{path}: {exc}") from None
+            except Exception as exc:  # each layer decodes its own state: any type can fail
+                raise DataError(
+                    f"{path}: the saved data-layer state is corrupt ({type(exc).__name__}: "
+                    f"{exc}); resume from another snapshot, or start from its weights with "
+                    "--weights"
+                ) from None
 
 
-_TEST_PREFIX = "#test"
+_TEST_PREFIX = snap.TEST_PREFIX

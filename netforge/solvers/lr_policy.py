@@ -39,14 +39,32 @@ def check_policy(param: pb.SolverParameter, source: str = "solver") -> None:
         raise ConfigError(f"{source}: lr_policy 'poly' needs max_iter > 0")
 
 
-def learning_rate(param: pb.SolverParameter, it: int, current_step: int) -> tuple[float, int]:
-    """Return ``(rate, current_step)`` for iteration ``it``.
+def learning_rate(
+    param: pb.SolverParameter, it: int, current_step: int, source: str = "solver"
+) -> tuple[float, int]:
+    """Return ``(rate, current_step)`` for iteration ``it``; a ConfigError naming ``source``
+    when the policy's formula gives no finite real rate there (an overflowing ``power``,
+    ``poly`` past ``max_iter``).
 
     ``current_step`` is Caffe's LR step counter: ``step`` recomputes it as ``it // stepsize``;
     ``multistep`` advances it by at most one per call when ``it`` has reached
     ``stepvalue[current_step]`` (and logs Caffe's "MultiStep Status" line), which is why it
     is saved in the solverstate. The other policies leave it unchanged.
     """
+    try:
+        rate, current_step = _rate(param, it, current_step)
+    except (OverflowError, ZeroDivisionError):
+        rate = math.inf
+    if isinstance(rate, complex) or not math.isfinite(rate):
+        raise ConfigError(
+            f"{source}: lr_policy {param.lr_policy!r} gives no finite learning rate at "
+            f"iteration {it} (base_lr {param.base_lr}, gamma {param.gamma}, power "
+            f"{param.power}); check these fields"
+        )
+    return float(rate), current_step
+
+
+def _rate(param: pb.SolverParameter, it: int, current_step: int) -> tuple[float | complex, int]:
     policy = param.lr_policy
     base_lr = param.base_lr
     gamma = param.gamma
@@ -72,4 +90,4 @@ def learning_rate(param: pb.SolverParameter, it: int, current_step: int) -> tupl
         rate = base_lr / (1.0 + math.exp(exponent)) if exponent < 700 else 0.0
     else:
         raise ConfigError(f"unknown learning rate policy {policy!r}")
-    return float(rate), current_step
+    return rate, current_step

@@ -13,9 +13,12 @@ Every file is written through a temporary file and a rename (``netforge.atomic``
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +26,7 @@ from netforge.atomic import atomic_path
 from netforge.errors import ConfigError, DataError
 from netforge.proto import pb
 from netforge.prototxt import read_binary, write_binary
-from netforge.weights import array_from_proto, array_to_proto
+from netforge.weights import array_to_proto, stored_blob
 
 MODEL_SUFFIXES = (".caffemodel", ".caffemodel.h5")
 
@@ -69,8 +72,44 @@ def read_state(path: str | os.PathLike) -> SolverSnapshot:
     if not Path(text).is_file():
         raise DataError(f"{text}: no such solver state file")
     if text.endswith(".h5"):
-        return _read_hdf5(text)
-    return _from_proto(read_binary(text, pb.SolverState))
+        state = _read_hdf5(text)
+    else:
+        state = _from_proto(read_binary(text, pb.SolverState), text)
+    _check(state, text)
+    return state
+
+
+def _check(state: SolverSnapshot, path: str) -> None:
+    """Every field's range: what a damaged or hand-edited file holds is refused here, by
+    name, rather than met later as a complex learning rate or an unopenable path."""
+    if state.iter < 0 or state.current_step < 0:
+        raise DataError(
+            f"{path}: iter {state.iter} and current_step {state.current_step} must be >= 0 "
+            "(the file is corrupt)"
+        )
+    net = state.learned_net
+    if net is not None and ("\0" in net or len(net.encode()) > _MAX_PATH):
+        raise DataError(f"{path}: its learned_net is not a usable path (the file is corrupt)")
+    if state.rng_state is not None:
+        try:
+            np.random.default_rng().bit_generator.state = json.loads(state.rng_state)
+        except Exception as exc:  # any malformed JSON or generator state: numpy raises many types
+            raise DataError(
+                f"{path}: its random generator state is corrupt ({type(exc).__name__}: {exc})"
+            ) from None
+    for index, values in enumerate(state.history):
+        if values.dtype.kind not in "fiu":
+            raise DataError(f"{path}: history blob {index} holds {values.dtype}, not numbers")
+    for name, _ in state.layer_states:
+        if name.startswith(TEST_PREFIX) and not TEST_NAME.fullmatch(name):
+            raise DataError(f"{path}: layer state name {name!r} is corrupt")
+
+
+#: The longest path Linux opens (PATH_MAX).
+_MAX_PATH = 4096
+#: Test nets' layer states are named ``#test<i>:<layer>``.
+TEST_PREFIX = "#test"
+TEST_NAME = re.compile(r"#test(\d{1,6}):(.*)", re.DOTALL)
 
 
 def _to_proto(state: SolverSnapshot) -> pb.SolverState:
@@ -86,16 +125,22 @@ def _to_proto(state: SolverSnapshot) -> pb.SolverState:
     return message
 
 
-def _from_proto(message: pb.SolverState) -> SolverSnapshot:
-    return SolverSnapshot(
-        iter=message.iter,
-        current_step=message.current_step,
-        learned_net=message.learned_net if message.HasField("learned_net") else None,
-        history=[array_from_proto(blob) for blob in message.history],
-        rng_state=message.rng_state if message.HasField("rng_state") else None,
-        layer_states=[(entry.layer, entry.state) for entry in message.layer_state],
-        solver_type=message.solver_type if message.HasField("solver_type") else None,
-    )
+def _from_proto(message: pb.SolverState, path: str) -> SolverSnapshot:
+    try:
+        return SolverSnapshot(
+            iter=message.iter,
+            current_step=message.current_step,
+            learned_net=message.learned_net if message.HasField("learned_net") else None,
+            history=[
+                stored_blob(blob, f"{path}: history blob {i}").data
+                for i, blob in enumerate(message.history)
+            ],
+            rng_state=message.rng_state if message.HasField("rng_state") else None,
+            layer_states=[(entry.layer, entry.state) for entry in message.layer_state],
+            solver_type=message.solver_type if message.HasField("solver_type") else None,
+        )
+    except (UnicodeDecodeError, ValueError) as exc:  # a string field that is not UTF-8
+        raise DataError(f"{path}: a text field is corrupt ({exc})") from None
 
 
 def _write_hdf5(path: str | os.PathLike, state: SolverSnapshot) -> None:
@@ -130,32 +175,43 @@ def _read_hdf5(path: str) -> SolverSnapshot:
 
     try:
         with h5py.File(path, "r") as handle:
-            if "iter" not in handle or "history" not in handle:
-                raise DataError(f"{path}: not a solver state (no 'iter' or 'history' in it)")
-            history_group = handle["history"]
-            # Caffe names the history datasets 0..n-1; read them in numeric order.
-            keys = sorted(history_group, key=int)
-            state = SolverSnapshot(
-                iter=int(np.asarray(handle["iter"][()]).ravel()[0]),
-                current_step=int(np.asarray(handle["current_step"][()]).ravel()[0])
-                if "current_step" in handle
-                else 0,
-                learned_net=_string(handle["learned_net"][()]) if "learned_net" in handle else None,
-                history=[np.asarray(history_group[key][()]) for key in keys],
-                rng_state=bytes(handle["rng_state"][()]) if "rng_state" in handle else None,
-                solver_type=(
-                    bytes(handle["solver_type"][()]).decode() if "solver_type" in handle else None
-                ),
-            )
-            if "layer_state" in handle:
-                group = handle["layer_state"]
-                names = [_string(name) for name in group["names"][()]]
-                state.layer_states = [
-                    (name, group[str(i)][()].tobytes()) for i, name in enumerate(names)
-                ]
-            return state
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the HDF5 solver state ({exc})") from None
+            return _hdf5_state(handle, path)
+    except DataError:
+        raise
+    except Exception as exc:  # h5py turns a damaged file into many types (OSError, KeyError,
+        # RuntimeError, TypeError...); every one means the same thing to the user.
+        raise DataError(
+            f"{path}: cannot read the HDF5 solver state ({type(exc).__name__}: {exc}); "
+            "the file is damaged or not a solver state"
+        ) from None
+
+
+def _hdf5_state(handle: Any, path: str) -> SolverSnapshot:
+    from netforge.weights import read_dataset, refuse_links
+
+    refuse_links(handle, path)
+    if "iter" not in handle or "history" not in handle:
+        raise DataError(f"{path}: not a solver state (no 'iter' or 'history' in it)")
+    history_group = handle["history"]
+    # Caffe names the history datasets 0..n-1; read them in numeric order.
+    keys = sorted(history_group, key=int)
+    state = SolverSnapshot(
+        iter=int(np.asarray(handle["iter"][()]).ravel()[0]),
+        current_step=int(np.asarray(handle["current_step"][()]).ravel()[0])
+        if "current_step" in handle
+        else 0,
+        learned_net=_string(handle["learned_net"][()]) if "learned_net" in handle else None,
+        history=[read_dataset(history_group[key], f"{path}: history {key}") for key in keys],
+        rng_state=bytes(handle["rng_state"][()]) if "rng_state" in handle else None,
+        solver_type=(
+            bytes(handle["solver_type"][()]).decode() if "solver_type" in handle else None
+        ),
+    )
+    if "layer_state" in handle:
+        group = handle["layer_state"]
+        names = [_string(name) for name in group["names"][()]]
+        state.layer_states = [(name, group[str(i)][()].tobytes()) for i, name in enumerate(names)]
+    return state
 
 
 def _string(value: object) -> str:

@@ -264,6 +264,8 @@ def read_json_manifest(path: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read zoo manifest {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); not a manifest") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
     return parse_manifest(data, path, path.resolve().parent.parent)
@@ -330,6 +332,8 @@ def read_caffe_model_dir(folder: str | Path) -> Manifest:
         text = readme.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {readme}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{readme}: not UTF-8 text (byte {exc.start})") from None
     front = parse_front_matter(text, str(readme))
     missing = [k for k in ("caffemodel", "caffemodel_url", "sha1") if k not in front]
     if missing:

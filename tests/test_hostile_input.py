@@ -1,0 +1,220 @@
+"""Regression tests of issue 19's classes of hostile input: each damaged or out-of-range file
+or field gives one NetforgeError naming the file (and the field, layer or bytes), and a
+refused file leaves the solver as it was."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from harness import run
+from test_solver import make_solver, solver_param
+
+from netforge.errors import ConfigError, DataError, ShapeError
+from netforge.memory import available_bytes
+from netforge.net import Net
+from netforge.proto import pb
+from netforge.prototxt import parse_text
+from netforge.solvers import get_solver
+from netforge.weights import read_mean, write_hdf5_weights
+
+
+# -- solverstate -----------------------------------------------------------------------------
+def _damaged_state(tmp_path: Path, edit) -> tuple[object, Path]:
+    solver = make_solver(tmp_path, "SGD")
+    solver.step(1)
+    message = pb.SolverState.FromString(solver.snapshot().read_bytes())
+    edit(message)
+    path = tmp_path / "damaged.solverstate"
+    path.write_bytes(message.SerializeToString())
+    return make_solver(tmp_path, "SGD"), path
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: setattr(m, "iter", -3), "iter -3 and current_step 0 must be >= 0"),
+        (lambda m: setattr(m, "learned_net", "x" * 5000), "learned_net is not a usable path"),
+        (lambda m: setattr(m, "learned_net", "a\0b"), "learned_net is not a usable path"),
+        (lambda m: setattr(m, "rng_state", b'{"state": '), "random generator state is corrupt"),
+        (lambda m: setattr(m, "rng_state", b"[1, 2]"), "random generator state is corrupt"),
+        (lambda m: m.layer_state[0].__setattr__("state", b"{}"), "data-layer state is corrupt"),
+        (lambda m: m.layer_state[0].__setattr__("state", b"\xff"), "data-layer state is corrupt"),
+        (lambda m: m.layer_state[0].__setattr__("layer", "#test:data"), "name '#test:data'"),
+    ],
+)
+def test_corrupt_solverstate_fields_are_data_errors_naming_the_file(tmp_path, edit, match):
+    solver, path = _damaged_state(tmp_path, edit)
+    weights = solver.net.params["innerprod"][0].data.copy()
+    cursor = solver.net.layer_states()
+    with pytest.raises(DataError, match=match) as info:
+        solver.restore(path)
+    assert str(path) in str(info.value)
+    # nothing was half-restored
+    assert solver.iter == 0
+    np.testing.assert_array_equal(solver.net.params["innerprod"][0].data, weights)
+    assert solver.net.layer_states() == cursor
+
+
+def test_non_utf8_text_in_binary_files_is_a_data_error(tmp_path):
+    state = pb.SolverState(iter=1, learned_net="abc").SerializeToString()
+    path = tmp_path / "bad.solverstate"
+    path.write_bytes(state.replace(b"abc", b"a\xffc"))
+    with pytest.raises(DataError, match="'learned_net' is not UTF-8"):
+        make_solver(tmp_path, "SGD").restore(path)
+    net = pb.NetParameter()
+    net.layer.add(name="ipx", type="InnerProduct")
+    model = tmp_path / "bad.caffemodel"
+    model.write_bytes(net.SerializeToString().replace(b"ipx", b"i\xfex"))
+    with pytest.raises(DataError, match=f"{model}: field 'name' is not UTF-8"):
+        make_solver(tmp_path, "SGD").net.copy_from(str(model))
+
+
+# -- caffemodel.h5 ---------------------------------------------------------------------------
+def _h5_model(tmp_path: Path, name: str = "m.caffemodel.h5") -> Path:
+    path = tmp_path / name
+    write_hdf5_weights(path, [("innerprod", [(0, np.zeros((1, 300)), None)])])
+    return path
+
+
+def test_hdf5_external_and_dangling_links_are_refused(tmp_path):
+    outside = _h5_model(tmp_path, "outside.h5")
+    path = _h5_model(tmp_path)
+    with h5py.File(path, "a") as handle:
+        handle["data/innerprod/1"] = h5py.ExternalLink(str(outside), "/data/innerprod/0")
+    net = make_solver(tmp_path, "SGD").net
+    with pytest.raises(DataError, match="is a link to another file"):
+        net.copy_from(str(path))
+    with h5py.File(path, "a") as handle:
+        del handle["data/innerprod/1"]
+        handle["data/innerprod/1"] = h5py.SoftLink("/nowhere")
+    with pytest.raises(DataError, match="'/nowhere', which does not exist"):
+        net.copy_from(str(path))
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda h: h["data"].create_dataset("conv", data=[1.0]), "'conv' is not a group"),
+        (lambda h: h["data/innerprod"].create_dataset("w", data=[1.0]), "'w' is not a blob"),
+        (lambda h: h["data/innerprod"].create_dataset("1", data=[b"x"]), "array of numbers"),
+    ],
+)
+def test_malformed_hdf5_weights_are_data_errors(tmp_path, damage, match):
+    path = _h5_model(tmp_path)
+    with h5py.File(path, "a") as handle:
+        damage(handle)
+    with pytest.raises(DataError, match=match):
+        make_solver(tmp_path, "SGD").net.copy_from(str(path))
+
+
+def test_damaged_hdf5_file_is_a_data_error(tmp_path):
+    path = _h5_model(tmp_path)
+    data = bytearray(path.read_bytes())
+    # the B-tree and heap signatures hold the group structure: damage them
+    for signature in (b"TREE", b"HEAP", b"SNOD"):
+        at = data.find(signature)
+        if at >= 0:
+            data[at : at + 4] = b"XXXX"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=str(path)):
+        make_solver(tmp_path, "SGD").net.copy_from(str(path))
+
+
+# -- mean ------------------------------------------------------------------------------------
+def test_mean_with_no_image_is_a_shape_error(tmp_path):
+    blob = pb.BlobProto(num=0, channels=3, height=2, width=2)
+    path = tmp_path / "empty.binaryproto"
+    path.write_bytes(blob.SerializeToString())
+    with pytest.raises(ShapeError, match=f"{path}: a mean must be a non-empty"):
+        read_mean(path)
+
+
+# -- solver fields ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "solver_type, settings, match",
+    [
+        ("SGD", 'snapshot_prefix: "a\\000b" snapshot: 1', "snapshot_prefix .* without NUL"),
+        ("SGD", 'lr_policy: "inv" gamma: 0.1 power: -1e38', "no finite learning rate"),
+        ("SGD", "base_lr: nan", "base_lr is nan; it must be a finite number"),
+        ("SGD", "weight_decay: -1", "weight_decay is -1.0; it must be >= 0"),
+        ("SGD", "max_iter: -5", "max_iter is -5"),
+        ("SGD", "stepvalue: 5 stepvalue: 2", "stepvalue #1 is 2"),
+        ("Adam", "momentum2: 2", "momentum2 is 2.0; it must be in \\[0, 1\\) for Adam"),
+        ("Adam", "momentum: 1", "momentum is 1.0; it must be in \\[0, 1\\) for Adam"),
+        ("AdaDelta", "momentum: 1.5", "momentum is 1.5; it must be in \\[0, 1\\] for AdaDelta"),
+        ("RMSProp", "delta: 0", "delta is 0.0; it must be > 0 for RMSProp"),
+    ],
+)
+def test_out_of_range_solver_fields_name_the_file_and_field(tmp_path, solver_type, settings, match):
+    param = solver_param(tmp_path, solver_type, settings)
+    with pytest.raises(ConfigError, match=match) as info:
+        solver = get_solver(param, source="my_solver.prototxt")
+        solver.step(2)
+    assert str(info.value).startswith("my_solver.prototxt: ")
+
+
+def test_poly_past_max_iter_is_a_config_error_not_a_complex_rate(tmp_path):
+    param = solver_param(tmp_path, "SGD", 'lr_policy: "poly" power: 0.5 max_iter: 1')
+    solver = get_solver(param, source="s.prototxt")
+    solver.step(2)  # iterations 0 and 1: rates 0.01 and 0
+    with pytest.raises(ConfigError, match="s.prototxt: lr_policy 'poly' gives no finite"):
+        solver.step(1)
+
+
+# -- sizes -----------------------------------------------------------------------------------
+def test_pooling_stride_near_2_31_is_fast_and_equals_any_stride_past_the_plane():
+    x = np.random.default_rng(0).normal(size=(2, 3, 7, 9))
+    layer = 'name: "p" type: "Pooling" pooling_param {{ pool: {} kernel_size: 3 stride: {} }}'
+    for pool in ("MAX", "AVE"):
+        start = time.perf_counter()
+        huge = run(layer.format(pool, 2**31 - 1), [x])
+        assert time.perf_counter() - start < 5
+        for a, b in zip(huge, run(layer.format(pool, 10), [x]), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert huge[0].shape == (2, 3, 2, 2)  # CEIL: a second, empty window per axis
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        'layer { name: "big" type: "InnerProduct" bottom: "data" top: "ip" '
+        "inner_product_param { num_output: 2147483647 } }",
+        'layer { name: "big" type: "Convolution" bottom: "data" top: "c" '
+        "convolution_param { num_output: 65536 kernel_size: 1 } }",
+    ],
+)
+def test_a_net_larger_than_memory_names_the_layer_and_bytes(layer):
+    text = (
+        'layer { name: "data" type: "Input" top: "data" '
+        "input_param { shape { dim: 64 dim: 3 dim: 512 dim: 512 } } }" + layer
+    )
+    with pytest.raises(ShapeError, match=r"layer 'big' .*would need [\d,]+ bytes") as info:
+        Net(parse_text(text, pb.NetParameter), pb.TEST)
+    needed = int(str(info.value).split("would need ")[1].split(" bytes")[0].replace(",", ""))
+    assert needed > available_bytes()
+
+
+def test_input_dims_near_2_31_are_a_shape_error_before_allocation():
+    text = (
+        'layer { name: "data" type: "Input" top: "data" '
+        "input_param { shape { dim: 2147483647 dim: 2147483647 } } }"
+    )
+    with pytest.raises(ShapeError, match="layer 'data' .*would need 18,446,744,") as info:
+        Net(parse_text(text, pb.NetParameter), pb.TEST)
+    assert "MiB" in str(info.value) or "TiB" in str(info.value)
+
+
+def test_solver_state_json_fields_round_trip(tmp_path):
+    # the checks accept what netforge writes
+    solver = make_solver(tmp_path, "SGD")
+    solver.step(2)
+    path = solver.snapshot()
+    resumed = make_solver(tmp_path, "SGD")
+    resumed.restore(path)
+    assert resumed.iter == 2
+    assert json.loads(pb.SolverState.FromString(path.read_bytes()).rng_state)
