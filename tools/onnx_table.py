@@ -6,6 +6,8 @@ layer; random weights from ``netforge.export.onnx_check.random_weights``, as non
 Each is exported with a dynamic batch and run at batch 1 and 3; a model matches when every
 output is within 1e-4 of the largest output (at least 1). Then both are timed at
 ``--time-batch`` (the best of ``--repeats`` runs) and the table gives milliseconds per image.
+Two more columns say how far each float32 forward is from netforge's float64 forward of
+the same weights: the float32 rounding both share in deep nets.
 
     python tools/onnx_table.py                      # everything (minutes)
     python tools/onnx_table.py --only digits --repeats 1   # a quick check
@@ -25,9 +27,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from netforge.backend import to_numpy  # noqa: E402
 from netforge.errors import NetforgeError  # noqa: E402
 from netforge.export import net_to_onnx  # noqa: E402
-from netforge.export.onnx_check import compare, random_weights  # noqa: E402
+from netforge.export.onnx_check import compare, random_weights, session  # noqa: E402
 from netforge.graph import filter_net  # noqa: E402
 from netforge.net import Net  # noqa: E402
 from netforge.proto import pb  # noqa: E402
@@ -69,6 +72,37 @@ def models(only: str | None) -> list[tuple[str, Path, Path | None, Path | None]]
     return [m for m in found if only is None or only in m[0]]
 
 
+def float64_errors(net: Net, prototxt: Path, model, threads: int | None) -> tuple[float, float]:
+    """How far ONNX Runtime and netforge's float32 forward each are from netforge's float64
+    forward of the same weights on one standard normal batch-1 input (relative to the
+    largest output, at least 1): the size of float32 rounding in this model."""
+    exact = Net(prototxt, phase=pb.TEST, dtype=np.float64)
+    inputs = {}
+    rng = np.random.default_rng(11)
+    for twin in (net, exact):
+        for name in twin.inputs:
+            twin.blobs[name].reshape((1, *net.blobs[name].shape[1:]))
+        twin.reshape()
+    for mine, theirs in zip(net.layers, exact.layers):
+        for blob, twin in zip(mine.blobs, theirs.blobs):
+            twin.data[...] = to_numpy(blob.data)
+    for name in net.inputs:
+        inputs[name] = rng.standard_normal(net.blobs[name].shape).astype(np.float32)
+        net.blobs[name].data[...] = inputs[name]
+        exact.blobs[name].data[...] = inputs[name]
+    net.forward()
+    exact.forward()
+    sess = session(model, threads)
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(names, inputs)))
+    peak = max(1.0, max(float(np.abs(exact.blobs[n].data).max()) for n in names))
+
+    def worst(values) -> float:
+        return max(float(np.abs(values[n] - exact.blobs[n].data).max()) for n in names) / peak
+
+    return worst(got), worst({n: to_numpy(net.blobs[n].data) for n in names})
+
+
 def run(name, prototxt, weights, image, args) -> dict:
     """Export and compare one model; returns its table row."""
     net = Net(prototxt, phase=pb.TEST, weights=weights)
@@ -83,6 +117,9 @@ def run(name, prototxt, weights, image, args) -> dict:
     results = compare(net, model, (1, 3), threads=args.threads)
     timed = compare(net, model, (args.time_batch,), repeats=args.repeats, threads=args.threads)
     worst = max(r.relative for r in results)
+    ort_f64 = net_f64 = float("nan")
+    if args.float64:
+        ort_f64, net_f64 = float64_errors(net, prototxt, model, args.threads)
     ops = sorted({node.op_type for node in model.graph.node})
     return {
         "model": name,
@@ -90,6 +127,8 @@ def run(name, prototxt, weights, image, args) -> dict:
         "ops": " ".join(ops),
         "diff": worst,
         "ok": worst <= TOLERANCE,
+        "ort_f64": ort_f64,
+        "net_f64": net_f64,
         "onnx_ms": timed[0].onnx_seconds * 1e3,
         "netforge_ms": timed[0].netforge_seconds * 1e3,
         "export_s": export_s,
@@ -104,25 +143,33 @@ def main() -> int:
     parser.add_argument("--time-batch", type=int, default=8, help="batch size for timing")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
     parser.add_argument("--fold-batchnorm", action="store_true", help="export folded")
+    parser.add_argument(
+        "--float64",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure both against netforge's float64 forward (batch 1)",
+    )
     args = parser.parse_args()
     rows, failures = [], 0
     print(
         "| model | weights | ONNX operators | max diff / max output (batch 1, 3) | "
-        f"ORT ms/image | netforge ms/image | netforge/ORT | export s |\n|{'---|' * 8}",
+        "ORT vs float64 | netforge vs float64 | "
+        f"ORT ms/image | netforge ms/image | netforge/ORT | export s |\n|{'---|' * 10}",
         flush=True,
     )
     for name, prototxt, weights, image in models(args.only):
         try:
             row = run(name, prototxt, weights, image, args)
         except NetforgeError as exc:
-            print(f"| {name} | | FAILED: {exc} | | | | | |", flush=True)
+            print(f"| {name} | | FAILED: {exc} | | | | | | | |", flush=True)
             failures += 1
             continue
         rows.append(row)
         failures += not row["ok"]
         print(
             f"| {row['model']} | {row['weights']} | {row['ops']} | {row['diff']:.1e}"
-            f"{'' if row['ok'] else ' MISMATCH'} | {row['onnx_ms']:.2f} | "
+            f"{'' if row['ok'] else ' MISMATCH'} | {row['ort_f64']:.1e} | {row['net_f64']:.1e} | "
+            f"{row['onnx_ms']:.2f} | "
             f"{row['netforge_ms']:.2f} | {row['netforge_ms'] / row['onnx_ms']:.2f} | "
             f"{row['export_s']:.1f} |",
             flush=True,
