@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from typing import Any
@@ -121,6 +121,13 @@ class Net(PycaffeNetMethods):
         self.force_backward = param.force_backward
         self.debug_info = param.debug_info
         self._allow_python = allow_python_layers
+        #: pycaffe's per-layer callbacks (``before_forward``...), called with a layer index.
+        self._hooks: dict[str, list[Callable[[int], Any]]] = {
+            "before_forward": [],
+            "after_forward": [],
+            "before_backward": [],
+            "after_backward": [],
+        }
         built = insert_splits(filter_net(param, param.state))
         try:
             self._build(built)
@@ -437,7 +444,10 @@ class Net(PycaffeNetMethods):
         if self._follows_mode:
             self.follow_mode()
         loss = 0.0  # a device scalar once a loss is added: one host sync, at the end
+        before, after = self._hooks["before_forward"], self._hooks["after_forward"]
         for i in range(start, end + 1):
+            for hook in before:
+                hook(i)
             layer = self.layers[i]
             bottom, top = self._blobs_of(self.layer_bottoms[i]), self._blobs_of(self.layer_tops[i])
             try:
@@ -449,6 +459,8 @@ class Net(PycaffeNetMethods):
                 loss = loss + weight * blob.data.sum()
             if self.debug_info:
                 self._log_forward(i)
+            for hook in after:
+                hook(i)
         return float(loss)
 
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
@@ -456,10 +468,15 @@ class Net(PycaffeNetMethods):
         start = len(self.layers) - 1 if start is None else start
         if self._follows_mode:
             self.follow_mode()
+        before, after = self._hooks["before_backward"], self._hooks["after_backward"]
         for i in range(start, end - 1, -1):
+            for hook in before:
+                hook(i)
             for blob, weight in self._layer_loss[i]:
                 blob.diff.fill(weight)
             if not self.layer_need_backward[i]:
+                for hook in after:  # Caffe calls them for every layer of the pass
+                    hook(i)
                 continue
             layer = self.layers[i]
             if self._stale_slots:
@@ -478,8 +495,30 @@ class Net(PycaffeNetMethods):
                 self.param_diff_bounds[slot] += bound
             if self.debug_info:
                 self._log_backward(i)
+            for hook in after:
+                hook(i)
         if end == 0:
             self.zero_stale_param_diffs()
+
+    def before_forward(self, callback: Callable[[int], Any]) -> None:
+        """Call ``callback(i)`` before layer ``i``'s forward (pycaffe's
+        ``net.before_forward``; likewise ``after_forward``, ``before_backward`` and
+        ``after_backward``). Each layer of a pass is reported in the pass's order, those
+        that skip backward included, as in Caffe."""
+        self._hooks["before_forward"].append(callback)
+
+    def after_forward(self, callback: Callable[[int], Any]) -> None:
+        """Call ``callback(i)`` after layer ``i``'s forward (see ``before_forward``)."""
+        self._hooks["after_forward"].append(callback)
+
+    def before_backward(self, callback: Callable[[int], Any]) -> None:
+        """Call ``callback(i)`` before layer ``i``'s backward (see ``before_forward``)."""
+        self._hooks["before_backward"].append(callback)
+
+    def after_backward(self, callback: Callable[[int], Any]) -> None:
+        """Call ``callback(i)`` after layer ``i``'s backward (see ``before_forward``): where
+        data-parallel training starts the all-reduce of the gradients that are complete."""
+        self._hooks["after_backward"].append(callback)
 
     def mark_param_diffs_stale(self) -> None:
         """Caffe's ClearParamDiffs without a pass over memory: declare that no learnable
@@ -820,6 +859,7 @@ def _log_connections(layer: str, bottoms: Sequence[str], tops: Sequence[str]) ->
 
 def _fmt(value: float) -> str:
     return f"{float(value):.6g}"
+
 
 def _path_fields(layer: pb.LayerParameter) -> list[str]:
     """The file and folder paths a layer's parameters name (sources, means, roots)."""

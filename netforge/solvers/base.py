@@ -140,6 +140,9 @@ class Solver:
         #: The last update left the gradients in the diffs and the steps in history set
         #: ``step_history``.
         self._steps_owed = False
+        #: The ``netforge.parallel.DataParallel`` keeping this solver in step with the other
+        #: ranks of a data-parallel run, or None when it trains alone.
+        self.parallel: Any = None
         log.info("Solver scaffolding done.")
 
     # -- set-up --------------------------------------------------------------------------
@@ -155,7 +158,10 @@ class Solver:
         self.check_param()
         if param.snapshot > 0 or param.snapshot_after_train:
             # Caffe aborts when the prefix's folder is missing; netforge creates it.
-            probe = Path(snap.snapshot_filename(param.snapshot_prefix, 0, ".tempfile"))
+            # The process id keeps the probes of the ranks of a data-parallel run apart.
+            probe = Path(
+                snap.snapshot_filename(param.snapshot_prefix, 0, f".{os.getpid()}.tempfile")
+            )
             try:
                 probe.parent.mkdir(parents=True, exist_ok=True)
                 probe.touch()
@@ -268,14 +274,24 @@ class Solver:
         if frozen:
             log.info("Freezing layers (lr_mult 0): %s", ", ".join(frozen))
 
+    @property
+    def is_root(self) -> bool:
+        """Whether this solver tests, snapshots and reports: always, except on the ranks
+        other than 0 of a data-parallel run (Caffe's ``Caffe::root_solver()``)."""
+        return self.parallel is None or self.parallel.rank == 0
+
     # -- pycaffe surface -----------------------------------------------------------------
     def add_callback(
         self,
-        on_start: Callable[[], None] | None = None,
+        on_start: Any = None,
         on_gradients_ready: Callable[[], None] | None = None,
     ) -> None:
         """Call ``on_start`` before each iteration's passes and ``on_gradients_ready``
-        before each update (pycaffe's ``solver.add_callback``)."""
+        before each update (pycaffe's ``solver.add_callback``). A single object with
+        ``on_start`` and ``on_gradients_ready`` attributes (pycaffe's ``NCCL``, Caffe's
+        ``Solver::Callback``) registers both."""
+        if on_gradients_ready is None and hasattr(on_start, "on_gradients_ready"):
+            on_start, on_gradients_ready = on_start.on_start, on_start.on_gradients_ready
         self.callbacks.append((on_start, on_gradients_ready))
 
     def set_action_function(self, function: Callable[[], str]) -> None:
@@ -284,6 +300,8 @@ class Solver:
         self.action_function = function
 
     def _requested_action(self) -> str:
+        if self.parallel is not None:
+            return self.parallel.take_action()  # the ranks agree on it before the update
         return self.action_function() if self.action_function else "none"
 
     def solve(self, resume_file: str | os.PathLike | None = None) -> None:
@@ -309,7 +327,8 @@ class Solver:
             loss = self.net.forward_loss()
             self._update_smoothed_loss(loss, start_iter)
             log.info("Iteration %d, loss = %s", self.iter, fmt(self._smoothed_loss))
-        if self.param.test_interval and self.iter % self.param.test_interval == 0:
+        test_interval = self.param.test_interval
+        if test_interval and self.iter % test_interval == 0 and self.is_root:
             self.test_all()
         log.info("Optimization Done.")
 
@@ -336,11 +355,12 @@ class Solver:
                 param.test_interval
                 and self.iter % param.test_interval == 0
                 and (self.iter > 0 or param.test_initialization)
+                and self.is_root
             ):
                 self.test_all()
                 if self.requested_early_exit:
                     break
-            if self.callbacks:
+            if any(on_start for on_start, _ in self.callbacks):
                 net.zero_stale_param_diffs()  # what Caffe's callbacks see: zeros
             for on_start, _ in self.callbacks:
                 if on_start:
@@ -355,8 +375,6 @@ class Solver:
                     loss += net.forward_backward()
             loss /= param.iter_size
             self.loss = loss
-            if not self.allow_nonfinite:
-                self._check_finite(loss)
             self._update_smoothed_loss(loss, start_iter)
             if display:
                 lapse = time.perf_counter() - timer
@@ -376,6 +394,10 @@ class Solver:
             for _, on_gradients_ready in self.callbacks:
                 if on_gradients_ready:
                     on_gradients_ready()
+            # After the callbacks: in a data-parallel run they sum the gradients (and the
+            # loss) over the ranks, so every rank checks the same values.
+            if not self.allow_nonfinite:
+                self._check_finite(self.loss)
             # An iteration follows in this call, with no snapshot in between: the steps
             # need not be copied into the diffs for it.
             follows = self.iter + 1 < stop_iter and not (
@@ -442,15 +464,17 @@ class Solver:
             probe = float(sum(sums))
         if math.isfinite(probe):
             return
-        where = self.net.first_nonfinite()
+        parallel = self.parallel
+        where = self.net.first_nonfinite() if parallel is None else parallel.first_nonfinite()
         if where is None:
             return
-        layer, blob, kind = where
+        layer, blob, kind = where[:3]
+        on_rank = f" on rank {where[3]}" if parallel is not None else ""
         path = self.snapshot()
         raise DivergenceError(
             f"training diverged at iteration {self.iter}: loss = {fmt(loss)}; the first "
-            f"non-finite value is in the {kind} of blob {blob!r} (layer {layer!r}); the last "
-            f"good state is saved as {path} (lower base_lr, set clip_gradients, or pass "
+            f"non-finite value is in the {kind} of blob {blob!r} (layer {layer!r}){on_rank}; "
+            f"the last good state is saved as {path} (lower base_lr, set clip_gradients, or pass "
             "--allow-nonfinite to carry on as Caffe does)"
         )
 
@@ -508,7 +532,9 @@ class Solver:
         xp = self.xp
         local_rates = [rate * lr_mult for lr_mult in net.params_lr]
         local_decays = [param.weight_decay * mult for mult in net.params_weight_decay]
-        normalize = 1.0 / param.iter_size if param.iter_size > 1 else None
+        # A data-parallel run's diffs hold the sum over its ranks: divide by their count too.
+        divisor = param.iter_size * (self.parallel.size if self.parallel else 1)
+        normalize = 1.0 / divisor if divisor > 1 else None
         decay_type_l2 = param.regularization_type == "L2"
         # With debug_info the [Update] lines show the weights before the step, so the step
         # is subtracted afterwards; otherwise while the block is still in the cache.
@@ -570,7 +596,8 @@ class Solver:
             return
         xp = self.xp
         sumsq = sum(xp.vdot(b.diff.ravel(), b.diff.ravel()) for b in self.net.learnable_params)
-        norm = math.sqrt(float(sumsq))
+        # Caffe clips the mean over the ranks of a data-parallel run; the diffs hold the sum.
+        norm = math.sqrt(float(sumsq)) / (self.parallel.size if self.parallel else 1)
         if norm > clip:
             scale = clip / norm
             log.info(
@@ -658,21 +685,24 @@ class Solver:
     # -- snapshots -----------------------------------------------------------------------
     def snapshot(self) -> Path:
         """Write ``<prefix>_iter_<it>.caffemodel[.h5]`` and ``.solverstate[.h5]``; returns the
-        solverstate's path. Each file appears whole or not at all."""
+        solverstate's path. Each file appears whole or not at all. On the ranks other than 0
+        of a data-parallel run nothing is written (rank 0 writes the run's snapshot)."""
         self._settle_steps()
         param = self.param
         hdf5 = param.snapshot_format == pb.SolverParameter.HDF5
         suffix = ".h5" if hdf5 else ""
         model = snap.snapshot_filename(param.snapshot_prefix, self.iter, ".caffemodel" + suffix)
+        state_path = snap.snapshot_filename(
+            param.snapshot_prefix, self.iter, ".solverstate" + suffix
+        )
+        if not self.is_root:
+            return Path(state_path)
         if hdf5:
             log.info("Snapshotting to HDF5 file %s", model)
             self.net.save_hdf5(model, write_diff=param.snapshot_diff)
         else:
             log.info("Snapshotting to binary proto file %s", model)
             self.net.save(model, write_diff=param.snapshot_diff)
-        state_path = snap.snapshot_filename(
-            param.snapshot_prefix, self.iter, ".solverstate" + suffix
-        )
         kind = "HDF5" if hdf5 else "binary proto"
         log.info("Snapshotting solver state to %s file %s", kind, state_path)
         snap.write_state(state_path, self.state(model))
