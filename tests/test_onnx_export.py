@@ -529,3 +529,28 @@ def test_cli_refuses_a_python_layer_before_running_it(tmp_path: Path, capsys) ->
     code = main(["export", "onnx", "--model", str(deploy), "--weights", str(weights)])
     assert code == 2
     assert "layer 'py' (Python) runs user code" in capsys.readouterr().err
+
+
+def test_cli_takes_zoo_weights_and_names_the_output_after_them(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    deploy = Path(__file__).resolve().parents[1] / "models" / "digits" / "deploy.prototxt"
+    net = Net(deploy, phase=pb.TEST)
+    random_weights(net, 6)
+    weights = tmp_path / "downloaded.caffemodel"
+    net.save(weights)
+    asked = []
+
+    def fetch_weights(name: str) -> Path:
+        asked.append(name)
+        return weights
+
+    import netforge.zoo
+
+    monkeypatch.setattr(netforge.zoo, "fetch_weights", fetch_weights)
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "onnx", "--model", str(deploy), "--weights", "zoo:digits"]) == 0
+    assert asked == ["digits"]
+    assert "wrote digits.onnx" in capsys.readouterr().out
+    for result in compare(net, str(tmp_path / "digits.onnx"), (1,), threads=1):
+        assert result.relative <= TOLERANCE
