@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -59,9 +60,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    """The loopback server, silent when a client hangs up mid-response: the timeout and
+    dropped-connection tests do that on purpose, and socketserver would print a
+    BrokenPipeError or ConnectionResetError traceback into the test output."""
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
+
+
+def test_server_is_quiet_on_hang_ups_only(capsys):
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    try:
+        for error in (BrokenPipeError, ConnectionResetError, ValueError):
+            try:
+                raise error("client went away")
+            except error:
+                httpd.handle_error(None, ("127.0.0.1", 1))
+    finally:
+        httpd.server_close()
+    err = capsys.readouterr().err
+    assert "ValueError" in err and "BrokenPipeError" not in err and "ConnectionReset" not in err
+
+
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
     httpd.files, httpd.modes, httpd.requests = {}, {}, []
     httpd.dropped = False
     httpd.release = threading.Event()
@@ -163,6 +189,20 @@ def test_404_is_a_network_error_naming_the_status(server, tmp_path):
     with pytest.raises(NetworkError, match="HTTP 404"):
         dl.download_file(entry_for(server.url + "/missing"), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_download_leaves_no_empty_folder(server, tmp_path):
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(NetworkError):
+        dl.download_file(entry_for(server.url + "/missing"), tmp_path / "cache/zoo/model")
+    assert list(tmp_path.iterdir()) == [tmp_path / "cache"]
+    assert list((tmp_path / "cache").iterdir()) == []
+    # a partial download is kept for the next attempt to resume, and its folder with it
+    server.files["/m"] = PAYLOAD
+    server.modes["/m"] = "drop"
+    with pytest.raises(NetworkError, match="dropped"):
+        dl.download_file(entry_for(server.url + "/m"), tmp_path / "cache/zoo/model")
+    assert (tmp_path / "cache/zoo/model/model.caffemodel.part").stat().st_size > 0
 
 
 def test_dropped_connection_resumes_automatically(server, tmp_path):

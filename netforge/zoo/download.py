@@ -189,10 +189,27 @@ def download_file(
     checked against the manifest's size and checksums, and only then renamed to
     ``<name>``. A file that fails the check is deleted and the next mirror tried.
     Raises ``ChecksumError`` when a mirror served wrong bytes and none served right
-    ones, ``NetworkError`` when no mirror could be reached.
+    ones, ``NetworkError`` when no mirror could be reached; the folders this call created
+    are removed again when they are left empty.
     """
     folder = Path(folder)
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download(entry, folder, timeout, progress)
+    except BaseException:
+        # A failed download must not leave an empty model folder in the cache; a resumable
+        # .part (or another file) keeps it, and its parents, where they are.
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _download(entry: ZooFile, folder: Path, timeout: float, progress: ProgressFn | None) -> Path:
+    """download_file's work, in a folder that exists."""
     target = _safe_target(folder, entry.name)
     part = target.with_name(target.name + ".part")
     if target.exists():
