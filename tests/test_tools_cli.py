@@ -296,3 +296,17 @@ def test_missing_absolute_data_path_has_no_working_directory_note(
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("netforge: err")]
     assert "layer 'h5' (HDF5Data)" in line and str(net) in line and str(source) in line
     assert "working directory" not in line
+
+
+def test_readme_documents_every_exit_code() -> None:
+    import netforge.errors as errors
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented = readme[readme.index("Exit status:") :].split("\n\n")[0]
+    codes = {
+        cls.exit_code
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.NetforgeError)
+    }
+    for code in sorted(codes | {130}):
+        assert f" {code} " in documented.replace("\n", " "), code
