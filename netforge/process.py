@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 
+from netforge.backend import import_cupy
 from netforge.errors import DeviceError
 from netforge.layer import registered_types
+from netforge.parallel import world
+from netforge.parallel.comm import NCCLCommunicator, nccl_module, new_nccl_uid
+from netforge.parallel.data_parallel import DataParallel
 
 log_ = logging.getLogger("netforge")
 
@@ -23,9 +28,6 @@ _GLOG_LEVELS = {0: logging.INFO, 1: logging.WARNING, 2: logging.ERROR, 3: loggin
 # Caffe's global generator: None until set_random_seed, then shared by every net and solver
 # built afterwards without a generator or a random_seed of their own.
 _seeded: dict[str, np.random.Generator | None] = {"rng": None}
-
-# Caffe's solver_count / solver_rank / multiprocess globals.
-_solvers = {"count": 1, "rank": 0, "multiprocess": False}
 
 
 def layer_type_list() -> list[str]:
@@ -91,52 +93,67 @@ class Timer:
 
 def solver_count() -> int:
     """The number of solvers training together (1: one process, one device)."""
-    return _solvers["count"]
+    return world.world().count
 
 
 def set_solver_count(count: int) -> None:
-    """Declare how many solvers train together (Caffe's ``Caffe::set_solver_count``)."""
-    _solvers["count"] = int(count)
+    """Declare how many solvers train together (Caffe's ``Caffe::set_solver_count``); nets
+    built afterwards take their share of the training records (``netforge.parallel``)."""
+    world.set_count(count)
 
 
 def solver_rank() -> int:
     """This process's rank among the solvers (0 for the root solver)."""
-    return _solvers["rank"]
+    return world.world().rank
 
 
 def set_solver_rank(rank: int) -> None:
     """Set this process's rank among the solvers (Caffe's ``Caffe::set_solver_rank``)."""
-    _solvers["rank"] = int(rank)
+    world.set_rank(rank)
 
 
 def set_multiprocess(multiprocess: bool) -> None:
-    """Declare that the solvers run in separate processes (Caffe's ``set_multiprocess``)."""
-    _solvers["multiprocess"] = bool(multiprocess)
+    """Declare that the solvers run in separate processes (Caffe's ``set_multiprocess``);
+    netforge's always do, one per process."""
+    world.set_multiprocess(multiprocess)
 
 
 def has_nccl() -> bool:
-    """Whether multi-GPU training through NCCL is available: not in this netforge version,
-    which trains on one device (``caffe.has_nccl()`` is False on Caffe builds without it)."""
-    return False
+    """Whether multi-GPU training through NCCL is available: cupy with its NCCL binding
+    and a GPU (``caffe.has_nccl()``)."""
+    try:
+        import_cupy()
+        nccl_module()
+    except DeviceError:
+        return False
+    return True
 
 
-_NCCL_MESSAGE = (
-    "multi-GPU training with NCCL is not available in this netforge version "
-    "(netforge.has_nccl() is False); train on one GPU or the CPU"
-)
+class NCCL(DataParallel):
+    """Caffe's ``NCCL(solver, uid)``: keeps this process's GPU solver in step with the other
+    ``solver_count()`` processes given the same ``uid`` (see ``netforge.parallel``), as
+    BVLC's ``python/train.py`` uses it: ``nccl.bcast()``, ``solver.add_callback(nccl)`` and,
+    with ``layer_wise_reduce``, ``solver.net.after_backward(nccl)``.
 
+    Call ``set_solver_count``/``set_solver_rank`` before building the solver, so its data
+    layers take this rank's share of the records. CPU solvers train data-parallel over MPI
+    instead: ``mpiexec -n N netforge train``, or ``netforge.parallel.DataParallel(solver,
+    MPICommunicator())`` under mpiexec."""
 
-class NCCL:
-    """Caffe's ``NCCL(solver, uid)``: gradient exchange between GPU solvers. netforge trains
-    on one device, so building one raises a DeviceError, as Caffe builds without NCCL do."""
-
-    def __init__(self, solver: object, uid: bytes) -> None:
-        raise DeviceError(_NCCL_MESSAGE)
+    def __init__(self, solver: Any, uid: bytes) -> None:
+        device = solver.backend.device_id
+        if device < 0:
+            raise DeviceError(
+                "NCCL runs between GPU solvers; this solver is on the CPU (train CPU "
+                "processes over MPI: mpiexec -n N netforge train --solver S)"
+            )
+        current = world.world()
+        super().__init__(solver, NCCLCommunicator(uid, current.rank, current.count, device))
 
     @staticmethod
     def new_uid() -> bytes:
-        """A new NCCL communicator id; raises a DeviceError (no NCCL here)."""
-        raise DeviceError(_NCCL_MESSAGE)
+        """A new NCCL communicator id, to hand to every rank's ``NCCL`` (pickles)."""
+        return new_nccl_uid()
 
 
 __all__ = [

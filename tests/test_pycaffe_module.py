@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
+import netforge
 import netforge as caffe
 from netforge import backend as nb
 from netforge.errors import DataError, DeviceError, ShapeError
@@ -119,15 +121,19 @@ def test_solver_count_rank_and_nccl() -> None:
         caffe.set_solver_rank(3)
         caffe.set_multiprocess(True)
         assert (caffe.solver_count(), caffe.solver_rank()) == (4, 3)
+        # The world the data layers of nets built now shard their records by.
+        assert tuple(netforge.parallel.world.world()) == (3, 4)
     finally:
         caffe.set_solver_count(1)
         caffe.set_solver_rank(0)
         caffe.set_multiprocess(False)
-    assert caffe.has_nccl() is False
-    with pytest.raises(DeviceError, match="NCCL"):
-        caffe.NCCL.new_uid()
-    with pytest.raises(DeviceError, match="one GPU or the CPU"):
-        caffe.NCCL(None, b"")
+    if caffe.has_nccl():
+        assert len(caffe.NCCL.new_uid()) == 128  # ncclUniqueId's bytes
+    else:
+        with pytest.raises(DeviceError, match="NCCL through cupy"):
+            caffe.NCCL.new_uid()
+    with pytest.raises(DeviceError, match="this solver is on the CPU"):
+        caffe.NCCL(SimpleNamespace(backend=netforge.backend.CPU), b"")
 
 
 # -- Net ----------------------------------------------------------------------------------

@@ -12,6 +12,5 @@ Nothing here imports mpi4py or cupy until a communicator is opened.
 
 from netforge.parallel.comm import Communicator, MPICommunicator, NCCLCommunicator
 from netforge.parallel.data_parallel import DataParallel
-from netforge.parallel.world import world
 
-__all__ = ["Communicator", "DataParallel", "MPICommunicator", "NCCLCommunicator", "world"]
+__all__ = ["Communicator", "DataParallel", "MPICommunicator", "NCCLCommunicator"]
