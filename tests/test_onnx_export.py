@@ -554,3 +554,12 @@ def test_cli_takes_zoo_weights_and_names_the_output_after_them(
     assert "wrote digits.onnx" in capsys.readouterr().out
     for result in compare(net, str(tmp_path / "digits.onnx"), (1,), threads=1):
         assert result.relative <= TOLERANCE
+
+
+def test_inner_product_over_axis_0_is_static_only() -> None:
+    body = layer("ip", "InnerProduct", "x", "y", "inner_product_param { num_output: 3 axis: 0 }")
+    net = build(body, {"x": (2, 4)})
+    for result in compare(net, net_to_onnx(net), (2,), threads=1):
+        assert result.relative <= TOLERANCE and result.max_output > 0
+    with pytest.raises(ConfigError, match="fixes the batch size"):
+        net_to_onnx(net, dynamic_batch=True)

@@ -10,6 +10,7 @@ Two more columns say how far each float32 forward is from netforge's float64 for
 the same weights: the float32 rounding both share in deep nets.
 
     python tools/onnx_table.py                      # everything (minutes)
+    python tools/onnx_table.py --only caffenet,googlenet   # the two timed in the notes
     python tools/onnx_table.py --only digits --repeats 1   # a quick check
 
 Needs the ``test`` extra (onnx, onnxruntime). Exits 1 if any model fails to match.
@@ -69,7 +70,8 @@ def models(only: str | None) -> list[tuple[str, Path, Path | None, Path | None]]
     for path in sorted((REPO / "models").rglob("*.prototxt")):
         if _is_deploy(path):
             found.append((str(path.relative_to(REPO / "models")), path, None, None))
-    return [m for m in found if only is None or only in m[0]]
+    wanted = only.split(",") if only else None
+    return [m for m in found if wanted is None or any(w in m[0] for w in wanted)]
 
 
 def float64_errors(net: Net, prototxt: Path, model, threads: int | None) -> tuple[float, float]:
@@ -138,7 +140,9 @@ def run(name, prototxt, weights, image, args) -> dict:
 def main() -> int:
     """Run the models and print the table (Markdown)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="run only models whose name contains this")
+    parser.add_argument(
+        "--only", help="run only models whose name contains one of these (comma-separated)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (best is kept)")
     parser.add_argument("--time-batch", type=int, default=8, help="batch size for timing")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")

@@ -68,7 +68,7 @@ def converts(*types: str) -> Callable[[Converter], Converter]:
     return decorate
 
 
-def batch_target(g: OnnxGraph, out: Sequence[int], copied: Sequence[int], inferred: int | None):
+def batch_target(out: Sequence[int], copied: Sequence[int], inferred: int | None) -> list[int]:
     """A Reshape target for the static shape ``out``.
 
     ``copied``: output axes that keep the input's dimension at the same position (written
@@ -116,7 +116,7 @@ def inner_product(g: OnnxGraph, site: Site) -> list[str]:
         if layer.bias_term:
             inputs.append(g.const(site.blob(1), f"{hint}/bias"))
         return [g.node("Gemm", inputs, hint, transB=0 if layer.transpose else 1)]
-    target = batch_target(g, [*site.bottom_shapes[0][:axis], layer.k], range(axis), None)
+    target = batch_target([*site.bottom_shapes[0][:axis], layer.k], range(axis), None)
     if axis == 0:
         target = [1, layer.k]
     check_batch(g, site, target)
@@ -193,7 +193,7 @@ def argmax(g: OnnxGraph, site: Site) -> list[str]:
     if layer.has_axis:
         axis = layer.axis
     else:
-        target = batch_target(g, [shape[0], math.prod(shape[1:])], [0], None)
+        target = batch_target([shape[0], math.prod(shape[1:])], [0], None)
         x, axis = g.reshape(x, target, f"{hint}/flat"), 1
     size = shape[axis] if layer.has_axis else math.prod(shape[1:])
     bounds = [g.ints([-1], f"{hint}/start"), g.ints([-(2**63)], f"{hint}/end")]
@@ -216,7 +216,7 @@ def argmax(g: OnnxGraph, site: Site) -> list[str]:
     y = rows[0] if len(rows) == 1 else g.node("Concat", rows, hint, axis=1)
     out = site.top_shapes[0]
     if len(out) > 3:
-        y = g.reshape(y, batch_target(g, out, [0, 1, 2], None), hint)
+        y = g.reshape(y, batch_target(out, [0, 1, 2], None), hint)
     return [y]
 
 
@@ -279,7 +279,7 @@ def flatten(g: OnnxGraph, site: Site) -> list[str]:
     out, inp = site.top_shapes[0], site.bottom_shapes[0]
     p = site.layer.layer_param.flatten_param
     start = p.axis % len(inp)
-    target = batch_target(g, out, range(start), start)
+    target = batch_target(out, range(start), start)
     check_batch(g, site, target)
     return [g.reshape(site.inputs[0], target, site.hint)]
 
@@ -294,7 +294,7 @@ def reshape(g: OnnxGraph, site: Site) -> list[str]:
     dims = site.layer.dims
     copied = [*range(start), *(start + i for i, d in enumerate(dims) if d == 0)]
     inferred = start + dims.index(-1) if -1 in dims else None
-    target = batch_target(g, out, copied, inferred)
+    target = batch_target(out, copied, inferred)
     check_batch(g, site, target)
     return [g.reshape(site.inputs[0], target, site.hint)]
 

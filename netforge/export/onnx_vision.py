@@ -253,7 +253,7 @@ def mvn(g: OnnxGraph, site: Site) -> list[str]:
     layer, x, hint = site.layer, site.inputs[0], site.hint
     shape = site.bottom_shapes[0]
     if len(shape) < 4:
-        x = g.reshape(x, batch_target(g, site.top_shapes[0], range(len(shape)), None), hint)
+        x = g.reshape(x, batch_target(site.top_shapes[0], range(len(shape)), None), hint)
     axes = [1, 2, 3] if layer.across_channels else [2, 3]
     mean = g.reduce("ReduceMean", x, axes, f"{hint}/mean", keepdims=1)
     y = g.node("Sub", [x, mean], f"{hint}/centred")
@@ -279,7 +279,7 @@ def _operand(g: OnnxGraph, site: Site, param: Any, blob_index: int) -> str:
     if target == list(other):
         return site.inputs[1]
     copied = [0] if axis == 0 and other else []
-    return g.reshape(site.inputs[1], batch_target(g, target, copied, None), f"{site.hint}/operand")
+    return g.reshape(site.inputs[1], batch_target(target, copied, None), f"{site.hint}/operand")
 
 
 @converts("Scale")
