@@ -262,9 +262,13 @@ def test_interrupted_conversion_leaves_the_committed_records(tmp_path, monkeypat
 
     with pytest.raises(KeyboardInterrupt):
         conv.convert_imageset(tmp_path, tmp_path / "list.txt", tmp_path / "db", progress=interrupt)
-    reader = nfdb.Reader(tmp_path / "db")
-    assert reader.size == 3  # the first commit survived; the half-done batch did not
-    assert [k for k, _ in reader][-1] == b"00000002_img 2.png"
+    # nothing under the final name (issue 19); the first commit survived in the staging
+    # database, the half-done batch did not
+    assert not (tmp_path / "db").exists()
+    staged = lmdb.open(str(nfdb.staging_path(tmp_path / "db")), readonly=True, lock=False)
+    with staged.begin() as txn:
+        assert [k for k, _ in txn.cursor()] == [f"{i:08d}_img {i}.png".encode() for i in range(3)]
+    staged.close()
 
 
 def test_lmdb_map_grows_when_full(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ or a non-integer one, go to ``Datum.targets`` (LMDB) or to a (N, T) ``label`` da
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from netforge.data.datum import (
     parse_datum,
     read_image,
 )
-from netforge.data.db import open_reader, open_writer
+from netforge.data.db import INCOMPLETE, last_key, open_reader, open_writer, staging_path
 from netforge.data.hdf5 import write_hdf5
 from netforge.data.listfile import Entry, read_list
 from netforge.data.pipeline import decode_map
@@ -68,11 +69,12 @@ def _decoded(
     decode: Callable[[str, Entry], Any],
     summary: Summary,
     progress: Callable[[int], None] | None,
+    first: int = 0,
 ) -> Iterator[tuple[int, Entry, Any]]:
     """``(index, entry, decode(path under root, entry))`` in list order, decoded ``CHUNK``
     entries at a time on the decoding pool. An entry whose decode raises a DataError (an
     unreadable or corrupt file) is logged, listed in ``summary.skipped`` and left out;
-    ``progress(n)`` is called after each chunk."""
+    ``progress(n)`` is called after each chunk. Entries before ``first`` are left out."""
 
     def attempt(item: tuple[int, Entry]) -> tuple[int, Entry, Any]:
         index, entry = item
@@ -81,7 +83,7 @@ def _decoded(
         except DataError as exc:
             return index, entry, exc
 
-    for start in range(0, len(entries), CHUNK):
+    for start in range(first, len(entries), CHUNK):
         chunk = entries[start : start + CHUNK]
         for index, entry, value in decode_map(attempt, enumerate(chunk, start)):
             if isinstance(value, DataError):
@@ -150,20 +152,47 @@ def convert_imageset(
     Keys are the 8-digit line index (after shuffling) + "_" + the listed path, values the
     Datum (raw uint8 C×H×W BGR, or the encoded file). Resizing happens only when both sizes
     are > 0. Unreadable or corrupt images are logged, skipped and listed in the summary.
-    Records are committed every 1000, so an interrupted conversion leaves a valid database
-    of the records committed so far. ``progress(n)`` is called as images are processed.
+    ``progress(n)`` is called as images are processed.
+
+    The records go to ``<db>.incomplete``, which holds a marker file (``db.INCOMPLETE``)
+    until the last record is committed and is then renamed to ``db``: a killed conversion
+    never leaves a database under the final name, readers refuse the incomplete one, and
+    running the same conversion again resumes after its last committed record (a shuffled
+    list is shuffled alike: the marker keeps the seed).
     """
-    entries = _entries(root, list_file, shuffle, seed)
+    final = Path(db)
+    if final.exists():
+        raise DataError(f"{final} already exists; remove it or choose another name")
+    staging = staging_path(final)
+    options = {
+        "root": os.path.abspath(root),
+        "list_file": os.path.abspath(list_file),
+        "gray": gray,
+        "shuffle": shuffle,
+        "backend": backend,
+        "resize": [resize_height, resize_width],
+        "check_size": check_size,
+        "encoded": encoded,
+        "encode_type": encode_type,
+        "seed": seed,
+    }
+    entries = _entries(root, list_file, False, None)
+    first = _resume_point(staging, options, backend)
+    if shuffle:
+        order = np.random.default_rng(options["seed"]).permutation(len(entries))
+        entries = [entries[i] for i in order]
     size = _resize(resize_height, resize_width)
-    summary = Summary(outputs=[Path(db)])
+    summary = Summary(outputs=[final])
     data_size = None
+    if first and progress is not None:
+        progress(first)
 
     def one(path: str, entry: Entry) -> bytes:
         encoding = _encoding_of(entry.path, encoded, encode_type)
         return datum_for(path, entry, color=not gray, size=size, encoding=encoding)
 
-    with open_writer(db, backend, batch=COMMIT_EVERY) as writer:
-        for index, entry, value in _decoded(root, entries, one, summary, progress):
+    with open_writer(staging, backend, batch=COMMIT_EVERY, resume=True) as writer:
+        for index, entry, value in _decoded(root, entries, one, summary, progress, first):
             if check_size:
                 length = len(parse_datum(value, entry.path).data)
                 if data_size is None:
@@ -175,7 +204,42 @@ def convert_imageset(
                     )
             writer.put(f"{index:08d}_{entry.path}", value)
             summary.written += 1
+    (staging / INCOMPLETE).unlink()
+    os.replace(staging, final)
     return summary
+
+
+def _resume_point(staging: Path, options: dict[str, Any], backend: str) -> int:
+    """The index of the first entry a conversion into ``staging`` still has to write: 0 for
+    a new one (whose marker is written here), or one past the last committed record of an
+    interrupted one with the same options. Fills ``options["seed"]`` with the seed a
+    shuffled conversion uses."""
+    marker = staging / INCOMPLETE
+    if not marker.exists():
+        if staging.exists():
+            raise DataError(f"{staging} is in the way of the conversion; remove it")
+        if options["shuffle"] and options["seed"] is None:
+            # Drawn and kept, so that a resumed run shuffles alike.
+            options["seed"] = int(np.random.SeedSequence().entropy % 2**63)
+        staging.mkdir(parents=True)
+        marker.write_text(json.dumps(options))
+        return 0
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{marker}: unreadable ({exc}); remove {staging} to start over") from None
+    if options["seed"] is None and options["shuffle"]:
+        options["seed"] = recorded.get("seed")
+    if recorded != options:
+        changed = sorted(k for k in options if recorded.get(k) != options[k])
+        raise DataError(
+            f"{staging} holds an interrupted conversion with other settings ({', '.join(changed)}"
+            f"); run it again with the same arguments to resume it, or remove {staging}"
+        )
+    key = last_key(staging, backend)
+    first = int(key[:8]) + 1 if key else 0
+    log.info("resuming the interrupted conversion in %s at list entry %d", staging, first)
+    return first
 
 
 def convert_hdf5(

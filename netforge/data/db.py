@@ -27,6 +27,52 @@ from netforge.proto import pb
 
 #: initial map size of a new database; it doubles whenever a commit finds it full.
 INITIAL_MAP_SIZE = 1 << 26
+#: The file a conversion keeps inside its database until the last record is written: the
+#: database is then renamed from ``<name>.incomplete`` to ``<name>``. Neither LMDB nor LevelDB
+#: (nor Caffe) reads other files in a database folder.
+INCOMPLETE = "netforge-incomplete.json"
+
+
+def staging_path(path: str | os.PathLike) -> Path:
+    """Where a conversion into ``path`` writes until it is complete."""
+    return Path(f"{os.fspath(path)}.incomplete")
+
+
+def check_complete(source: str | os.PathLike) -> None:
+    """Raise a DataError for a database whose conversion was interrupted (a kill -9 leaves
+    a valid database holding only the records committed so far)."""
+    path = Path(source)
+    again = "rerun netforge convert imageset with the same arguments to finish it"
+    if (path / INCOMPLETE).exists():
+        raise DataError(f"{source} is an interrupted conversion, not a whole database; {again}")
+    staged = staging_path(path)
+    if not path.exists() and (staged / INCOMPLETE).exists():
+        raise DataError(
+            f"{source} does not exist: its conversion was interrupted, and what it wrote is in "
+            f"{staged}; {again}"
+        )
+
+
+def last_key(path: str | os.PathLike, backend: int | str = "lmdb") -> bytes | None:
+    """The greatest key of the database at ``path`` (None when it is empty)."""
+    if backend_name(backend, str(path)) == "leveldb":
+        import plyvel
+
+        db = plyvel.DB(str(path), create_if_missing=False)
+        try:
+            return next(db.iterator(reverse=True, include_value=False), None)
+        finally:
+            db.close()
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False)
+    except lmdb.Error as exc:
+        raise DataError(f"cannot open LMDB database {path}: {exc}") from None
+    try:
+        with env.begin() as txn:
+            cursor = txn.cursor()
+            return cursor.key() if cursor.last() else None
+    finally:
+        env.close()
 
 
 def backend_name(backend: int | str, source: str) -> str:
@@ -55,13 +101,16 @@ def open_reader(source: str | os.PathLike, backend: int | str = "lmdb") -> Any:
     return Reader(source)
 
 
-def open_writer(path: str | os.PathLike, backend: int | str = "lmdb", batch: int = 1000) -> Any:
-    """A Writer creating ``path`` in the given backend (see ``Writer`` for the interface)."""
+def open_writer(
+    path: str | os.PathLike, backend: int | str = "lmdb", batch: int = 1000, resume: bool = False
+) -> Any:
+    """A Writer creating ``path`` in the given backend (see ``Writer`` for the interface);
+    with ``resume``, adding to the database already there."""
     if backend_name(backend, str(path)) == "leveldb":
         from netforge.data.leveldb import LevelDBWriter
 
-        return LevelDBWriter(path, batch)
-    return Writer(path, batch)
+        return LevelDBWriter(path, batch, resume=resume)
+    return Writer(path, batch, resume=resume)
 
 
 class Reader:
@@ -70,6 +119,7 @@ class Reader:
     def __init__(self, source: str | os.PathLike) -> None:
         self.source = str(source)
         path = Path(source)
+        check_complete(path)
         if not (path / "data.mdb").is_file():
             raise DataError(
                 f"cannot open LMDB database {self.source}: "
@@ -200,12 +250,14 @@ class BatchedWriter(abc.ABC):
 class Writer(BatchedWriter):
     """Create an LMDB database and add records, committing every ``batch`` puts.
 
-    The directory must not exist yet or be empty (Caffe refuses to overwrite a database).
+    The directory must not exist yet or be empty (Caffe refuses to overwrite a database),
+    unless ``resume`` adds to the database there.
     """
 
-    def __init__(self, path: str | os.PathLike, batch: int = 1000) -> None:
+    def __init__(self, path: str | os.PathLike, batch: int = 1000, resume: bool = False) -> None:
         super().__init__(path, batch)
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+        exists = self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir()))
+        if exists and not resume:
             raise DataError(f"{self.path} already exists; remove it or choose another name")
         try:
             self.env = lmdb.open(str(self.path), map_size=INITIAL_MAP_SIZE, subdir=True)

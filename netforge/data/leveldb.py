@@ -14,7 +14,7 @@ from pathlib import Path
 
 import plyvel
 
-from netforge.data.db import BatchedWriter
+from netforge.data.db import BatchedWriter, check_complete
 from netforge.errors import DataError
 
 _shared: dict[Path, list] = {}
@@ -26,6 +26,7 @@ class LevelDBReader:
 
     def __init__(self, source: str | os.PathLike) -> None:
         self.source = str(source)
+        check_complete(source)
         self.path = Path(source).resolve()
         with _lock:
             if self.path in _shared:
@@ -75,13 +76,13 @@ class LevelDBReader:
 class LevelDBWriter(BatchedWriter):
     """Create a LevelDB database and add records, writing every ``batch`` puts at once."""
 
-    def __init__(self, path: str | os.PathLike, batch: int = 1000) -> None:
+    def __init__(self, path: str | os.PathLike, batch: int = 1000, resume: bool = False) -> None:
         super().__init__(path, batch)
         try:
             self.db = plyvel.DB(
                 str(self.path),
                 create_if_missing=True,
-                error_if_exists=True,
+                error_if_exists=not resume,
                 block_size=1 << 16,
                 write_buffer_size=1 << 28,
                 max_open_files=100,
