@@ -4,10 +4,13 @@ small net and solver those tests share with their one-process references.
 ``python parallel_worker.py OUT DATA ITER_SIZE BUCKET_BYTES TYPE [TYPE...]``: for each solver
 type, trains ``STEPS`` iterations on this rank's share of DATA's records with the gradients
 all-reduced over MPI.COMM_WORLD, and rank 0 saves the learned parameters to OUT/TYPE.npz.
+With ``PARALLEL_WORKER_GPU=1`` every rank trains on GPU 0 (the MPI path of ranks that share
+a GPU: the gradients make a round trip through host memory).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -74,6 +77,7 @@ def solver_text(listing: Path, solver_type: str, iter_size: int, **extra: object
 
 
 def main(argv: list[str]) -> None:
+    from netforge.backend import CPU, gpu
     from netforge.parallel import DataParallel, MPICommunicator
     from netforge.parallel.world import set_world
     from netforge.proto import pb
@@ -82,11 +86,12 @@ def main(argv: list[str]) -> None:
 
     out, listing, iter_size, bucket = Path(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3])
     comm = MPICommunicator(timeout=60)
+    on_gpu = bool(os.environ.get("PARALLEL_WORKER_GPU"))
     try:
         for solver_type in argv[4:]:
             set_world(comm.rank, comm.size)  # before the nets are built: data layers shard
             param = parse_text(solver_text(listing, solver_type, iter_size), pb.SolverParameter)
-            solver = get_solver(param)
+            solver = get_solver(param, backend=gpu(0) if on_gpu else CPU)
             DataParallel(solver, comm, bucket_bytes=bucket).attach().broadcast()
             solver.step(STEPS)
             if comm.rank == 0:
