@@ -151,7 +151,9 @@ def extract_features(
         for _ in range(num_batches):
             net.forward()
             for sink in sinks:
-                sink.write(to_numpy(net.blobs[sink.output.blob].data))
+                features = to_numpy(net.blobs[sink.output.blob].data)
+                # A scalar blob (a loss, an accuracy) is one sample, as Caffe's num() says.
+                sink.write(features.reshape(1) if features.ndim == 0 else features)
             if progress is not None:
                 progress(1)
     finally:

@@ -134,6 +134,8 @@ class Net(PycaffeNetMethods):
         except DataError as exc:
             # A data layer's file is missing or unreadable: say which layer of which
             # prototxt asked for it (self.layers holds the layers built before it).
+            if len(self.layers) >= len(built.layer):
+                raise
             raise _in_layer(exc, built.layer[len(self.layers)], self.source) from None
         if weights is not None:
             from netforge.weights import resolve_weights

@@ -86,9 +86,8 @@ def plot_chart(
     format follows the file's extension (PNG, SVG, or any other matplotlib writes)."""
     data = [chart_data(chart_type, path) for path in log_paths]
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: never open a window (Caffe's script did)
+        # A bare Figure, not pyplot: it writes files only, never opens a window (Caffe's
+        # script did) and leaves the caller's matplotlib backend alone.
         from matplotlib.figure import Figure
     except ImportError:
         raise ConfigError(f"netforge plot needs matplotlib: {INSTALL_HINT}") from None

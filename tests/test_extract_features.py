@@ -24,6 +24,7 @@ layer {{ name: "data" type: "HDF5Data" top: "data" top: "targets"
 layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
         inner_product_param {{ num_output: 2 weight_filler {{ type: "gaussian" std: 0.1 }}
                                bias_filler {{ type: "gaussian" std: 1.0 }} }} }}
+layer {{ name: "sum" type: "Reduction" bottom: "ip" top: "total" }}
 """
 
 
@@ -122,6 +123,13 @@ def test_extract_to_hdf5_caffe_positional_gpu_arguments_absent(
     with h5py.File(target) as f:
         assert f["ip"].shape == (8, 2) and f["ip"].dtype == np.float32
         np.testing.assert_allclose(f["ip"][...], ip, rtol=1e-5, atol=1e-5)
+    # a scalar blob is one record per batch (Caffe's num() of a 0-axis blob is 1)
+    total = tmp_path / "total_db"
+    argv_total = ["extract-features", str(weights), str(prototxt), "total", str(total), "2"]
+    assert main(argv_total) == 0
+    sums = [list(d.float_data) for _, d in _records(total)]
+    np.testing.assert_allclose(sums, ip.reshape(2, -1).sum(axis=1, keepdims=True), rtol=1e-5)
+    assert [(d.channels, d.height, d.width) for _, d in _records(total)] == [(1, 1, 1)] * 2
     # an existing output is never overwritten
     assert main([*argv, "CPU"]) == DataError.exit_code
 

@@ -187,7 +187,8 @@ def test_plot_without_matplotlib_says_what_to_install(
 ) -> None:
     log = tmp_path / "lenet.log"
     log.write_text(CAFFE_LOG)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for module in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, module, None)
     assert main(["plot", "0", str(tmp_path / "a.png"), str(log)]) == ConfigError.exit_code
     assert "pip install 'netforge[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
