@@ -59,6 +59,14 @@ def test_caffe_single_dash_flags_become_click_options() -> None:
         "x",
     ]
     assert _argv(["upgrade", "net", "-h"]) == ["upgrade", "net", "-h"]
+    # a script's own arguments are its own
+    assert _argv(["pycaffe", "s.py", "-gpu", "0", "-help"]) == [
+        "pycaffe",
+        "s.py",
+        "-gpu",
+        "0",
+        "-help",
+    ]
 
 
 def test_unknown_single_dash_flag_is_one_click_error() -> None:

@@ -92,6 +92,11 @@ def caffe_argv(command: click.Command, args: list[str], ctx: click.Context) -> l
                 sub = command.get_command(ctx, token)
                 if sub is not None:
                     return out + [token] + caffe_argv(sub, args[i + 1 :], ctx)
+            # A command that takes no options after its first argument (netforge pycaffe
+            # SCRIPT ARGS...) hands the rest to someone else: leave it as typed.
+            settings = command.context_settings
+            if not settings.get("allow_interspersed_args", command.allow_interspersed_args):
+                return out + args[i:]
             out.append(token)
             i += 1
             continue
