@@ -480,6 +480,7 @@ def test_net_to_onnx_writes_the_file(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     model = net.to_onnx(path, opset=15)
     assert onnx.load(path) == model
+    onnx.checker.check_model(str(path), full_check=True)
     assert model.opset_import[0].version == 15
 
 
