@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -232,6 +233,26 @@ def test_mpiexec_train_and_resume_on_another_rank_count(tmp_path):
     assert_same([np.asarray(p.data) for p in one.net.learnable_params], final)
 
 
+def test_only_rank_0_writes_snapshots_and_tests(tmp_path):
+    listing = worker.write_data(tmp_path)
+    prefix = f'"{tmp_path / "snap" / "run"}"'
+    text = worker.solver_text(listing, "SGD", 1, snapshot_prefix=prefix)
+    text += " test_iter: 1 test_interval: 1"
+    solver = get_solver(parse_text(text, pb.SolverParameter))
+    tested = []
+    solver.test = tested.append
+    solver.parallel = SimpleNamespace(rank=1, size=1, take_action=lambda: "none")
+    assert not solver.is_root
+    path = solver.snapshot()
+    assert path.name == "run_iter_0.solverstate"
+    assert not list((tmp_path / "snap").iterdir())  # the folder is the prefix check's
+    solver.test_all = lambda: tested.append("all")
+    solver.step(2)
+    assert tested == []  # rank 1 never tests
+    solver.parallel = None
+    assert solver.is_root and solver.snapshot().is_file()
+
+
 # -- faults ---------------------------------------------------------------------------------
 
 FAULT_LAYER = '''
@@ -309,7 +330,8 @@ def test_a_divergence_on_one_rank_stops_all_and_names_it(tmp_path):
     assert len(lines) == 1, result.stderr  # rank 0 reports it for both
     assert "diverged at iteration 2" in lines[0]
     assert "blob 'faulty' (layer 'fault') on rank 1" in lines[0]
-    assert (tmp_path / "snap" / "run_iter_2.solverstate").is_file()
+    # Rank 0 alone saved the last good state (one solverstate, not one per rank).
+    assert len(list((tmp_path / "snap").glob("*.solverstate"))) == 1
 
 
 LATE_RANK = """

@@ -175,12 +175,14 @@ class _MPIPending(Pending):
         if timeout is None:
             self.request.Wait()
             return
-        # Test() also drives the transfer; the clock is read only every few thousand polls.
+        # Test() also drives the transfer; the clock is read only every few thousand polls,
+        # and the core is offered to others then (ranks may outnumber cores, as in CI).
         deadline = time.monotonic() + timeout
         while not self.request.Test():
             for _ in range(2000):
                 if self.request.Test():
                     return
+            os.sched_yield()
             if time.monotonic() > deadline:
                 raise ParallelError(
                     f"rank {self.comm.rank} of {self.comm.size}: no answer from the other "
