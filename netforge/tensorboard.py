@@ -6,7 +6,8 @@ by hand. ``TensorBoardWriter`` has the interface of ``netforge.train_log.Metrics
 iteration:
 
 - ``train/loss`` (the smoothed loss Caffe displays), ``train/lr``, ``train/data_wait`` and
-  ``train/<output>`` for each train net output;
+  ``train/output/<output>`` for each train net output (its own folder: an output is often
+  named ``loss`` too);
 - ``test<i>/<output>`` for each output of test net ``i`` and, with ``test_compute_loss``,
   ``test<i>/total_loss``.
 
@@ -58,7 +59,7 @@ class TensorBoardWriter:
         self._last_time, self._last_wait = now, wait
         scalars = [("train/loss", float(loss)), ("train/lr", float(lr))]
         scalars.append(("train/data_wait", min(max(share, 0.0), 1.0)))
-        for tag, value in scalars + _scalars("train", outputs):
+        for tag, value in scalars + _scalars("train/output", outputs):
             self._writer.add_scalar(tag, value, iteration)
         self._writer.flush()
 

@@ -37,11 +37,11 @@ layer {{ name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "targets" top: 
 """
 
 
-def _events(folder: Path) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} from the TFRecord event files in ``folder``."""
+def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value), ...] from the TFRecord event files in ``folder``."""
     from tensorboardX.proto import event_pb2
 
-    scalars: dict[str, dict[int, float]] = {}
+    scalars: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(folder.glob("events.out.tfevents.*")):
         data = path.read_bytes()
         at = 0
@@ -52,7 +52,7 @@ def _events(folder: Path) -> dict[str, dict[int, float]]:
             event = event_pb2.Event()
             event.ParseFromString(record)
             for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
 
 
@@ -72,12 +72,19 @@ def test_tensorboard_events_hold_the_metrics(solver: Path, tmp_path: Path) -> No
     ]
     train = [r for r in records if "test_net" not in r]
     test = [r for r in records if "test_net" in r]
-    scalars = _events(tmp_path / "tb")
+    events = _events(tmp_path / "tb")
+    # one value per tag and step: no two scalars share a tag (an output named "loss" must not
+    # land on the smoothed loss's tag)
+    assert all(len({step for step, _ in e}) == len(e) for e in events.values())
+    scalars = {tag: dict(e) for tag, e in events.items()}
     assert scalars["train/loss"] == pytest.approx({r["iteration"]: r["loss"] for r in train})
     # step policy: 0.01 until iteration 4, then halved
     assert scalars["train/lr"] == pytest.approx({0: 0.01, 2: 0.01, 4: 0.005, 6: 0.005})
     assert scalars["train/lr"] == pytest.approx({r["iteration"]: r["lr"] for r in train})
     assert scalars["train/loss"].keys() == scalars["train/data_wait"].keys()
+    assert scalars["train/output/loss"] == pytest.approx(
+        {r["iteration"]: r["outputs"]["loss"] for r in train}
+    )
     assert scalars["test0/loss"] == pytest.approx(
         {r["iteration"]: r["outputs"]["loss"] for r in test}
     )
