@@ -5,6 +5,7 @@ refused file leaves the solver as it was."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -218,3 +219,49 @@ def test_solver_state_json_fields_round_trip(tmp_path):
     resumed.restore(path)
     assert resumed.iter == 2
     assert json.loads(pb.SolverState.FromString(path.read_bytes()).rng_state)
+
+
+# -- training that goes wrong ----------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+TINY = """
+layer {{ name: "data" type: "HDF5Data" top: "data" top: "label"
+        hdf5_data_param {{ source: "{source}" batch_size: 32 }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+        inner_product_param {{ num_output: 10 weight_filler {{ type: "gaussian" std: 0.01 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+"""
+
+
+@pytest.mark.parametrize("base_lr, warns", [(1e6, True), (1e-2, False)])
+def test_loss_at_chance_or_climbing_is_warned_about(tmp_path, caplog, base_lr, warns):
+    # the repository's digits (CC BY 4.0) through one InnerProduct: Adam at 1e6 stays far
+    # above the first loss, as LeNet does in the issue; at 1e-2 it learns
+    (tmp_path / "list.txt").write_text(f"{REPO / 'models/digits/data/train.h5'}\n")
+    param = parse_text(
+        'type: "Adam" momentum: 0.9 momentum2: 0.999 delta: 1e-8 lr_policy: "fixed" '
+        f"base_lr: {base_lr} max_iter: 100 display: 0 snapshot: 0 random_seed: 1",
+        pb.SolverParameter,
+    )
+    net = TINY.format(source=tmp_path / "list.txt")
+    param.net_param.CopyFrom(parse_text(net, pb.NetParameter))
+    solver = get_solver(param, allow_nonfinite=True)
+    with caplog.at_level(logging.WARNING, logger="netforge"):
+        solver.step(100)
+    warned = "the net is not learning; lower base_lr" in caplog.text
+    assert warned == warns, caplog.text
+
+
+def test_loss_watch_names_chance_for_a_softmax_over_c_classes(tmp_path, caplog):
+    from netforge.solvers.guard import LossWatch
+
+    (tmp_path / "list.txt").write_text(f"{REPO / 'models/digits/data/train.h5'}\n")
+    net = Net(parse_text(TINY.format(source=tmp_path / "list.txt"), pb.NetParameter), pb.TRAIN)
+    watch = LossWatch(net, max_iter=100)
+    assert watch.window == 20 and watch.chance == pytest.approx(np.log(10))
+    losses = np.log(10) + np.random.default_rng(0).uniform(-0.1, 0.05, 200)
+    losses[0] = 2.5  # it fell from its first value, to chance, and stayed there
+    with caplog.at_level(logging.WARNING, logger="netforge"):
+        for i, loss in enumerate(losses):
+            watch.add(i, float(loss))
+    assert "stayed at chance level (ln 10 = 2.303) for the last 60 iterations" in caplog.text
+    assert caplog.text.count("not learning") == 1

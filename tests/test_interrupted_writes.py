@@ -1,17 +1,23 @@
-"""Files that must not lie after a kill -9 or a concurrent run (issue 19): an interrupted
+"""Files that must not lie after a kill -9 or a divergence (issue 19): an interrupted
 ``convert imageset`` is refused by its readers and resumes; snapshot leftovers are cleaned at
-the next start."""
+the next start; a divergence snapshot holds the state before the failing update."""
 
 from __future__ import annotations
+
+import logging
+import re
 
 import lmdb
 import numpy as np
 import pytest
 from test_data_lmdb import data_layer, make_images
+from test_solver import make_solver, record_losses
 
 from netforge.data import convert as conv
 from netforge.data.db import INCOMPLETE, staging_path
-from netforge.errors import DataError
+from netforge.errors import DataError, DivergenceError
+from netforge.proto import pb
+from netforge.solvers.snapshot import clean_leftovers
 
 
 def _records(path) -> list[tuple[bytes, bytes]]:
@@ -97,3 +103,59 @@ def test_shuffled_conversion_without_seed_resumes_in_the_same_order(tmp_path, mo
         f"img {i}.png".encode() for i in range(9)
     )
     assert [int(k[:8]) for k, _ in records] == list(range(9))
+
+
+# -- snapshots -------------------------------------------------------------------------------
+def test_killed_snapshot_leftovers_are_cleaned_at_the_next_start(tmp_path, caplog):
+    solver = make_solver(tmp_path, "SGD", "max_iter: 2")
+    solver.step(2)
+    complete = solver.snapshot()  # snap_iter_2.caffemodel + .solverstate
+    solver.net.save(tmp_path / "snap_iter_1.caffemodel")  # an older lone model: kept
+    leftovers = [
+        tmp_path / ".snap_iter_4.solverstate.k3j_x9aa.tmp",  # killed while writing
+        tmp_path / ".snap_iter_4.caffemodel.h5.0abcdefg.tmp",
+        tmp_path / "snap_iter_4.caffemodel",  # its solverstate never written
+    ]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    unrelated = tmp_path / ".other_iter_4.caffemodel.abcdefgh.tmp"
+    unrelated.write_bytes(b"not ours")
+    with caplog.at_level(logging.WARNING, logger="netforge"):
+        make_solver(tmp_path, "SGD", "max_iter: 2").solve()
+    assert not any(p.exists() for p in leftovers)
+    assert unrelated.exists() and (tmp_path / "snap_iter_1.caffemodel").exists()
+    assert f"use the latest complete snapshot: --snapshot {complete}" in caplog.text
+    assert clean_leftovers(str(tmp_path / "snap")) == complete
+
+
+def test_divergence_saves_the_state_before_the_failing_update_which_resumes(tmp_path):
+    # Plain SGD: with momentum the history carries the diverging velocity on (see guard.py)
+    settings = "base_lr: 3 momentum: 0 lr_policy: 'fixed'"
+    solver = make_solver(tmp_path, "SGD", settings, dtype=np.float32)
+    with pytest.raises(DivergenceError) as info:
+        solver.step(100)
+    message = str(info.value)
+    good = solver.iter
+    found = re.search(r"diverged at iteration (\d+).*iteration (\d+), before the update", message)
+    assert found and int(found.group(2)) == good == int(found.group(1)) - 1
+    path = tmp_path / f"snap_iter_{good}.solverstate"
+    assert f"saved as {path}: resume it with a lower base_lr" in message
+    # the saved state is the uninterrupted run's state at that iteration
+    reference = make_solver(tmp_path, "SGD", settings, dtype=np.float32)
+    reference.step(good)
+    saved = pb.NetParameter.FromString((tmp_path / f"snap_iter_{good}.caffemodel").read_bytes())
+    np.testing.assert_array_equal(
+        np.array(saved.layer[1].blobs[0].data).reshape(1, -1),
+        reference.net.params["innerprod"][0].data,
+    )
+    # resuming it at the same rate diverges at once; at a lower rate it trains on
+    again = make_solver(tmp_path, "SGD", settings, dtype=np.float32)
+    again.restore(path)
+    with pytest.raises(DivergenceError, match=f"diverged at iteration {good + 1}"):
+        again.step(10)
+    lower = make_solver(tmp_path, "SGD", "base_lr: 0.01 momentum: 0", dtype=np.float32)
+    lower.restore(path)
+    losses = record_losses(lower)
+    lower.step(40)
+    assert lower.iter == good + 40 and np.isfinite(losses).all()
+    assert np.mean(losses[-8:]) < np.mean(losses[:8])

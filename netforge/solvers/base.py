@@ -32,6 +32,7 @@ from netforge.process import default_rng
 from netforge.proto import pb
 from netforge.solvers import snapshot as snap
 from netforge.solvers.blocks import Block, BlockWork, ParamBlocks
+from netforge.solvers.guard import LastGood, LossWatch
 from netforge.solvers.lr_policy import check_policy, learning_rate
 from netforge.solvers.scoring import group_entries, score
 from netforge.solvers.validate import check_solver_fields
@@ -143,6 +144,8 @@ class Solver:
         #: The ``netforge.parallel.DataParallel`` keeping this solver in step with the other
         #: ranks of a data-parallel run, or None when it trains alone.
         self.parallel: Any = None
+        self._last_good = LastGood(self)
+        self._loss_watch = LossWatch(self.net, self.param.max_iter)
         log.info("Solver scaffolding done.")
 
     # -- set-up --------------------------------------------------------------------------
@@ -309,6 +312,8 @@ class Solver:
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", self.param.lr_policy)
         self.requested_early_exit = False
+        if self.is_root:
+            snap.clean_leftovers(self.param.snapshot_prefix)
         if resume_file is not None:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
@@ -347,6 +352,8 @@ class Solver:
         self._losses, self._smoothed_loss = [], 0.0
         timer, iterations_last = time.perf_counter(), self.iter
         while self.iter < stop_iter:
+            if not self.allow_nonfinite:
+                self._last_good.begin(start_iter)
             # Caffe's ClearParamDiffs, without a pass over the diffs: they hold the last
             # steps, or nothing to keep after a deferred update; backward writes over them.
             self._steps_owed = False
@@ -398,6 +405,9 @@ class Solver:
             # loss) over the ranks, so every rank checks the same values.
             if not self.allow_nonfinite:
                 self._check_finite(self.loss)
+                self._last_good.passed()
+            if self.is_root:
+                self._loss_watch.add(self.iter, self.loss)
             # An iteration follows in this call, with no snapshot in between: the steps
             # need not be copied into the diffs for it.
             follows = self.iter + 1 < stop_iter and not (
@@ -470,12 +480,18 @@ class Solver:
             return
         layer, blob, kind = where[:3]
         on_rank = f" on rank {where[3]}" if parallel is not None else ""
+        diverged_at = self.iter
+        # Back to the state before the update that led here, whose forward and backward
+        # were finite (LastGood); the solver stays there, so a pycaffe user can lower the
+        # rate and carry on.
+        before = "before the update that diverged" if self._last_good.restore() else "as started"
         path = self.snapshot()
         raise DivergenceError(
-            f"training diverged at iteration {self.iter}: loss = {fmt(loss)}; the first "
+            f"training diverged at iteration {diverged_at}: loss = {fmt(loss)}; the first "
             f"non-finite value is in the {kind} of blob {blob!r} (layer {layer!r}){on_rank}; "
-            f"the last good state is saved as {path} (lower base_lr, set clip_gradients, or pass "
-            "--allow-nonfinite to carry on as Caffe does)"
+            f"the last good state (iteration {self.iter}, {before}) is saved as {path}: resume "
+            f"it with a lower base_lr (netforge train --snapshot {path}), set clip_gradients, "
+            "or pass --allow-nonfinite to carry on as Caffe does"
         )
 
     # -- the update ----------------------------------------------------------------------

@@ -13,7 +13,9 @@ Every file is written through a temporary file and a rename (``netforge.atomic``
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ from netforge.errors import ConfigError, DataError
 from netforge.proto import pb
 from netforge.prototxt import read_binary, write_binary
 from netforge.weights import array_to_proto, stored_blob
+
+log = logging.getLogger("netforge")
 
 MODEL_SUFFIXES = (".caffemodel", ".caffemodel.h5")
 
@@ -50,6 +54,49 @@ class SolverSnapshot:
 def snapshot_filename(prefix: str, iteration: int, extension: str) -> str:
     """Caffe's ``<prefix>_iter_<it><extension>`` (no zero padding)."""
     return f"{prefix}_iter_{iteration}{extension}"
+
+
+def clean_leftovers(prefix: str) -> Path | None:
+    """Remove what a run killed while snapshotting left under ``prefix``, and return the
+    latest complete snapshot's solverstate (None when there is none).
+
+    A kill -9 can leave the hidden temporary files of ``netforge.atomic``
+    (``.<prefix>_iter_<n>.<suffix>.XXXXXXXX.tmp``) and a caffemodel whose solverstate was
+    never written; both are removed, the latter only when it is newer than the latest
+    complete pair (an older lone caffemodel was left so on purpose). Another run writing
+    snapshots with the same prefix at the same moment would lose its temporary file: runs
+    sharing a prefix overwrite each other's snapshots anyway.
+    """
+    folder, stem = Path(prefix).parent, Path(prefix).name
+    if not folder.is_dir():
+        return None
+    pattern = re.compile(re.escape(stem) + r"_iter_(\d+)(\.caffemodel|\.solverstate)(\.h5)?")
+    temporary = re.compile(r"\." + pattern.pattern + r"\.\w+\.tmp")
+    removed: list[Path] = []
+    models: dict[tuple[int, str], Path] = {}
+    states: dict[tuple[int, str], Path] = {}
+    for path in folder.iterdir():
+        if temporary.fullmatch(path.name):
+            removed.append(path)
+        elif found := pattern.fullmatch(path.name):
+            key = (int(found.group(1)), found.group(3) or "")
+            (models if found.group(2) == ".caffemodel" else states)[key] = path
+    latest = max(states, default=None)
+    removed += [
+        path for key, path in models.items() if key not in states and key > (latest or (-1, ""))
+    ]
+    for path in removed:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    if removed:
+        resume = f"--snapshot {states[latest]}" if latest else "no complete snapshot is left"
+        log.warning(
+            "removed what an interrupted run left while snapshotting: %s; to resume it, "
+            "use the latest complete snapshot: %s",
+            ", ".join(str(p) for p in sorted(removed)),
+            resume,
+        )
+    return states[latest] if latest else None
 
 
 def write_state(path: str | os.PathLike, state: SolverSnapshot) -> None:
