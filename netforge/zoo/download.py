@@ -11,6 +11,7 @@ for, and one clear error per failure (``NetworkError``, ``ChecksumError``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import logging
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from netforge import __version__
 from netforge.errors import ChecksumError, ConfigError, NetworkError
@@ -130,9 +132,30 @@ def _describe(exc: BaseException) -> str:
     return f"network error: {reason}"
 
 
-def _fetch_once(url: str, part: Path, timeout: float, progress: ProgressFn | None) -> None:
-    """Append the rest of ``url`` to ``part`` (resuming with Range when it has bytes)."""
-    have = part.stat().st_size if part.exists() else 0
+def _open_part(part: Path, append: bool) -> BinaryIO:
+    """``part`` opened for writing without following a symbolic link: a link planted at
+    ``<name>.part`` would send the bytes outside the cache."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        return os.fdopen(os.open(part, flags, 0o644), "ab" if append else "wb")
+    except OSError as exc:
+        if part.is_symlink():
+            raise ConfigError(
+                f"{part} is a symbolic link; netforge does not write through links in its "
+                "cache: remove it and download again"
+            ) from None
+        raise ConfigError(f"cannot write {part}: {exc.strerror or exc}") from None
+
+
+def _fetch_once(
+    url: str, part: Path, timeout: float, progress: ProgressFn | None, size: int | None = None
+) -> None:
+    """Append the rest of ``url`` to ``part`` (resuming with Range when it has bytes),
+    stopping at ``size`` bytes (the manifest's): a server that streams without end, or
+    sends more than the file, never fills the disk."""
+    have = part.lstat().st_size if part.exists() and not part.is_symlink() else 0
+    if size is not None and have > size:
+        have = 0  # more than the whole file: start again
     headers = {"User-Agent": f"netforge/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -149,17 +172,18 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: ProgressFn | Non
     with response:
         status = response.status
         length = response.headers.get("Content-Length")
-        if have and status == 206:
-            mode, done = "ab", have
-        else:
-            # A server that ignores Range sends the whole file: start again.
-            mode, done = "wb", 0
+        # A server that ignores Range sends the whole file: start again.
+        append = bool(have) and status == 206
+        done = have if append else 0
         total = done + int(length) if length is not None else None
+        if size is not None:
+            total = size if total is None else min(total, size)
+        handle = _open_part(part, append)
         try:
-            with open(part, mode) as handle:
+            with handle:
                 if progress:
                     progress(done, total)
-                while chunk := response.read(CHUNK):
+                while chunk := response.read(CHUNK if size is None else min(CHUNK, size - done)):
                     handle.write(chunk)
                     done += len(chunk)
                     if progress:
@@ -208,9 +232,51 @@ def download_file(
         raise
 
 
+@contextlib.contextmanager
+def _target_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<name>.lock`` beside ``target``: one download of a
+    file at a time across processes, so that a second run waits and then finds the first's
+    verified file instead of appending to it. The lock file is removed on release; a waiter
+    that then holds a lock on the removed file sees that it is no longer the one at that
+    path and takes the new one."""
+    lock = target.with_name(target.name + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another download of %s is running; waiting for it", target.name)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(fd), current):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
 def _download(entry: ZooFile, folder: Path, timeout: float, progress: ProgressFn | None) -> Path:
-    """download_file's work, in a folder that exists."""
+    """download_file's work, in a folder that exists, holding the target's lock."""
     target = _safe_target(folder, entry.name)
+    with _target_lock(target):
+        return _download_locked(entry, target, timeout, progress)
+
+
+def _download_locked(
+    entry: ZooFile, target: Path, timeout: float, progress: ProgressFn | None
+) -> Path:
+    folder = target.parent
     part = target.with_name(target.name + ".part")
     if target.exists():
         problem = verify_file(target, entry)
@@ -225,7 +291,7 @@ def _download(entry: ZooFile, folder: Path, timeout: float, progress: ProgressFn
         log.info("downloading %s from %s", entry.name, url)
         for _attempt in range(RESUME_ATTEMPTS):
             try:
-                _fetch_once(url, part, timeout, progress)
+                _fetch_once(url, part, timeout, progress, entry.size)
             except _Failure as exc:
                 failure = exc
                 if exc.resumable and part.exists() and part.stat().st_size:

@@ -1,0 +1,86 @@
+"""Zoo downloads against concurrent runs and hostile servers or caches (issue 19): one
+download per target at a time, no writing through a planted link, no file larger than the
+manifest says."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+import pytest
+from test_zoo_download import PAYLOAD, QuietServer, entry_for, no_mirror, server  # noqa: F401
+
+from netforge.errors import ConfigError
+from netforge.zoo import download as dl
+
+
+def test_concurrent_downloads_of_one_file_wait_for_each_other(server, tmp_path):  # noqa: F811
+    server.files["/m"] = PAYLOAD
+    server.modes["/m"] = "slow"  # the first response waits for server.release
+    entry = entry_for(server.url + "/m")
+    results, errors = [], []
+
+    def client():
+        try:
+            results.append(dl.download_file(entry, tmp_path))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while not server.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the second client is now waiting on the lock, not downloading
+    assert len(server.requests) == 1
+    server.release.set()
+    for thread in threads:
+        thread.join(10)
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert results[0].read_bytes() == PAYLOAD
+    assert len(server.requests) == 1  # the second found the first's verified file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.caffemodel"]
+
+
+def test_a_link_at_the_part_file_is_not_followed(server, tmp_path):  # noqa: F811
+    server.files["/m"] = PAYLOAD
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"keep me")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "model.caffemodel.part").symlink_to(outside)
+    with pytest.raises(ConfigError, match="model.caffemodel.part is a symbolic link"):
+        dl.download_file(entry_for(server.url + "/m"), cache)
+    assert outside.read_bytes() == b"keep me"
+
+
+class Endless(http.server.BaseHTTPRequestHandler):
+    """The right bytes, then zeros for ever, with no Content-Length."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(PAYLOAD)
+        try:
+            while True:
+                self.wfile.write(bytes(1 << 16))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def test_an_endless_server_is_read_only_up_to_the_manifests_size(tmp_path):
+    httpd = QuietServer(("127.0.0.1", 0), Endless)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/m"
+        path = dl.download_file(entry_for(url), tmp_path, timeout=10)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert path.read_bytes() == PAYLOAD
