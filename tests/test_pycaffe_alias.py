@@ -163,3 +163,38 @@ def test_rewritten_source_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("1 <netforge.net_spec.Layers")
     np.testing.assert_equal(netforge.TEST, 1)
+
+
+def _notebooks():
+    path = REPO / "tools" / "run_pycaffe_notebooks.py"
+    spec = importlib.util.spec_from_file_location("run_pycaffe_notebooks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_notebook_cells_become_python_3() -> None:
+    tools = _notebooks()
+    notes: list[str] = []
+    cell = (
+        "%matplotlib inline\n"
+        "!data/get_mnist.sh \\\n    --quiet\n"
+        "!./build/tools/caffe train -solver s.prototxt\n"
+        "%timeit net.forward()\n"
+        "for k, v in d.iteritems():\n    print k, v\n"
+    )
+    source = tools.rewrite_source(tools.python3(tools.strip_magics(cell, notes)))
+    assert source == (
+        "pass\n"
+        "_run_netforge(['train', '-solver', 's.prototxt'])\n"
+        "net.forward()\n"
+        "for k, v in d.items():\n    print(k, v)\n"
+    )
+    assert notes == [
+        "shell line skipped: `!data/get_mnist.sh \\`",
+        "`!./build/tools/caffe train -solver s.prototxt` runs `netforge train -solver s.prototxt`",
+    ]
+    timed = tools.strip_magics("%%timeit\nsolver = make()\nsolver.solve()\n", [])
+    namespace: dict = {"make": lambda: type("S", (), {"solve": lambda self: None})()}
+    exec(timed, namespace)  # noqa: S102 (IPython runs %%timeit cells as a function body)
+    assert "solver" not in namespace

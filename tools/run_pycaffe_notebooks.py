@@ -13,11 +13,11 @@ layout and stand-ins for what the examples download, then runs, each in a fresh 
   net_surgery, brewing-logreg and pascal-multilabel-with-datalayer, extracted with json.
 
 Every source gets ``tools/pycaffe_rewrite.py``'s import rewrite. The notebooks are Python 2,
-so their cells (and the Python 2 modules they import) also go through lib2to3 (Python <=
-3.12). IPython's ``%matplotlib``/``%%time`` lines are dropped, ``%timeit X`` and ``%%timeit``
-cells run once (the latter as a function body, as IPython runs it), and ``!`` shell lines
-are skipped (downloads, data scripts), except
-``!./build/tools/caffe train ...``, which runs ``netforge train`` with the same flags.
+so their cells (and the Python 2 modules they import) also go through lib2to3 (fissix on
+Python 3.13 and later). IPython's ``%matplotlib``/``%%time`` lines are dropped, ``%timeit X``
+and ``%%timeit`` cells run once (the latter as a function body, as IPython runs it), and
+``!`` shell lines are skipped (downloads, data scripts), except ``!./build/tools/caffe train
+...``, which runs ``netforge train`` with the same flags.
 matplotlib draws off screen (Agg). The other substitutions (paths to the stand-in data,
 fewer iterations on 2 CPU cores, APIs removed from numpy, scipy and scikit-learn since) are
 listed per notebook in ``SUBSTITUTIONS`` and printed, with each notebook's cells run / total
@@ -126,6 +126,14 @@ SUBSTITUTIONS: dict[str, list[tuple[int, str, str, str]]] = {
             "Python 3 text mode",
         ),
         (16, "niter = 200", "niter = 2", "2 iterations per solver, not 200 (CaffeNet on CPU)"),
+        (
+            12,
+            "assert error < 1e-8",
+            "assert error < 1e-10 * (imagenet_net.blobs['fc7'].data[0] ** 2).sum()",
+            "fc7 equal to float32 rounding, relative to its size: netforge's batched GEMMs round "
+            "differently at batch 10 and 1 (docs/compatibility.md), and the random stand-in "
+            "weights give fc7 values near 300 (sum of squared differences 1.3e-5 measured)",
+        ),
         (19, "test_iters=10", "test_iters=2", "2 test batches instead of 10"),
     ],
     "net_surgery": [],
@@ -189,9 +197,15 @@ def python3(source: str) -> str:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from lib2to3.refactor import RefactoringTool, get_fixers_from_package
+        try:
+            from lib2to3.refactor import RefactoringTool, get_fixers_from_package
 
-        tool = RefactoringTool(get_fixers_from_package("lib2to3.fixes"))
+            fixers = "lib2to3.fixes"
+        except ImportError:  # Python 3.13 removed lib2to3; fissix is its maintained copy
+            from fissix.refactor import RefactoringTool, get_fixers_from_package
+
+            fixers = "fissix.fixes"
+        tool = RefactoringTool(get_fixers_from_package(fixers))
     return str(tool.refactor_string(source if source.endswith("\n") else source + "\n", "<cell>"))
 
 
