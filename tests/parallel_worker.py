@@ -92,7 +92,12 @@ def main(argv: list[str]) -> None:
             set_world(comm.rank, comm.size)  # before the nets are built: data layers shard
             param = parse_text(solver_text(listing, solver_type, iter_size), pb.SolverParameter)
             solver = get_solver(param, backend=gpu(0) if on_gpu else CPU)
-            DataParallel(solver, comm, bucket_bytes=bucket).attach().broadcast()
+            # Registered as BVLC's python/train.py registers caffe.NCCL.
+            parallel = DataParallel(solver, comm, bucket_bytes=bucket)
+            parallel.bcast()
+            solver.add_callback(parallel)
+            if solver.param.layer_wise_reduce:
+                solver.net.after_backward(parallel)
             solver.step(STEPS)
             if comm.rank == 0:
                 arrays = [np.asarray(p.data) for p in solver.net.learnable_params]

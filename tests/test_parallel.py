@@ -438,3 +438,30 @@ def test_train_on_two_gpus_with_nccl_matches_one_process(tmp_path):
     assert "Data-parallel training over NCCL on 2 ranks" in result.stderr
     final = learned(tmp_path / "snap" / "run_iter_20.caffemodel")
     assert_same(final, reference(listing, "SGD", iter_size=2), scale=10)
+
+
+@pytest.mark.gpu
+def test_pycaffe_train_py_sequence_on_one_gpu(tmp_path):
+    """BVLC python/train.py's calls, one rank: the NCCL path through pycaffe's API."""
+    import netforge as caffe
+
+    listing = worker.write_data(tmp_path)
+    (tmp_path / "solver.prototxt").write_text(worker.solver_text(listing, "SGD", 2))
+    caffe.set_mode_gpu()
+    try:
+        caffe.set_device(0)
+        caffe.set_solver_count(1)
+        caffe.set_solver_rank(0)
+        caffe.set_multiprocess(True)
+        solver = caffe.SGDSolver(str(tmp_path / "solver.prototxt"))
+        nccl = caffe.NCCL(solver, caffe.NCCL.new_uid())
+        nccl.bcast()
+        solver.add_callback(nccl)
+        if solver.param.layer_wise_reduce:
+            solver.net.after_backward(nccl)
+        solver.step(solver.param.max_iter)
+        found = [p.data.get() for p in solver.net.learnable_params]
+    finally:
+        caffe.set_mode_cpu()
+        caffe.set_multiprocess(False)
+    assert_same(found, reference(listing, "SGD", 2), scale=10)
