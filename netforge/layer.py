@@ -133,10 +133,10 @@ class Layer:
         keeps device state elsewhere overrides this and calls it."""
         if backend == self.backend:
             return
-        for name, value in vars(self).items():
+        self.backend = backend  # first: a layer reached again through its attributes is done
+        for name, value in list(vars(self).items()):
             if name != "backend":
                 setattr(self, name, move_state(value, backend, moved))
-        self.backend = backend
         self._device_rng = None  # a generator of the old array module
 
     # -- helpers for subclasses ----------------------------------------------------------

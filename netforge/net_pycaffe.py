@@ -56,6 +56,7 @@ class PycaffeNetMethods:
         afterwards; nets moved with the same ``moved`` memo share it with each other too."""
         if backend == self.backend:
             return
+        self.backend = backend  # first: a net reached again from a layer's attributes is done
         moved = {} if moved is None else moved
         for blob in self.blobs.values():
             blob.to(backend, moved)
@@ -63,7 +64,6 @@ class PycaffeNetMethods:
             layer.to(backend, moved)
         for blob in self.learnable_params:
             blob.to(backend, moved)
-        self.backend = backend
 
     def clear_param_diffs(self: Net) -> None:
         """Zero every learnable parameter's diff (Caffe's ``Net::ClearParamDiffs``)."""

@@ -397,3 +397,20 @@ def test_nets_moved_together_keep_sharing_memory(tmp_path: Path, fake_gpu: Count
     alone.share_with(first)
     alone.to(fake_gpu)  # moved by itself: its copy no longer follows the other net
     assert not np.shares_memory(alone.params["ip"][0].data, first.params["ip"][0].data)
+
+
+def test_a_layer_that_refers_back_to_its_net_moves_once(
+    tmp_path: Path, fake_gpu: CountingDevice
+) -> None:
+    net, weight, bias = _affine(tmp_path)
+    net.layer_dict["ip"].owner = net  # e.g. a Python layer keeping its net
+    kept = np.ones(3)
+    net.layer_dict["ip"].cache = [kept, {"scale": np.full(2, 2.0)}]
+    net.to(fake_gpu)
+    assert net.backend is fake_gpu and net.layer_dict["ip"].backend is fake_gpu
+    assert len(CountingDevice.moves) == len(set(CountingDevice.moves))
+    cache = net.layer_dict["ip"].cache
+    assert id(kept) in CountingDevice.moves and cache[0] is not kept  # moved, inside a list
+    np.testing.assert_array_equal(cache[1]["scale"], [2.0, 2.0])
+    x = np.random.default_rng(5).standard_normal((4, 3))
+    np.testing.assert_allclose(net.forward(x=x)["y"], x @ weight.T + bias, rtol=1e-5, atol=1e-6)
