@@ -80,6 +80,7 @@ def train(
     allow_python_layers: bool,
 ) -> None:
     """Train (or resume training) the net of a solver prototxt."""
+    from netforge.parallel.comm import launched_size
     from netforge.parallel.launch import (
         gpu_ids,
         prepare_rank,
@@ -111,11 +112,13 @@ def train(
         param.solver_mode = pb.SolverParameter.CPU
         gpu = None
     gpus = gpu_ids(gpu)
-    if len(gpus) > 1:
+    if len(gpus) > 1 and launched_size() == 1:
         # One process per GPU, each running this command on its own GPU, NCCL among them.
         run_gpu_ranks(gpus, _train_gpu_rank, (dict(click.get_current_context().params),))
         return
     comm = rank_communicator()  # MPI under mpiexec, NCCL in a rank of the above, or None
+    if comm is not None and len(gpus) > 1:
+        gpu = str(gpus[comm.rank % len(gpus)])  # under mpiexec: rank r takes the r-th GPU
     if comm is not None and comm.rank:
         logger.setLevel(logging.WARNING)  # rank 0 reports for all, as Caffe's root solver
     backend = train_backend(gpu, param)
