@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 import time
 from typing import Any, NoReturn
 
@@ -37,6 +38,9 @@ _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WO
 #: ``NETFORGE_COLLECTIVE_TIMEOUT``; 0 waits forever). Generous: a rank waits at its next
 #: all-reduce while rank 0 tests and snapshots.
 DEFAULT_TIMEOUT = 1800.0
+
+#: Seconds an aborting rank waits for the launcher to forward its last output lines.
+ABORT_GRACE = 0.5
 
 
 def launched_size() -> int:
@@ -158,6 +162,11 @@ class MPICommunicator(Communicator):
         return [bytes(table[r, : size[r]]) for r in range(self.size)]
 
     def abort(self, code: int = 1) -> NoReturn:
+        # The launcher forwards this rank's output through a pipe it stops reading once the
+        # abort reaches it: flush, and leave it a moment to pass the last lines on.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(code)
         raise SystemExit(code)  # not reached: Abort ends this process too
 

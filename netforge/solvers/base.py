@@ -28,6 +28,7 @@ import numpy as np
 
 from netforge.backend import Backend, default_backend, mode_version, move_array, to_numpy
 from netforge.errors import ConfigError, DataError, DivergenceError, NetforgeError
+from netforge.parallel.world import world
 from netforge.process import default_rng
 from netforge.proto import pb
 from netforge.solvers import snapshot as snap
@@ -124,7 +125,8 @@ class Solver:
         self.metrics: Any = None
         self.progress: Any = None
         self.net = self._build_train_net()
-        self.test_nets = self._build_test_nets()
+        # As Caffe's Solver::Init: only the root solver of a data-parallel run tests.
+        self.test_nets = self._build_test_nets() if world().rank == 0 else []
         self._load_weights(reinit)
         self._freeze(freeze)
         self.history = [
