@@ -87,6 +87,7 @@ def train(
         rank_communicator,
         run_gpu_ranks,
         start_rank,
+        use_device,
     )
     from netforge.proto import pb
     from netforge.prototxt import read_solver
@@ -119,6 +120,7 @@ def train(
     comm = rank_communicator()  # MPI under mpiexec, NCCL in a rank of the above, or None
     if comm is not None and len(gpus) > 1:
         gpu = str(gpus[comm.rank % len(gpus)])  # under mpiexec: rank r takes the r-th GPU
+        use_device(int(gpu))
     if comm is not None and comm.rank:
         logger.setLevel(logging.WARNING)  # rank 0 reports for all, as Caffe's root solver
     backend = train_backend(gpu, param)

@@ -252,22 +252,27 @@ class NCCLCommunicator(Communicator):
         return getattr(self._nccl, name)
 
     def _after_compute(self) -> Any:
-        compute = self._cp.cuda.get_current_stream()
-        self.stream.wait_event(compute.record())
+        """The compute stream of this rank's GPU, with the collective stream ordered after
+        what is queued on it."""
+        with self._cp.cuda.Device(self.device_id):
+            compute = self._cp.cuda.get_current_stream()
+            self.stream.wait_event(compute.record())
         return compute
 
     def start_allreduce(self, array: Any) -> Pending:
         compute = self._after_compute()
         ptr = array.data.ptr
-        self.comm.allReduce(
-            ptr, ptr, array.size, self._type(array), self._nccl.NCCL_SUM, self.stream.ptr
-        )
-        return _NCCLPending(self.stream.record(), compute)
+        with self._cp.cuda.Device(self.device_id):
+            self.comm.allReduce(
+                ptr, ptr, array.size, self._type(array), self._nccl.NCCL_SUM, self.stream.ptr
+            )
+            return _NCCLPending(self.stream.record(), compute)
 
     def broadcast(self, array: Any, root: int = 0) -> None:
         compute = self._after_compute()
-        self.comm.bcast(array.data.ptr, array.size, self._type(array), root, self.stream.ptr)
-        _NCCLPending(self.stream.record(), compute).wait()
+        with self._cp.cuda.Device(self.device_id):
+            self.comm.bcast(array.data.ptr, array.size, self._type(array), root, self.stream.ptr)
+            _NCCLPending(self.stream.record(), compute).wait()
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
         cp = self._cp

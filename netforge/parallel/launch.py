@@ -163,7 +163,16 @@ def _stop(processes: list[Any]) -> None:
             process.join()
 
 
+def use_device(device_id: int) -> None:
+    """Make ``device_id`` this process's current CUDA device (CUDA's cudaSetDevice): a rank
+    owns one GPU, and cupy allocates on the current device."""
+    from netforge.backend import import_cupy
+
+    import_cupy().cuda.Device(device_id).use()
+
+
 def _rank_main(target: Callable[..., None], args: tuple, assigned: dict[str, Any]) -> None:
-    """A spawned rank: remember its NCCL assignment, then run the target."""
+    """A spawned rank: remember its NCCL assignment, take its GPU, then run the target."""
     _assigned.update(assigned)
+    use_device(assigned["device_id"])
     target(*args)
