@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from harness import run
+from test_fuzz import bounded_memory
 from test_solver import make_solver, solver_param
 
 from netforge.errors import ConfigError, DataError, ShapeError
@@ -265,3 +266,70 @@ def test_loss_watch_names_chance_for_a_softmax_over_c_classes(tmp_path, caplog):
             watch.add(i, float(loss))
     assert "stayed at chance level (ln 10 = 2.303) for the last 60 iterations" in caplog.text
     assert caplog.text.count("not learning") == 1
+
+
+B = 2**31 - 1
+IN = (
+    'layer { name: "in" type: "Input" top: "x" '
+    "input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } } "
+)
+SEQ = (
+    'layer { name: "in" type: "Input" top: "x" top: "c" '
+    "input_param { shape { dim: 2 dim: 1 dim: 3 } shape { dim: 2 dim: 1 } } } "
+)
+SIZES = {
+    "conv kernel": IN + f'layer {{ name: "L" type: "Convolution" bottom: "x" top: "y" '
+    f"convolution_param {{ num_output: 2 kernel_size: {B} }} }}",
+    "conv pad": IN + f'layer {{ name: "L" type: "Convolution" bottom: "x" top: "y" '
+    f"convolution_param {{ num_output: 2 kernel_size: 3 pad: {B} }} }}",
+    "conv num_output": IN + f'layer {{ name: "L" type: "Convolution" bottom: "x" top: "y" '
+    f"convolution_param {{ num_output: {B} kernel_size: 3 }} }}",
+    "deconv stride": IN + f'layer {{ name: "L" type: "Deconvolution" bottom: "x" top: "y" '
+    f"convolution_param {{ num_output: 2 kernel_size: 3 stride: {B} }} }}",
+    "pool pad": IN + f'layer {{ name: "L" type: "Pooling" bottom: "x" top: "y" '
+    f"pooling_param {{ kernel_size: {B} pad: {B - 1} }} }}",
+    "spp height": IN + f'layer {{ name: "L" type: "SPP" bottom: "x" top: "y" '
+    f"spp_param {{ pyramid_height: {B} }} }}",
+    "lrn size": IN + f'layer {{ name: "L" type: "LRN" bottom: "x" top: "y" '
+    f"lrn_param {{ local_size: {B} }} }}",
+    "ip num_output": IN + f'layer {{ name: "L" type: "InnerProduct" bottom: "x" top: "y" '
+    f"inner_product_param {{ num_output: {B} }} }}",
+    "embed input_dim": IN + f'layer {{ name: "L" type: "Embed" bottom: "x" top: "y" '
+    f"embed_param {{ num_output: 4 input_dim: {B} }} }}",
+    "tile": IN
+    + f'layer {{ name: "L" type: "Tile" bottom: "x" top: "y" tile_param {{ tiles: {B} }} }}',
+    "upsample": IN + f'layer {{ name: "L" type: "Upsample" bottom: "x" top: "y" '
+    f"upsample_param {{ scale: {B} }} }}",
+    "im2col pad": IN + f'layer {{ name: "L" type: "Im2col" bottom: "x" top: "y" '
+    f"convolution_param {{ kernel_size: 3 pad: {B} }} }}",
+    "rnn num_output": SEQ + f'layer {{ name: "L" type: "RNN" bottom: "x" bottom: "c" top: "y" '
+    f"recurrent_param {{ num_output: {B} }} }}",
+    "dummy dims": f'layer {{ name: "L" type: "DummyData" top: "y" '
+    f"dummy_data_param {{ shape {{ dim: {B} dim: {B} }} }} }}",
+    "hdf5 batch_size": f'layer {{ name: "L" type: "HDF5Data" top: "data" top: "label" '
+    f'hdf5_data_param {{ source: "list.txt" batch_size: {B} }} }}',
+    "image batch_size": f'layer {{ name: "L" type: "ImageData" top: "data" top: "label" '
+    f'image_data_param {{ source: "images.txt" batch_size: {B} }} }}',
+    "image new size": f'layer {{ name: "L" type: "ImageData" top: "data" top: "label" '
+    f'image_data_param {{ source: "images.txt" batch_size: 1 new_height: {B} new_width: {B} }} }}',
+    "memory data": f'layer {{ name: "L" type: "MemoryData" top: "data" top: "label" '
+    f"memory_data_param {{ batch_size: {B} channels: {B} height: 2 width: 2 }} }}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIZES))
+def test_sizes_near_2_31_are_one_error_naming_the_layer(tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    with h5py.File("d.h5", "w") as f:
+        f["data"], f["label"] = np.zeros((4, 6), np.float32), np.zeros(4, np.float32)
+    Path("list.txt").write_text("d.h5\n")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save("a.png")
+    Path("images.txt").write_text("a.png 0\n")
+    start = time.perf_counter()
+    # The address-space cap keeps a missed check from exhausting the machine: it then fails
+    # here as a MemoryError instead of raising a NetforgeError.
+    with bounded_memory(), pytest.raises((ShapeError, ConfigError, DataError), match="'L'"):
+        Net(parse_text(SIZES[case], pb.NetParameter), pb.TRAIN).forward()
+    assert time.perf_counter() - start < 5

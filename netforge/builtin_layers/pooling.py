@@ -595,6 +595,13 @@ class SPPLayer(Layer):
 
     def _level(self, level: int, height: int, width: int) -> PoolingLayer:
         bins = 2**level
+        if bins > min(height, width):
+            # Caffe's inner pooling then fails its pad < kernel check; a pyramid_height near
+            # 2^31 would first overflow the kernel and pad fields.
+            raise self.shape_error(
+                f"pyramid level {level} has {bins} bins per axis, more than the bottom's "
+                f"{height}x{width} plane allows; lower spp_param.pyramid_height"
+            )
         pooling = pb.PoolingParameter(pool=self.pool)
         for name, size in (("h", height), ("w", width)):
             kernel = -(-size // bins)

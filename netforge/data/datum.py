@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from PIL import Image, UnidentifiedImageError
 
 from netforge.errors import DataError
+from netforge.memory import check_bytes
 from netforge.proto import pb
 
 #: file extensions Caffe's encode_type accepts, mapped to Pillow's format names.
@@ -59,7 +60,7 @@ def decode_image(data: bytes, color: bool | None = None, where: str = "image") -
             array = np.asarray(img)
     except UnidentifiedImageError:
         raise DataError(f"{where}: cannot decode the image (not a known image format)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{where}: cannot decode the image ({exc})") from None
     if array.ndim == 2:
         return array[np.newaxis]
@@ -107,6 +108,8 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     c, h, w = image.shape
     if (h, w) == (height, width):
         return image
+    # The float32 rows and columns picked, their blend and the result: four of its size.
+    check_bytes(4 * 4 * c * height * width, f"resizing an image to {height}x{width}")
     y0, y1, fy = _axis(h, height)
     x0, x1, fx = _axis(w, width)
     src = image.astype(np.float32)
