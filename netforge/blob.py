@@ -67,7 +67,8 @@ class Blob:
         if shape == self._shape:
             return
         # Checked here, before anything is allocated, so an absurd shape is one clear error.
-        check_bytes(math.prod(shape) * self.dtype.itemsize, f"blob {self.name!r} {shape}")
+        nbytes = math.prod(shape) * self.dtype.itemsize
+        check_bytes(nbytes, f"blob {self.name!r} {shape}", self.backend.device_id)
         self._shape = shape
         self._data = self._fit(self._data)
         self._diff = self._fit(self._diff)

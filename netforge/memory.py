@@ -70,6 +70,16 @@ def available_bytes() -> int:
     return available
 
 
+def device_available_bytes(device_id: int) -> int:
+    """Bytes free on GPU ``device_id``: the driver's free memory plus the blocks cupy's
+    memory pool holds for reuse."""
+    import cupy  # only reached for a GPU backend: nothing touches cupy at import time
+
+    with cupy.cuda.Device(device_id):
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        return free + cupy.get_default_memory_pool().free_bytes()
+
+
 def human(nbytes: int) -> str:
     """``nbytes`` as "123,456,789 bytes (117.7 MiB)"."""
     for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
@@ -78,13 +88,17 @@ def human(nbytes: int) -> str:
     return f"{nbytes:,} bytes"
 
 
-def check_bytes(nbytes: int, what: str) -> None:
-    """Raise a ShapeError when ``what`` would need more than the memory available."""
+def check_bytes(nbytes: int, what: str, device_id: int = -1) -> None:
+    """Raise a ShapeError when ``what`` would need more than the memory available: the
+    host's, or GPU ``device_id``'s when it is >= 0."""
     if nbytes <= CHECK_ABOVE:
         return
-    available = available_bytes()
+    if device_id >= 0:
+        available, where = device_available_bytes(device_id), f"GPU {device_id} memory"
+    else:
+        available, where = available_bytes(), "memory"
     if nbytes > available:
         raise ShapeError(
-            f"{what} would need {human(nbytes)}, more than the {human(available)} of memory "
+            f"{what} would need {human(nbytes)}, more than the {human(available)} of {where} "
             "available; reduce the batch size or the layer's dimensions"
         )

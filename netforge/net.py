@@ -233,7 +233,11 @@ class Net(PycaffeNetMethods):
             held += sum(t.count for t in top if t.name not in counted) * self.dtype.itemsize
             held += sum(b.count for b in layer.blobs) * self.dtype.itemsize
             counted.update(t.name for t in top)
-            check_bytes(held, f"layer {layer.name!r}: the blobs and parameters up to it")
+            check_bytes(
+                held,
+                f"layer {layer.name!r}: the blobs and parameters up to it",
+                self.backend.device_id,
+            )
 
             weights = list(layer_param.loss_weight)
             if not weights and layer.is_loss:

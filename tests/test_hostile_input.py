@@ -333,3 +333,12 @@ def test_sizes_near_2_31_are_one_error_naming_the_layer(tmp_path, monkeypatch, c
     with bounded_memory(), pytest.raises((ShapeError, ConfigError, DataError), match="'L'"):
         Net(parse_text(SIZES[case], pb.NetParameter), pb.TRAIN).forward()
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.gpu
+def test_a_gpu_blob_is_checked_against_the_devices_memory():
+    from netforge import backend as nb
+    from netforge.blob import Blob
+
+    with pytest.raises(ShapeError, match=r"blob 'huge' .*4\.0 TiB.*of GPU 0 memory available"):
+        Blob((1 << 20, 1 << 20), np.float32, nb.gpu(0), name="huge")

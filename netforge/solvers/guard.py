@@ -72,7 +72,7 @@ class LastGood:
         sources = [b.data for b in solver.net.learnable_params] + list(solver.history)
         if self._arrays is None:
             try:
-                check_bytes(self.size, "keeping the last good state")
+                check_bytes(self.size, "keeping the last good state", solver.backend.device_id)
             except ShapeError as exc:
                 log.warning("%s; a divergence snapshot will hold the diverged state", exc)
                 self.enabled = False
