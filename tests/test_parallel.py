@@ -282,6 +282,9 @@ class Fault(netforge.Layer):
             raise DataError("injected failure in layer fault")
         if self.param_str == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.param_str == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)
+            return
         top[0].data[0, 0] = float("nan")
 
     def backward(self, top, propagate_down, bottom):
@@ -321,6 +324,15 @@ def test_a_killed_rank_stops_every_rank(tmp_path):
     assert "signal 9" in banner or "Killed" in banner, banner
     pid = re.search(r"PID (\d+)", banner).group(1)
     assert re.search(rf"Rank 1 is process {pid} on ", result.stderr), banner
+
+
+def test_sigint_to_one_rank_stops_every_rank_after_the_same_iteration(tmp_path):
+    result = fault_run(tmp_path, "sigint")
+    assert result.returncode == 0, result.stderr
+    assert "Optimization stopped early." in result.stderr
+    # Rank 1 got it during iteration 2's forward: both ranks finish that iteration and stop;
+    # rank 0 writes the final snapshot.
+    assert [p.name for p in (tmp_path / "snap").glob("*.solverstate")] == ["run_iter_3.solverstate"]
 
 
 def test_a_divergence_on_one_rank_stops_all_and_names_it(tmp_path):
