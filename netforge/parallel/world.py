@@ -45,10 +45,5 @@ def set_count(count: int) -> None:
 
 def set_multiprocess(multiprocess: bool) -> None:
     """Record that the solvers run in separate processes (Caffe's ``set_multiprocess``).
-    netforge's solvers always do, one per process, so this is only remembered."""
+    netforge's solvers always do, one per process: nothing depends on it."""
     _state["multiprocess"] = bool(multiprocess)
-
-
-def multiprocess() -> bool:
-    """What ``set_multiprocess`` last recorded."""
-    return bool(_state["multiprocess"])
