@@ -33,7 +33,7 @@ from netforge.process import default_rng
 from netforge.proto import pb
 from netforge.solvers import snapshot as snap
 from netforge.solvers.blocks import Block, BlockWork, ParamBlocks
-from netforge.solvers.guard import LastGood, LossWatch
+from netforge.solvers.guard import LOSS_FACTOR, LastGood, LossWatch
 from netforge.solvers.lr_policy import check_policy, learning_rate
 from netforge.solvers.scoring import group_entries, score
 from netforge.solvers.validate import check_solver_fields
@@ -407,7 +407,7 @@ class Solver:
             # loss) over the ranks, so every rank checks the same values.
             if not self.allow_nonfinite:
                 self._check_finite(self.loss)
-                self._last_good.passed()
+                self._last_good.passed(self.loss)
             if self.is_root:
                 self._loss_watch.add(self.iter, self.loss)
             # An iteration follows in this call, with no snapshot in between: the steps
@@ -486,7 +486,13 @@ class Solver:
         # Back to the state before the update that led here, whose forward and backward
         # were finite (LastGood); the solver stays there, so a pycaffe user can lower the
         # rate and carry on.
-        before = "before the update that diverged" if self._last_good.restore() else "as started"
+        if self._last_good.restore():
+            before = (
+                f"loss {fmt(self._last_good.loss)}, with finite values and within "
+                f"{LOSS_FACTOR:g}x the first iteration's loss"
+            )
+        else:
+            before = "as it stood: no earlier state was finite"
         path = self.snapshot()
         raise DivergenceError(
             f"training diverged at iteration {diverged_at}: loss = {fmt(loss)}; the first "
