@@ -253,6 +253,27 @@ def test_only_rank_0_writes_snapshots_and_tests(tmp_path):
     assert solver.is_root and solver.snapshot().is_file()
 
 
+def test_mpiexec_fine_tunes_from_rank_0s_weights(tmp_path):
+    listing = worker.write_data(tmp_path)
+    start = tmp_path / "start.caffemodel"
+    param = parse_text(worker.solver_text(listing, "SGD", 1), pb.SolverParameter)
+    get_solver(param).net.save(start)
+    # Rank 0 alone loads them and broadcasts them: rank 1's own fillers (seed 99) would
+    # otherwise give it other weights, other gradients, and rank 0 another result.
+    solver = write_solver(tmp_path, listing, random_seed=99, snapshot=0)
+    netforge = str(Path(sys.executable).parent / "netforge")
+    args = [netforge, "train", "--solver", str(solver), "--weights", str(start)]
+    result = run_ranks(2, [*args, "--iterations", "6"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    final = learned(tmp_path / "snap" / "run_iter_6.caffemodel")
+    one = get_solver(
+        parse_text(worker.solver_text(listing, "SGD", 2, random_seed=99), pb.SolverParameter),
+        weights=[str(start)],
+    )
+    one.step(6)
+    assert_same(final, [np.asarray(p.data) for p in one.net.learnable_params])
+
+
 # -- faults ---------------------------------------------------------------------------------
 
 FAULT_LAYER = '''

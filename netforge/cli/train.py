@@ -123,13 +123,14 @@ def train(
         use_device(int(gpu))
     if comm is not None and comm.rank:
         logger.setLevel(logging.WARNING)  # rank 0 reports for all, as Caffe's root solver
-    backend = train_backend(gpu, param)
     if snapshot or weights:
         param.ClearField("weights")
     if weights:
         param.weights.append(weights)
-    if comm is not None:
-        prepare_rank(param, comm)
+    with _rank_errors(comm):  # a rank failing alone must not leave the others waiting
+        backend = train_backend(gpu, param)
+        if comm is not None:
+            prepare_rank(param, comm)  # after the weights: only rank 0 loads them
     root = comm is None or comm.rank == 0
     with SignalActions(sigint_effect, sighup_effect) as actions, _rank_errors(comm):
         the_solver = get_solver(
