@@ -171,6 +171,31 @@ SUBSTITUTIONS: dict[str, list[tuple[int, str, str, str]]] = {
     ],
 }
 
+# notebook -> what the runner prints of its results: (cell, expression) pairs evaluated after
+# that cell, and a pattern for lines the notebook printed.
+SUMMARIES: dict[str, tuple[list[tuple[int, str]], str | None]] = {
+    "00-classification": ([(7, "f'cat.jpg: class {output_prob.argmax()}'")], None),
+    "01-learning-lenet": (
+        [
+            (
+                14,
+                "f'LeNet: train loss {train_loss[0]:.2f} -> {train_loss[-1]:.2f}, "
+                "test accuracy {test_acc[-1]:.3f}'",
+            ),
+            (
+                18,
+                "f'custom net: train loss {train_loss[0]:.2f} -> {train_loss[-1]:.2f}, "
+                "test accuracy {test_acc[-1]:.3f}'",
+            ),
+        ],
+        None,
+    ),
+    "02-fine-tuning": ([], r"^Accuracy, "),
+    "net_surgery": ([(10, "f'fully convolutional prob map {out[\"prob\"].shape}'")], None),
+    "brewing-logreg": ([], r"^Accuracy: "),
+    "pascal-multilabel-with-datalayer": ([], r"accuracy:"),
+}
+
 # Python 2 modules the notebooks import, with the same kind of substitutions.
 MODULE_SUBSTITUTIONS = {
     "pycaffe/layers/pascal_multilabel_datalayers.py": [
@@ -487,7 +512,8 @@ def run_notebook(work: Path, name: str, gpu: bool, timeout: float) -> dict:
     """Run one notebook's cells in a worker process; its result (cells run, errors)."""
     cells, notes = notebook_cells(work / "examples" / f"{name}.ipynb", name, gpu)
     spec = work / f"{name}.cells.json"
-    spec.write_text(json.dumps(cells))
+    expressions, pattern = SUMMARIES[name]
+    spec.write_text(json.dumps({"cells": cells, "summaries": dict(expressions)}))
     started = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -503,6 +529,9 @@ def run_notebook(work: Path, name: str, gpu: bool, timeout: float) -> dict:
         output = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
     (work / f"{name}.log").write_text(output)  # the cells' printed output, for reading
     report = [json.loads(line[7:]) for line in output.splitlines() if line.startswith("RESULT ")]
+    summary = [line[8:] for line in output.splitlines() if line.startswith("SUMMARY ")]
+    if pattern:
+        summary += [line.strip() for line in output.splitlines() if re.search(pattern, line)]
     errors = [r for r in report if not r["ok"]]
     return {
         "name": name,
@@ -512,6 +541,7 @@ def run_notebook(work: Path, name: str, gpu: bool, timeout: float) -> dict:
         "notes": notes,
         "seconds": time.perf_counter() - started,
         "timed_out": len(report) < len(cells),
+        "summary": summary,
     }
 
 
@@ -529,7 +559,8 @@ def worker(spec: Path) -> None:
             raise RuntimeError(f"netforge {' '.join(args)} exited with status {status}")
 
     namespace: dict = {"__name__": "__main__", "_run_netforge": run_netforge}
-    for index, source in enumerate(json.loads(spec.read_text())):
+    notebook = json.loads(spec.read_text())
+    for index, source in enumerate(notebook["cells"]):
         started = time.perf_counter()
         try:
             exec(compile(source, f"<cell {index}>", "exec"), namespace)
@@ -545,6 +576,9 @@ def worker(spec: Path) -> None:
         result["seconds"] = round(time.perf_counter() - started, 2)
         plt.close("all")
         print("RESULT " + json.dumps(result), flush=True)
+        expression = notebook["summaries"].get(str(index))
+        if expression and result["ok"]:
+            print("SUMMARY " + str(eval(expression, namespace)), flush=True)
 
 
 def _has_gpu() -> bool:
@@ -596,6 +630,8 @@ def main(argv: list[str]) -> int:
         )
         for error in result["errors"]:
             print(f"    cell {error['cell']}: {error['error']} ({error['at']})")
+        for line in result["summary"]:
+            print(f"    result: {line}")
         for note in result["notes"]:
             print(f"    substituted: {note}")
     if not args.keep:
