@@ -799,6 +799,9 @@ class Solver:
         ]
         if state.rng_state is not None:
             self.rng.bit_generator.state = json.loads(state.rng_state)
+        # A resumed run judges its losses from its own first iteration on.
+        self._last_good = LastGood(self)
+        self._loss_watch = LossWatch(self.net, self.param.max_iter)
         log.info("%s: restoring history (iteration %d)", self.type, self.iter)
 
     @staticmethod
