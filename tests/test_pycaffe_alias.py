@@ -198,3 +198,26 @@ def test_notebook_cells_become_python_3() -> None:
     namespace: dict = {"make": lambda: type("S", (), {"solve": lambda self: None})()}
     exec(timed, namespace)  # noqa: S102 (IPython runs %%timeit cells as a function body)
     assert "solver" not in namespace
+
+
+def test_a_script_keeps_its_exit_status_and_traceback(tmp_path: Path) -> None:
+    (tmp_path / "exits.py").write_text("import sys\nimport caffe\nsys.exit(3)\n")
+    (tmp_path / "fails.py").write_text("import caffe\n\n\nraise ValueError('boom')\n")
+    (tmp_path / "bad_net.py").write_text("import caffe\ncaffe.Net('missing.prototxt', 1)\n")
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "netforge", "pycaffe", name]
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+
+    assert run("exits.py").returncode == 3
+    failed = run("fails.py")
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines() == [
+        "Traceback (most recent call last):",
+        '  File "fails.py", line 4, in <module>',
+        "    raise ValueError('boom')",
+        "ValueError: boom",
+    ]  # the script's frames only, as `python fails.py` shows them
+    bad = run("bad_net.py")
+    assert bad.returncode != 0 and "missing.prototxt" in bad.stderr
+    assert "Traceback" not in bad.stderr  # netforge's own errors stay one line

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import traceback
+
 import click
 
+from netforge.errors import NetforgeError
 from netforge.pycaffe_alias import run_script
 
 
@@ -16,4 +19,15 @@ def pycaffe(script: str, args: tuple[str, ...]) -> None:
     """Run a pycaffe SCRIPT with ARGS, its `import caffe` (and caffe.io, caffe.proto...)
     resolving to netforge, as `python SCRIPT ARGS` would with Caffe installed. Only this
     command installs the alias: importing netforge never shadows a real Caffe."""
-    run_script(script, args)
+    try:
+        run_script(script, args)
+    except NetforgeError:
+        raise  # one line, as every command reports them
+    except Exception as exc:
+        # As `python SCRIPT` shows it: the traceback from the script's own frames down.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != script:
+            tb = tb.tb_next
+        shown = "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+        click.echo(shown.rstrip("\n"), err=True)
+        raise SystemExit(1) from None  # python's status for an uncaught exception
