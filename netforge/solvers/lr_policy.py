@@ -37,6 +37,10 @@ def check_policy(param: pb.SolverParameter, source: str = "solver") -> None:
         raise ConfigError(f"{source}: lr_policy {policy!r} needs stepsize > 0")
     if policy == "poly" and param.max_iter <= 0:
         raise ConfigError(f"{source}: lr_policy 'poly' needs max_iter > 0")
+    # Each policy's rate is monotonic in the iteration: one that overflows or turns complex
+    # before max_iter does so at an end, so a bad power or gamma is refused before training.
+    for it in sorted({0, max(param.max_iter - 1, 0)}):
+        learning_rate(param, it, len(param.stepvalue), source)
 
 
 def learning_rate(
