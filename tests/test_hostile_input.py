@@ -342,3 +342,19 @@ def test_a_gpu_blob_is_checked_against_the_devices_memory():
 
     with pytest.raises(ShapeError, match=r"blob 'huge' .*4\.0 TiB.*of GPU 0 memory available"):
         Blob((1 << 20, 1 << 20), np.float32, nb.gpu(0), name="huge")
+
+
+def test_hdf5_data_is_not_loaded_whole_beyond_half_the_available_memory(tmp_path, monkeypatch):
+    from netforge.data import hdf5 as nh
+
+    path = tmp_path / "big.h5"
+    with h5py.File(path, "w") as f:
+        # declared 4 MiB, written nowhere: the file stays small, a load would not
+        f.create_dataset("data", shape=(1 << 20,), dtype=np.float32, chunks=(1024,))
+    assert path.stat().st_size < 1 << 16
+    monkeypatch.setattr(nh, "available_bytes", lambda: 4 << 20)
+    rows = nh._Rows(str(path), ["data"], nh.MEMORY_LIMIT)
+    assert isinstance(rows.sets[0], h5py.Dataset)  # read in slices
+    np.testing.assert_array_equal(rows.take(np.array([5, 6]))[0], [0, 0])
+    monkeypatch.setattr(nh, "available_bytes", lambda: 64 << 20)
+    assert isinstance(nh._Rows(str(path), ["data"], nh.MEMORY_LIMIT).sets[0], np.ndarray)

@@ -25,6 +25,7 @@ import numpy as np
 
 from netforge.data.sources import child_rng
 from netforge.errors import DataError
+from netforge.memory import available_bytes
 from netforge.weights import refuse_links
 
 log = logging.getLogger("netforge")
@@ -94,7 +95,10 @@ class _Rows:
         self.rows = rows.pop()
         if self.rows == 0:
             raise DataError(f"HDF5 file {path} has no rows")
-        if sum(d.size * d.dtype.itemsize for d in self.sets) <= memory_limit:
+        # A file may declare datasets far larger than its bytes (unwritten chunks read as the
+        # fill value): load only what also fits in half the memory available.
+        size = sum(d.size * d.dtype.itemsize for d in self.sets)
+        if size <= min(memory_limit, available_bytes() // 2):
             self.sets = [d[()] for d in self.sets]
             self.file.close()
 
