@@ -358,3 +358,12 @@ def test_hdf5_data_is_not_loaded_whole_beyond_half_the_available_memory(tmp_path
     np.testing.assert_array_equal(rows.take(np.array([5, 6]))[0], [0, 0])
     monkeypatch.setattr(nh, "available_bytes", lambda: 64 << 20)
     assert isinstance(nh._Rows(str(path), ["data"], nh.MEMORY_LIMIT).sets[0], np.ndarray)
+
+
+def test_a_window_file_cut_short_is_a_data_error(tmp_path):
+    from netforge.data.window import read_window_file
+
+    path = tmp_path / "windows.txt"
+    path.write_text("# 0\nimg/a.jpg\n3\n32\n48\n1\n1 0.8 0 0")  # the box lacks two numbers
+    with pytest.raises(DataError, match=f"window file {path} is malformed: .*cut short"):
+        read_window_file(str(path), "", 0.5, 0.3)

@@ -74,6 +74,8 @@ def read_window_file(path: str, root: str, fg: float, bg: float) -> tuple[list, 
             for _ in range(count):
                 label, overlap = int(tokens[pos]), float(tokens[pos + 1])
                 box = [int(t) for t in tokens[pos + 2 : pos + 6]]
+                if len(box) != 4:
+                    raise ValueError(f"the last window of {image_path} is cut short")
                 pos += 6
                 if overlap >= fg:
                     if label <= 0:
