@@ -20,6 +20,9 @@ from netforge.proto import pb
 def _fans(shape: Sequence[int]) -> tuple[float, float]:
     """Caffe's fan_in = count / shape[0] and fan_out = count / shape[1]."""
     count = math.prod(shape)
+    if not count:
+        # An empty blob (num_output 0): nothing is drawn; Caffe divides 0 by 0 here.
+        return 1.0, 1.0
     fan_in = count / shape[0] if shape else 1.0
     fan_out = count / shape[1] if len(shape) > 1 else 1.0
     return fan_in, fan_out
@@ -29,14 +32,10 @@ def _variance_n(filler: pb.FillerParameter, shape: Sequence[int]) -> float:
     fan_in, fan_out = _fans(shape)
     norm = filler.variance_norm
     if norm == pb.FillerParameter.FAN_OUT:
-        n = fan_out
-    elif norm == pb.FillerParameter.AVERAGE:
-        n = (fan_in + fan_out) / 2.0
-    else:
-        n = fan_in
-    if n <= 0:
-        raise ConfigError(f"{filler.type} filler: a blob of shape {tuple(shape)} has no fan")
-    return n
+        return fan_out
+    if norm == pb.FillerParameter.AVERAGE:
+        return (fan_in + fan_out) / 2.0
+    return fan_in
 
 
 def _check_values(filler: pb.FillerParameter) -> None:

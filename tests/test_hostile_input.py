@@ -367,3 +367,11 @@ def test_a_window_file_cut_short_is_a_data_error(tmp_path):
     path.write_text("# 0\nimg/a.jpg\n3\n32\n48\n1\n1 0.8 0 0")  # the box lacks two numbers
     with pytest.raises(DataError, match=f"window file {path} is malformed: .*cut short"):
         read_window_file(str(path), "", 0.5, 0.3)
+
+
+@pytest.mark.parametrize("filler", ["xavier", "msra"])
+def test_fan_fillers_on_an_empty_blob_fill_nothing(filler):
+    from netforge.filler import fill
+
+    param = pb.FillerParameter(type=filler)
+    assert fill(param, (0, 6), np.random.default_rng(0)).shape == (0, 6)
