@@ -451,6 +451,11 @@ class LmdbDatum(Format):
         finally:
             for layer in net.layers:
                 getattr(layer, "close", lambda: None)()
+                # Readers keep their LMDB environment for the process (data/db.py): release
+                # it, or hundreds of databases exhaust the address-space cap.
+                reader = getattr(getattr(layer, "source", None), "reader", None)
+                if reader is not None:
+                    reader.close()
             shutil.rmtree(db)
 
 
