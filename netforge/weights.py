@@ -126,7 +126,7 @@ def read_weight_table(source: str | os.PathLike | pb.NetParameter) -> WeightTabl
     if isinstance(source, pb.NetParameter):
         return _table_from_net(source, "<NetParameter>")
     path = Path(source)
-    if not path.is_file():
+    if not os.path.isfile(path):  # False, not an OSError, for a name too long
         raise DataError(f"{path}: no such weights file")
     if is_hdf5(path):
         return _table_from_hdf5(path)
@@ -236,7 +236,7 @@ def resolve_weights(spec: str | os.PathLike) -> Path:
 
         return fetch_weights(text[len("zoo:") :])
     path = Path(text)
-    if not path.is_file():
+    if not os.path.isfile(path):  # False, not an OSError, for a name too long
         raise DataError(f"{path}: no such weights file")
     return path
 

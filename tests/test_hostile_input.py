@@ -42,6 +42,7 @@ def _damaged_state(tmp_path: Path, edit) -> tuple[object, Path]:
         (lambda m: setattr(m, "iter", -3), "iter -3 and current_step 0 must be >= 0"),
         (lambda m: setattr(m, "learned_net", "x" * 5000), "learned_net is not a usable path"),
         (lambda m: setattr(m, "learned_net", "a\0b"), "learned_net is not a usable path"),
+        (lambda m: setattr(m, "learned_net", "a" * 300), "its weights file a+ .*does not exist"),
         (lambda m: setattr(m, "rng_state", b'{"state": '), "random generator state is corrupt"),
         (lambda m: setattr(m, "rng_state", b"[1, 2]"), "random generator state is corrupt"),
         (lambda m: m.layer_state[0].__setattr__("state", b"{}"), "data-layer state is corrupt"),
@@ -375,3 +376,19 @@ def test_fan_fillers_on_an_empty_blob_fill_nothing(filler):
 
     param = pb.FillerParameter(type=filler)
     assert fill(param, (0, 6), np.random.default_rng(0)).shape == (0, 6)
+
+
+def test_names_too_long_for_the_file_system_are_one_error(tmp_path, capsys):
+    from netforge.cli.main import main
+
+    long = str(tmp_path / ("a" * 300))  # ENAMETOOLONG: pathlib's probes raise OSError
+    for args in (
+        ["compute-mean", long, str(tmp_path / "m.binaryproto")],
+        ["test", "--model", str(REPO / "models/digits/deploy.prototxt"), "--weights", long],
+        ["convert", "imageset", str(tmp_path), long, str(tmp_path / "db")],
+    ):
+        assert main(args) == DataError.exit_code, args
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("netforge: error:") == 1
+    with pytest.raises(DataError, match="no such solver state file"):
+        make_solver(tmp_path, "SGD").restore(long + ".solverstate")

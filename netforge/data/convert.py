@@ -49,7 +49,7 @@ class Summary:
 
 
 def _entries(root: str | os.PathLike, list_file: str | os.PathLike, shuffle: bool, seed):
-    if not Path(root).is_dir():
+    if not os.path.isdir(root):  # False, not an OSError, for a name too long
         raise DataError(f"image root folder {root} does not exist or is not a directory")
     entries = read_list(list_file)
     if shuffle:
@@ -161,7 +161,7 @@ def convert_imageset(
     list is shuffled alike: the marker keeps the seed).
     """
     final = Path(db)
-    if final.exists():
+    if os.path.exists(final):
         raise DataError(f"{final} already exists; remove it or choose another name")
     staging = staging_path(final)
     options = {
@@ -215,14 +215,17 @@ def _resume_point(staging: Path, options: dict[str, Any], backend: str) -> int:
     interrupted one with the same options. Fills ``options["seed"]`` with the seed a
     shuffled conversion uses."""
     marker = staging / INCOMPLETE
-    if not marker.exists():
-        if staging.exists():
+    if not os.path.exists(marker):
+        if os.path.exists(staging):
             raise DataError(f"{staging} is in the way of the conversion; remove it")
         if options["shuffle"] and options["seed"] is None:
             # Drawn and kept, so that a resumed run shuffles alike.
             options["seed"] = int(np.random.SeedSequence().entropy % 2**63)
-        staging.mkdir(parents=True)
-        marker.write_text(json.dumps(options))
+        try:
+            staging.mkdir(parents=True)
+            marker.write_text(json.dumps(options))
+        except OSError as exc:
+            raise DataError(f"cannot create the database {staging}: {exc.strerror}") from None
         return 0
     try:
         recorded = json.loads(marker.read_text())

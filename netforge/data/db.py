@@ -43,10 +43,11 @@ def check_complete(source: str | os.PathLike) -> None:
     a valid database holding only the records committed so far)."""
     path = Path(source)
     again = "rerun netforge convert imageset with the same arguments to finish it"
-    if (path / INCOMPLETE).exists():
+    # os.path, not pathlib: a name too long for the file system is False, not an OSError
+    if os.path.exists(path / INCOMPLETE):
         raise DataError(f"{source} is an interrupted conversion, not a whole database; {again}")
     staged = staging_path(path)
-    if not path.exists() and (staged / INCOMPLETE).exists():
+    if not os.path.exists(path) and os.path.exists(staged / INCOMPLETE):
         raise DataError(
             f"{source} does not exist: its conversion was interrupted, and what it wrote is in "
             f"{staged}; {again}"
@@ -120,10 +121,10 @@ class Reader:
         self.source = str(source)
         path = Path(source)
         check_complete(path)
-        if not (path / "data.mdb").is_file():
+        if not os.path.isfile(path / "data.mdb"):
             raise DataError(
                 f"cannot open LMDB database {self.source}: "
-                + ("no such directory" if not path.exists() else "no data.mdb inside")
+                + ("no such directory" if not os.path.exists(path) else "no data.mdb inside")
             )
         self.env = _open_shared(path.resolve())
         self.size = self.env.stat()["entries"]

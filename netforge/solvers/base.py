@@ -810,7 +810,7 @@ class Solver:
         it beside the solverstate, so moved snapshot pairs still resume."""
         recorded = Path(learned_net)
         for candidate in (recorded, Path(state_path).parent / recorded.name):
-            if candidate.is_file():
+            if os.path.isfile(candidate):  # False, not an OSError, for a name too long
                 return candidate
         raise DataError(
             f"{state_path}: its weights file {learned_net} (learned_net) does not exist, "

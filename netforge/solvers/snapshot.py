@@ -68,7 +68,7 @@ def clean_leftovers(prefix: str) -> Path | None:
     sharing a prefix overwrite each other's snapshots anyway.
     """
     folder, stem = Path(prefix).parent, Path(prefix).name
-    if not folder.is_dir():
+    if not os.path.isdir(folder):
         return None
     pattern = re.compile(re.escape(stem) + r"_iter_(\d+)(\.caffemodel|\.solverstate)(\.h5)?")
     temporary = re.compile(r"\." + pattern.pattern + r"\.\w+\.tmp")
@@ -116,7 +116,8 @@ def read_state(path: str | os.PathLike) -> SolverSnapshot:
             f"{text}: this is a caffemodel (trained weights), not a solver state; resume from "
             "the .solverstate written beside it, or fine-tune from these weights with --weights"
         )
-    if not Path(text).is_file():
+    # os.path, not pathlib: a name too long for the file system is False, not an OSError
+    if not os.path.isfile(text):
         raise DataError(f"{text}: no such solver state file")
     if text.endswith(".h5"):
         state = _read_hdf5(text)
