@@ -23,6 +23,7 @@ licence; the folder's ``*.prototxt`` files are its prototxts.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,13 +382,14 @@ def load_manifest(name: str | Path, zoo_dir: Path | None = None) -> Manifest:
     folder (one with a ``readme.md``)."""
     folder = zoo_dir or ZOO_DIR
     path = Path(name)
-    if path.suffix == ".json" and path.is_file():
+    # os.path, not pathlib: a name too long for the file system is False, not an OSError.
+    if path.suffix == ".json" and os.path.isfile(path):
         return read_json_manifest(path)
-    if path.is_dir() and (path / "readme.md").is_file():
+    if os.path.isdir(path) and os.path.isfile(path / "readme.md"):
         return read_caffe_model_dir(path)
     if _SAFE_NAME.fullmatch(str(name)):
         candidate = folder / f"{name}.json"
-        if candidate.is_file():
+        if os.path.isfile(candidate):
             return read_json_manifest(candidate)
     known = ", ".join(p.stem for p in _manifest_paths(folder))
     raise ConfigError(
