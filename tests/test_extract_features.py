@@ -134,6 +134,22 @@ def test_extract_to_hdf5_caffe_positional_gpu_arguments_absent(
     assert main([*argv, "CPU"]) == DataError.exit_code
 
 
+def test_extract_to_leveldb_writes_the_lmdb_records(
+    model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Caffe's other backend holds the same keys and Datum bytes as the LMDB output."""
+    plyvel = pytest.importorskip("plyvel")
+    prototxt, weights = model
+    argv = ["extract-features", str(weights), str(prototxt), "ip"]
+    assert main([*argv, str(tmp_path / "ip_lmdb"), "2", "lmdb"]) == 0
+    assert main([*argv, str(tmp_path / "ip_leveldb"), "2", "leveldb"]) == 0
+    db = plyvel.DB(str(tmp_path / "ip_leveldb"))
+    stored = list(db.iterator())
+    db.close()
+    expected = [(key, datum.SerializeToString()) for key, datum in _records(tmp_path / "ip_lmdb")]
+    assert len(stored) == 8 and stored == expected
+
+
 def test_extract_errors_are_one_line(
     model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
