@@ -229,6 +229,7 @@ ROW_SHIFT_CASES = [
 @pytest.mark.parametrize("shape,params,pad,dilation,group", ROW_SHIFT_CASES)
 def test_row_shift_convolution(monkeypatch, shape, params, pad, dilation, group, waste, winograd):
     monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_DEPTH", 0)
+    monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_REUSE", 0)
     monkeypatch.setattr(convolution, "FULL_CORRELATION_WASTE", waste)
     monkeypatch.setattr(convolution, "WINOGRAD_MIN_ROWS", 1 if winograd else 1 << 30)
     x = RNG.normal(size=shape)
@@ -249,6 +250,7 @@ def test_row_shift_convolution(monkeypatch, shape, params, pad, dilation, group,
 @pytest.mark.parametrize("kept", [1 << 25, 0])
 def test_row_shift_convolution_in_batch_chunks(monkeypatch, kept):
     monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_DEPTH", 0)
+    monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_REUSE", 0)
     monkeypatch.setattr(convolution, "COLUMN_LIMIT", 100)  # one item per chunk
     monkeypatch.setattr(convolution, "KEPT_COLUMNS", kept)
     x = RNG.normal(size=(3, 4, 7, 6))
@@ -270,6 +272,7 @@ def test_row_shift_convolution_in_batch_chunks(monkeypatch, kept):
         (20, "kernel_size: 5 pad: 2 dilation: 2", RowShiftConv),  # dilated rows
         (3, "kernel_size: 5 pad: 2", type(None)),  # CIFAR-10 quick's conv1: depth 15, too thin
         (32, "kernel_size: 5 pad: 2 stride: 2", type(None)),
+        (64, "kernel_size: 1", type(None)),  # 1×1: no window copies to save
     ],
 )
 def test_row_shift_is_chosen_for_deep_stride_one_convolutions(channels, params, kind):
@@ -280,6 +283,19 @@ def test_row_shift_is_chosen_for_deep_stride_one_convolutions(channels, params, 
     w, b = (p.data.astype(np.float64) for p in layer.blobs)
     geom = layer.geom
     ref = conv_reference(x.astype(np.float64), w, b, geom.stride, geom.pad, geom.dilation, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_im2col_where_filters_outweigh_the_window_copies():
+    """One 3×3 image of 64 channels through 8 filters (ResNet-50's batch-1 7×7 layers, in
+    small): the row shifts would save 1·9·2 copied elements per 8·3 filter elements they
+    re-lay out, fewer than ``ROW_SHIFT_MIN_REUSE``, so the layer takes im2col."""
+    x = RNG.normal(size=(1, 64, 3, 3)).astype(np.float32)
+    layer, bottom, top = build(_conv_text("Convolution", 8, "kernel_size: 3 pad: 1"), [x])
+    assert layer._rowshift is None
+    (y,) = forward(layer, bottom, top)
+    w, b = (p.data.astype(np.float64) for p in layer.blobs)
+    ref = conv_reference(x.astype(np.float64), w, b, (1, 1), (1, 1), (1, 1), 1)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -54,6 +54,19 @@ KEPT_COLUMNS = 1 << 25
 #: its conv2 (depth 160) and LeNet's conv2 (depth 100) are faster with shifts.
 ROW_SHIFT_MIN_DEPTH = 64
 
+#: Least window-copy elements a row-shift Convolution saves per filter element it re-lays out
+#: (``_ConvolutionBase._row_shift_conv``). The row shifts copy each input element kw·Hp/Ho
+#: times where im2col copies it kh·kw times, but they rewrite the filters on every pass (the
+#: Winograd form writes points/kh times their size), which im2col multiplies as they are.
+#: Per image that saves about C·kw·Ho·Wo·(kh − 1) elements of copy and costs
+#: O·(C/group)·kh·kw, a ratio of group·N·Ho·Wo·(kh − 1) / (O·kh). ResNet-50's batch-1 3×3
+#: layers put the break-even near 4 (forward ms, row shifts against im2col, 2 cores):
+#: 56×56, ratio 33: 1.8 against 2.4; 28×28, ratio 4.1: 1.7 against 1.8; 14×14, ratio 0.5:
+#: 2.6-3.6 against 1.7-2.2; 7×7, ratio 0.06: 10-12 against 2-3. A 1×1 kernel saves nothing
+#: (ratio 0): its row shifts only transposed input and filters (ResNet-50's 1×1 layers at
+#: batch 1: 1.2-6.9 ms against 0.4-1.2).
+ROW_SHIFT_MIN_REUSE = 4
+
 #: Least output rows at which a row-shift Convolution uses Winograd's F(4, kh) along the rows
 #: (``conv_winograd``): one tile's worth; with fewer, the one tile computes mostly rows that
 #: are cropped off.
@@ -241,7 +254,8 @@ class _ConvolutionBase(Layer):
 
     def _row_shift_conv(self, spatial: Sequence[int]) -> RowShiftConv | None:
         """The kernel-row-shift form of this convolution (``conv_rows``) where it applies
-        and pays: numpy, 2-D, stride 1, GEMMs at least ``ROW_SHIFT_MIN_DEPTH`` deep; with
+        and pays: numpy, 2-D, stride 1, GEMMs at least ``ROW_SHIFT_MIN_DEPTH`` deep, window
+        copies saved at least ``ROW_SHIFT_MIN_REUSE`` times the filters' size; with
         Winograd's transform along the rows (``conv_winograd``) where that applies and the
         output has at least ``WINOGRAD_MIN_ROWS`` rows."""
         geom = self.geom
@@ -252,6 +266,10 @@ class _ConvolutionBase(Layer):
         args = (self.channels, self.num_output, self.group, geom, tuple(spatial))
         conv = RowShiftConv(*args)
         if conv.depth < ROW_SHIFT_MIN_DEPTH:
+            return None
+        kh = geom.kernel[0]
+        saved = self.group * self.num * math.prod(conv.out) * (kh - 1)
+        if saved < ROW_SHIFT_MIN_REUSE * self.num_output * kh:
             return None
         if WinogradRowConv.fits(geom) and conv.out[0] >= WINOGRAD_MIN_ROWS:
             return WinogradRowConv(*args)
