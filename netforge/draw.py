@@ -15,7 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from netforge.errors import ConfigError
+from netforge.atomic import atomic_write
+from netforge.errors import ConfigError, DataError
 from netforge.proto import pb
 
 # pycaffe's styles.
@@ -248,11 +249,14 @@ def draw_net_to_file(
     display_lrm: bool = False,
 ) -> None:
     """Draw a net to ``filename`` in the format its extension names (``.dot``/``.gv``/
-    ``.raw``: DOT text)."""
+    ``.raw``: DOT text). The file is replaced whole or not at all (temp file + rename)."""
     name = os.fspath(filename)
     ext = name[name.rfind(".") + 1 :] if "." in os.path.basename(name) else ""
     if not ext:
         raise ConfigError(f"{name}: give the file an extension (.png, .svg, .pdf, .dot...)")
     data = draw_net(caffe_net, rankdir, ext, phase, display_lrm)
-    with open(name, "wb") as out:
-        out.write(data)
+    try:
+        with atomic_write(name, "wb") as out:
+            out.write(data)
+    except OSError as exc:
+        raise DataError(f"{name}: cannot write the drawing: {exc.strerror or exc}") from None

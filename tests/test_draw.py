@@ -13,7 +13,7 @@ import pytest
 import netforge
 from netforge import draw
 from netforge.cli.main import main
-from netforge.errors import ConfigError
+from netforge.errors import ConfigError, DataError
 from netforge.proto import caffe_pb2
 from netforge.prototxt import parse_text, read_net
 from tests.conftest import shared_path
@@ -147,6 +147,32 @@ def test_cli_writes_dot_text_and_says_what_to_install_for_png(tmp_path, monkeypa
     assert main(["draw", str(net), str(tmp_path / "digits.png")]) == 2
     assert "pip install 'netforge[draw]'" in capsys.readouterr().err
     assert not (tmp_path / "digits.png").exists()
+
+
+def test_unwritable_output_is_one_error_line_and_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    net = REPO / "models" / "digits" / "train_val.prototxt"
+    assert main(["draw", str(net), str(tmp_path / "no_such_dir" / "digits.dot")]) == 4
+    err = capsys.readouterr().err
+    assert "netforge: error:" in err and "no_such_dir" in err and "Traceback" not in err
+    old = tmp_path / "digits.dot"
+    old.write_text("kept")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)
+    with pytest.raises(DataError, match="No space left"):
+        draw.draw_net_to_file(small(), old)
+    assert old.read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["digits.dot"]
+
+
+def test_cli_refuses_an_unknown_rankdir(tmp_path, capsys):
+    net = REPO / "models" / "digits" / "train_val.prototxt"
+    assert main(["draw", str(net), str(tmp_path / "d.dot"), "--rankdir", "XY"]) == 2
+    assert "XY" in capsys.readouterr().err
+    assert main(["draw", str(net), str(tmp_path / "d.dot"), "--rankdir", "tb"]) == 0
+    assert "rankdir=TB;" in (tmp_path / "d.dot").read_text()
 
 
 def test_missing_dot_program_is_a_clear_error(monkeypatch):

@@ -10,6 +10,7 @@ import click
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option(
     "--rankdir",
+    type=click.Choice(["LR", "TB", "RL", "BT"], case_sensitive=False),
     default="LR",
     show_default=True,
     help="Graph direction: LR (left to right), TB (top to bottom), RL, BT.",
@@ -40,4 +41,4 @@ def draw(net: str, output: str, rankdir: str, phase: str, display_lrm: bool) -> 
 
     chosen = {"ALL": None, "TRAIN": pb.TRAIN, "TEST": pb.TEST}[phase.upper()]
     click.echo(f"Drawing net to {output}")
-    draw_net_to_file(read_net(net), output, rankdir, chosen, display_lrm)
+    draw_net_to_file(read_net(net), output, rankdir.upper(), chosen, display_lrm)
