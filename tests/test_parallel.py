@@ -45,12 +45,18 @@ def mpiexec() -> str:
 
 
 def run_ranks(
-    ranks: int, args: list[str], cwd: Path, path: str = str(REPO)
+    ranks: int, args: list[str], cwd: Path, path: str = str(REPO), folders: list[Path] = ()
 ) -> subprocess.CompletedProcess:
-    """``mpiexec -n ranks args`` with one BLAS thread per rank; fails the test on a hang."""
+    """``mpiexec -n ranks args`` with one BLAS thread per rank; fails the test on a hang.
+    With ``folders``, rank r runs in ``folders[r]`` (one rank per folder)."""
     env = dict(os.environ, PYTHONPATH=path, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    command = [mpiexec(), "-n", str(ranks), *args]
+    if folders:
+        command = [mpiexec()]
+        for folder in folders:
+            command += [":"] * (len(command) > 1) + ["-n", "1", "-wdir", str(folder), *args]
     return subprocess.run(
-        [mpiexec(), "-n", str(ranks), *args],
+        command,
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -231,6 +237,26 @@ def test_mpiexec_train_and_resume_on_another_rank_count(tmp_path):
     one.restore(tmp_path / "snap" / "run_iter_10.solverstate")
     one.step(10)
     assert_same([np.asarray(p.data) for p in one.net.learnable_params], final)
+
+
+def test_mpiexec_resume_reads_the_snapshot_on_rank_0_alone(tmp_path):
+    # Rank 1 runs in a folder without the snapshot (another node's disk): rank 0 restores
+    # it and sends the weights, history, iteration and data cursors to rank 1.
+    listing = worker.write_data(tmp_path)
+    solver = write_solver(tmp_path, listing)
+    netforge = str(Path(sys.executable).parent / "netforge")
+    result = run_ranks(2, [netforge, "train", "--solver", str(solver)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    final = learned(tmp_path / "snap" / "run_iter_20.caffemodel")
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node1.mkdir()
+    (tmp_path / "snap").rename(node0)
+    (node0 / "run_iter_20.caffemodel").unlink()
+    args = [netforge, "train", "--solver", str(solver), "--snapshot", "run_iter_10.solverstate"]
+    result = run_ranks(2, args, tmp_path, folders=[node0, node1])
+    assert result.returncode == 0, result.stderr
+    assert "Resuming from run_iter_10.solverstate" in result.stderr
+    assert_same(learned(tmp_path / "snap" / "run_iter_20.caffemodel"), final)
 
 
 def test_only_rank_0_writes_snapshots_and_tests(tmp_path):

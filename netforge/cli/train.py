@@ -157,7 +157,7 @@ def train(
             the_solver.progress = ProgressLine(sys.stderr)
             the_solver.progress.attach(logger)
         try:
-            if snapshot:
+            if snapshot and root:  # the other ranks get its state by start_rank's broadcast
                 log.info("Resuming from %s", snapshot)
                 the_solver.restore(snapshot)
             if comm is not None:

@@ -81,11 +81,15 @@ class DataParallel:
         self._pass = 0  # backward passes finished in this iteration
         self._action = "none"
         solver.parallel = self
+        self._own_stream()
+
+    def _own_stream(self) -> None:
+        """Move this rank's generator to a stream of its own. Caffe seeds rank r with
+        random_seed + r: dropout and the like differ per rank. The data sources drew their
+        generators already, alike on every rank, so shuffled orders agree and the skip rule
+        splits them."""
         if self.rank:
-            # Caffe seeds rank r with random_seed + r: dropout and the like differ per rank.
-            # The data sources drew their generators already, alike on every rank, so
-            # shuffled orders agree and the skip rule splits them.
-            rng = solver.rng
+            rng = self.solver.rng
             rng.bit_generator.state = rng.bit_generator.jumped(self.rank).state
 
     # -- set-up --------------------------------------------------------------------------
@@ -137,6 +141,35 @@ class DataParallel:
             self.comm.broadcast(blob.data, root)
 
     bcast = broadcast  # pycaffe's name
+
+    def broadcast_solver_state(self, root: int = 0) -> None:
+        """Give every rank ``root``'s solver state: the iteration, the rate schedule's step,
+        the history, the generator (then moved to each rank's own stream) and the train
+        net's data cursors. With ``broadcast``, a run resumed by ``root`` alone (``netforge
+        train --snapshot``) reads the snapshot once: the other ranks, perhaps on nodes that
+        cannot see rank 0's files, get it from there."""
+        solver = self.solver
+        for history in solver.history:
+            self.comm.broadcast(history, root)
+        mine = b""
+        if self.rank == root:
+            layers = [[name, state.hex()] for name, state in solver.net.layer_states()]
+            mine = json.dumps(
+                {
+                    "iter": solver.iter,
+                    "current_step": solver.current_step,
+                    "rng": solver.rng.bit_generator.state,
+                    "layers": layers,
+                }
+            ).encode()
+        state = json.loads(self.comm.allgather_bytes(mine)[root])
+        if self.rank != root:
+            solver.iter, solver.current_step = state["iter"], state["current_step"]
+            solver.rng.bit_generator.state = state["rng"]
+            solver.net.set_layer_states(
+                (name, bytes.fromhex(text)) for name, text in state["layers"]
+            )
+            self._own_stream()
 
     def attach(self) -> DataParallel:
         """Register the callbacks: the reduce before each update, and the layer-wise start

@@ -12,8 +12,9 @@ Two ways in, one code path after them:
 
 In every rank, ``prepare_rank`` runs before the solver is built (its data layers shard by
 the rank; every rank gets rank 0's random seed so shuffled orders agree; only rank 0 loads
-``--weights``), and ``start_rank`` after it is built and restored (the flat gradient
-buffer, the hooks, and the broadcast of rank 0's weights).
+``--weights``), and ``start_rank`` after it is built and rank 0 restored ``--snapshot``
+(the flat gradient buffer, the hooks, and the broadcast of rank 0's weights and solver
+state: the snapshot is read once).
 """
 
 from __future__ import annotations
@@ -114,10 +115,12 @@ def prepare_rank(param: pb.SolverParameter, comm: Communicator) -> None:
 
 
 def start_rank(solver: Any, comm: Communicator) -> DataParallel:
-    """After the solver is built (and restored): lay out the gradient buffer, hook the
-    reduce into the solver, and broadcast rank 0's weights."""
+    """After the solver is built (and, on rank 0 alone, restored): lay out the gradient
+    buffer, hook the reduce into the solver, and broadcast rank 0's weights and solver
+    state."""
     parallel = DataParallel(solver, comm).attach()
     parallel.broadcast()
+    parallel.broadcast_solver_state()
     return parallel
 
 
