@@ -165,6 +165,19 @@ def test_missing_solver_file(tmp_path, capsys):
     assert "none.prototxt" in capsys.readouterr().err.splitlines()[-1]
 
 
+def test_missing_relative_net_names_solver_and_working_directory(tmp_path, capsys, monkeypatch):
+    # Caffe's own solvers name their nets from Caffe's root (net: "models/x/train_val...").
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(
+        'net: "models/x/train_val.prototxt"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 1\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--solver", str(solver)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"netforge: error: {solver}: net file models/x/train_val.prototxt")
+    assert f"resolved against the working directory {tmp_path}" in err
+
+
 def test_gpu_all_without_cupy_is_a_device_error(files, capsys, monkeypatch):
     import netforge.backend as backends
     from netforge.errors import DeviceError

@@ -187,6 +187,17 @@ class Solver:
         from netforge.prototxt import read_net
 
         net_param = pb.NetParameter()
+        if not isinstance(model, pb.NetParameter) and not os.path.exists(model):
+            # Caffe reads a solver's net paths from the working directory, not the solver's
+            # folder: say so, since running from the wrong folder is the usual cause.
+            relative = ""
+            if not os.path.isabs(model):
+                relative = (
+                    f", resolved against the working directory {os.getcwd()}: run from the "
+                    "folder it is relative to (for Caffe's own solvers, Caffe's root), or make "
+                    "it absolute"
+                )
+            raise DataError(f"{self.source}: net file {model}: no such file{relative}")
         net_param.CopyFrom(model if isinstance(model, pb.NetParameter) else read_net(model))
         state = pb.NetState(phase=phase)
         state.MergeFrom(net_param.state)
