@@ -222,6 +222,20 @@ def test_classify_cli_folder_and_npy_inputs_and_npy_output(tiny_model, capsys):
     assert f"{folder / 'in.npy'}[1]" in out and "Saved 2x3 probabilities" in out
 
 
+def test_classify_output_that_cannot_be_written_is_one_error_line(tiny_model, capsys):
+    folder = tiny_model[0]
+    common = ["--model", str(folder / "deploy.prototxt"), "--weights",
+              str(folder / "tiny.caffemodel"), "--center_only",
+              str(folder / "image.png")]  # fmt: skip
+    assert main(["classify", *common, "-o", str(folder / "missing" / "out.npy")]) == 4
+    err = capsys.readouterr().err
+    assert "netforge: error:" in err and "missing" in err and "Traceback" not in err
+    assert main(["classify", *common, "-o", str(folder / "scores")]) == 0  # np.save adds .npy
+    assert np.load(folder / "scores.npy").shape == (1, 3)
+    assert "to " + str(folder / "scores.npy") in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
+
+
 def tiny_weights(folder):
     from netforge.net import Net
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import numpy as np
 
 from netforge import zoo as nz
 from netforge.cli.options import allow_python_layers
@@ -191,7 +190,7 @@ def classify(
     """
     from netforge.backend import CPU
     from netforge.backend import gpu as gpu_backend
-    from netforge.zoo.classify import load_inputs, resolve_setup, top_predictions
+    from netforge.zoo.classify import load_inputs, resolve_setup, save_scores, top_predictions
 
     inputs, output = _classify_inputs(inputs, output)
     setup = resolve_setup(
@@ -216,7 +215,7 @@ def classify(
     )
     scores = classifier.predict(images, oversample=not center_only)
     if output is not None:
-        np.save(output, scores)
+        output = save_scores(output, scores)
     for name, predictions in zip(names, top_predictions(scores, setup.labels, top_k)):
         click.echo(name)
         for p in predictions:

@@ -110,6 +110,22 @@ def top_predictions(
     ]
 
 
+def save_scores(path: str | os.PathLike, scores: np.ndarray) -> Path:
+    """Write (N, classes) scores as ``.npy`` (classify.py's ``np.save``, which adds ``.npy``
+    to a name without it), replacing the file whole or not at all. Returns the path."""
+    from netforge.atomic import atomic_write
+
+    target = Path(path if os.fspath(path).endswith(".npy") else f"{os.fspath(path)}.npy")
+    try:
+        with atomic_write(target, "wb") as handle:
+            np.save(handle, scores)
+    except OSError as exc:
+        raise DataError(
+            f"{target}: cannot write the probabilities: {exc.strerror or exc}"
+        ) from None
+    return target
+
+
 @dataclass(frozen=True)
 class ClassifySetup:
     """Everything ``classify`` needs, resolved from a zoo model or from explicit files."""
