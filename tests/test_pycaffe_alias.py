@@ -221,3 +221,8 @@ def test_a_script_keeps_its_exit_status_and_traceback(tmp_path: Path) -> None:
     bad = run("bad_net.py")
     assert bad.returncode != 0 and "missing.prototxt" in bad.stderr
     assert "Traceback" not in bad.stderr  # netforge's own errors stay one line
+    (tmp_path / "typo.py").write_text("import caffe\nx = (\n")
+    typo = run("typo.py")
+    assert typo.returncode == 1
+    assert typo.stderr.splitlines()[0] == '  File "typo.py", line 2'  # no netforge frames
+    assert typo.stderr.splitlines()[-1].startswith("SyntaxError: ")

@@ -25,9 +25,13 @@ def pycaffe(script: str, args: tuple[str, ...]) -> None:
         raise  # one line, as every command reports them
     except Exception as exc:
         # As `python SCRIPT` shows it: the traceback from the script's own frames down.
+        # A SyntaxError in the script itself has no frame of it: python shows no traceback.
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename != script:
             tb = tb.tb_next
-        shown = "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+        if tb is None and isinstance(exc, SyntaxError) and exc.filename == script:
+            shown = "".join(traceback.format_exception_only(type(exc), exc))
+        else:
+            shown = "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
         click.echo(shown.rstrip("\n"), err=True)
         raise SystemExit(1) from None  # python's status for an uncaught exception
