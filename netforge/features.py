@@ -7,18 +7,24 @@ are the blob's legacy 4-D dims (1 where the blob has fewer axes) and whose ``flo
 holds the sample's values, under the key ``%010d`` of its running index, committed every
 1000 records. An HDF5 output (netforge's addition) is one file per blob holding a float32
 dataset named after the blob, of shape (records, blob dims after the first).
+
+Each output is written as ``<name>.incomplete`` and renamed to its name when every batch is
+in, so an interrupted or failed extraction leaves nothing under the names asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from netforge.backend import to_numpy
+from netforge.data.db import staging_path
 from netforge.errors import ConfigError, DataError, ShapeError
 
 log = logging.getLogger("netforge")
@@ -73,13 +79,13 @@ class Output:
 
 
 class _DatabaseSink:
-    """Datum records into a new LMDB or LevelDB database."""
+    """Datum records into a new LMDB or LevelDB database at ``path``."""
 
-    def __init__(self, output: Output) -> None:
+    def __init__(self, output: Output, path: str | os.PathLike) -> None:
         from netforge.data.db import open_writer
 
         self.output = output
-        self.writer = open_writer(output.path, output.kind, batch=COMMIT_EVERY)
+        self.writer = open_writer(path, output.kind, batch=COMMIT_EVERY)
 
     def write(self, features: np.ndarray) -> None:
         start = self.output.records
@@ -98,19 +104,16 @@ class _DatabaseSink:
 
 
 class _HDF5Sink:
-    """A float32 dataset named after the blob, grown by each batch."""
+    """A float32 dataset named after the blob, grown by each batch, in the file ``path``."""
 
-    def __init__(self, output: Output) -> None:
+    def __init__(self, output: Output, path: str | os.PathLike) -> None:
         import h5py
 
         self.output = output
         try:
-            self.file = h5py.File(output.path, "x")
-        except (OSError, FileExistsError) as exc:
-            raise DataError(
-                f"cannot create {output.path}: {exc} (an existing file is not overwritten; "
-                "remove it or choose another name)"
-            ) from None
+            self.file = h5py.File(path, "x")
+        except OSError as exc:
+            raise DataError(f"cannot create {path}: {exc}") from None
         self.dataset = None
 
     def write(self, features: np.ndarray) -> None:
@@ -143,11 +146,15 @@ def extract_features(
     the same position of ``paths`` (``kind``: lmdb, leveldb or hdf5). ``progress`` is called
     with 1 after each batch. Returns what each output received."""
     outputs = plan_outputs(net, blobs, paths, num_batches, kind)
+    staged = [staging_path(output.path) for output in outputs]
+    for path in staged:
+        _remove(path)  # what a killed extraction into the same name left
     sinks: list[_DatabaseSink | _HDF5Sink] = []
+    done = False
     try:
-        for output in outputs:
+        for output, path in zip(outputs, staged):
             sink_type = _HDF5Sink if output.kind == "hdf5" else _DatabaseSink
-            sinks.append(sink_type(output))
+            sinks.append(sink_type(output, path))
         for _ in range(num_batches):
             net.forward()
             for sink in sinks:
@@ -156,9 +163,15 @@ def extract_features(
                 sink.write(features.reshape(1) if features.ndim == 0 else features)
             if progress is not None:
                 progress(1)
+        done = True
     finally:
         for sink in sinks:
             sink.close()
+        if not done:
+            for path in staged:
+                _remove(path)
+    for output, path in zip(outputs, staged):
+        os.replace(path, output.path)
     for output in outputs:
         log.info(
             "Extracted features of %d query images for feature blob %s",
@@ -177,7 +190,8 @@ def plan_outputs(
     kind: str = "lmdb",
 ) -> list[Output]:
     """Check an extraction request against ``net`` (one output per blob, blobs the net has,
-    a positive batch count, a known output kind) and return its empty outputs."""
+    a positive batch count, a known output kind, no output already there) and return its
+    empty outputs."""
     if len(blobs) != len(paths):
         raise ConfigError(
             f"{len(blobs)} feature blob(s) ({','.join(blobs)}) but {len(paths)} output(s) "
@@ -194,4 +208,19 @@ def plan_outputs(
                 f"unknown feature blob name {name!r} in the network {net.name!r}; its blobs: "
                 f"{', '.join(net.blobs)}"
             )
+    if len({os.path.abspath(path) for path in paths}) != len(paths):
+        raise ConfigError(f"an output is named twice in {','.join(map(str, paths))}")
+    for path in paths:
+        # os.path, not pathlib: a name too long for the file system is False, not an OSError
+        if os.path.lexists(path):
+            raise DataError(f"{path} already exists; remove it or choose another name")
     return [Output(blob, os.fspath(path), kind) for blob, path in zip(blobs, paths)]
+
+
+def _remove(path: str | os.PathLike) -> None:
+    """Delete a staged output (a database folder or an HDF5 file) if it is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

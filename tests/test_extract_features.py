@@ -163,3 +163,46 @@ def test_extract_errors_are_one_line(
     assert "give one output per blob" in capsys.readouterr().err
     assert main([*base, "ip", str(tmp_path / "z"), "0"]) == ConfigError.exit_code
     assert "must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["lmdb", "hdf5"])
+def test_interrupted_extraction_leaves_no_output(model: tuple[Path, Path], tmp_path: Path, kind):
+    """Outputs are written under <name>.incomplete and renamed when whole: an interrupted run
+    leaves neither name, and a rerun replaces what a killed one left staged."""
+    from netforge.features import extract_features
+
+    prototxt, weights = model
+    net = Net(str(prototxt), phase=pb.TEST)
+    net.copy_from(str(weights))
+    target = tmp_path / "ip_out"
+
+    def interrupt(_: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(net, ["ip"], [target], 3, kind, progress=interrupt)
+    assert sorted(tmp_path.iterdir()) == sorted([prototxt, weights, tmp_path / "list.txt"])
+    (tmp_path / "ip_out.incomplete").mkdir()  # as a kill -9 leaves it
+    (tmp_path / "ip_out.incomplete" / "data.mdb").write_bytes(b"partial")
+    (output,) = extract_features(net, ["ip"], [target], 2, kind)
+    assert output.records == 8 and not (tmp_path / "ip_out.incomplete").exists()
+    if kind == "lmdb":
+        assert len(_records(target)) == 8
+    else:
+        with h5py.File(target) as f:
+            assert f["ip"].shape == (8, 2)
+
+
+def test_existing_or_repeated_outputs_are_refused_before_extracting(
+    model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    prototxt, weights = model
+    base = ["extract-features", str(weights), str(prototxt)]
+    (tmp_path / "taken").write_text("keep me")
+    assert main([*base, "ip", str(tmp_path / "taken"), "1", "hdf5"]) == DataError.exit_code
+    assert "taken already exists" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "keep me"
+    twice = f"{tmp_path / 'same'},{tmp_path / 'same'}"
+    assert main([*base, "data,ip", twice, "1"]) == ConfigError.exit_code
+    assert "named twice" in capsys.readouterr().err
+    assert not (tmp_path / "same").exists()
