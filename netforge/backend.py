@@ -123,12 +123,30 @@ def set_mode_gpu() -> None:
     then, once). Without a usable GPU, that pass raises a DeviceError."""
     _default_mode["gpu"] = True
     _default_mode["version"] += 1
+    _make_device_current()
 
 
 def set_device(device_id: int) -> None:
-    """Choose the GPU used in GPU mode (pycaffe's ``caffe.set_device``)."""
+    """Choose the GPU used in GPU mode (pycaffe's ``caffe.set_device``); in GPU mode it
+    becomes the process's current CUDA device, as Caffe's ``cudaSetDevice``."""
     _default_mode["device_id"] = int(device_id)
     _default_mode["version"] += 1
+    _make_device_current()
+
+
+def _make_device_current() -> None:
+    """In GPU mode, make the chosen device current: nets allocate their arrays on the
+    current device, so a process training on GPU 1 (a rank of BVLC's python/train.py)
+    must not leave them on GPU 0. Without a usable GPU nothing happens here: the next GPU
+    pass raises the DeviceError that says why."""
+    if not _default_mode["gpu"]:
+        return
+    try:
+        cupy = import_cupy()
+        if 0 <= _default_mode["device_id"] < cupy.cuda.runtime.getDeviceCount():
+            cupy.cuda.Device(_default_mode["device_id"]).use()
+    except DeviceError:
+        pass
 
 
 def mode_version() -> int:

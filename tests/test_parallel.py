@@ -436,6 +436,38 @@ def test_collective_timeout_setting(monkeypatch):
 # -- GPUs: NCCL, and MPI ranks sharing one GPU ------------------------------------------------
 
 
+def test_pycaffe_set_device_makes_the_gpu_current(monkeypatch):
+    # python/train.py's rank r calls set_mode_gpu() then set_device(gpus[r]): the nets it
+    # builds next allocate on the current device, which must be GPU r, as cudaSetDevice.
+    from netforge import backend as nb
+
+    current = []
+
+    class Device:
+        def __init__(self, device_id):
+            self.id = device_id
+
+        def use(self):
+            current.append(self.id)
+
+    runtime = SimpleNamespace(getDeviceCount=lambda: 2)
+    cupy = SimpleNamespace(cuda=SimpleNamespace(Device=Device, runtime=runtime))
+    monkeypatch.setattr(nb, "import_cupy", lambda: cupy)
+    monkeypatch.setattr(nb, "_default_mode", {"gpu": False, "device_id": 0, "version": 0})
+    nb.set_device(1)
+    assert current == []  # CPU mode: no GPU is touched
+    nb.set_mode_gpu()
+    nb.set_device(1)
+    nb.set_device(5)  # no such GPU: the next GPU pass says so, as before
+    assert current == [1, 1]
+
+    def no_cupy():
+        raise nb.DeviceError("no cupy")
+
+    monkeypatch.setattr(nb, "import_cupy", no_cupy)
+    nb.set_device(0)  # without a GPU, choosing one is not yet an error
+
+
 def gpu_count() -> int:
     import cupy
 
