@@ -577,7 +577,10 @@ class Net(PycaffeNetMethods):
         end: str | None = None,
         **inputs: Any,
     ) -> dict[str, Any]:
-        """pycaffe's ``net.forward``: set ``inputs``, run, return the outputs (and ``blobs``)."""
+        """pycaffe's ``net.forward``: copy ``inputs`` into their blobs (reshaping the net
+        when a shape differs), run, return the outputs (and ``blobs``). As pycaffe, the
+        caller's arrays are copied, never kept: an in-place first layer does not write into
+        them, and views of a blob's data taken before stay its data."""
         if self._follows_mode:
             self.follow_mode()
         resized = False
@@ -589,7 +592,7 @@ class Net(PycaffeNetMethods):
             if value.shape != blob.shape:
                 blob.reshape(value.shape)
                 resized = True
-            blob.data = value
+            blob.data[...] = value
         if resized:
             self.reshape()
         start_index = self._index(start, 0)
@@ -605,11 +608,21 @@ class Net(PycaffeNetMethods):
         end: str | None = None,
         **top_diffs: Any,
     ) -> dict[str, Any]:
-        """pycaffe's ``net.backward``: set top ``diffs``, backpropagate, return input diffs."""
+        """pycaffe's ``net.backward``: copy ``top_diffs`` into their blobs' diffs,
+        backpropagate, return the input diffs (and ``diffs``)."""
         if self._follows_mode:
             self.follow_mode()
         for name, value in top_diffs.items():
-            self.blobs[name].diff = self.backend.asarray(value, dtype=self.dtype)
+            if name not in self.blobs:
+                raise ConfigError(f"net {self.name!r} has no blob {name!r} to take a diff")
+            blob = self.blobs[name]
+            value = self.backend.asarray(value, dtype=self.dtype)
+            if value.shape != blob.shape:
+                raise ShapeError(
+                    f"net {self.name!r}: diff for blob {name!r} has shape {value.shape}, "
+                    f"the blob {blob.shape}"
+                )
+            blob.diff[...] = value
         start_index = self._index(start, len(self.layers) - 1)
         end_index = self._index(end, 0)
         self.backward_from_to(start_index, end_index)

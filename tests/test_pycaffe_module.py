@@ -43,6 +43,13 @@ layer { type: 'InnerProduct' name: 'ip' bottom: 'x' top: 'y'
 """
 
 
+IN_PLACE_NET = """name: 'in_place' force_backward: true
+layer { type: 'Input' name: 'x' top: 'x' input_param { shape { dim: 2 dim: 3 } } }
+layer { type: 'ReLU' name: 'relu' bottom: 'x' top: 'x' }
+layer { type: 'Power' name: 'y' bottom: 'x' top: 'y' }
+"""
+
+
 @pytest.fixture(autouse=True)
 def _cpu_mode_after():
     yield
@@ -176,6 +183,26 @@ def test_forward_all_batches_and_unpads(tmp_path: Path) -> None:
     np.testing.assert_allclose(out["y"], x @ weight.T + bias, rtol=1e-5, atol=1e-6)
     with_blobs = net.forward_all(blobs=["x"], x=x)
     np.testing.assert_allclose(with_blobs["x"], x, rtol=1e-6)
+
+
+def test_forward_and_backward_copy_the_callers_arrays(tmp_path: Path) -> None:
+    """pycaffe writes inputs into the blobs (``data[...] = x``): an in-place layer on the
+    input leaves the caller's array alone, and a view of the blob taken before stays live."""
+    net = caffe.Net(_write(tmp_path, IN_PLACE_NET), caffe.TEST)
+    held = net.blobs["x"].data
+    x = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]], np.float32)
+    net.forward(x=x)
+    np.testing.assert_array_equal(x, [[-1, 2, -3], [4, -5, 6]])
+    np.testing.assert_array_equal(held, np.maximum(x, 0))
+    batch = -np.ones((3, 3), np.float32)
+    net.forward_all(x=batch)
+    np.testing.assert_array_equal(batch, -1)
+    dy = np.ones((2, 3), np.float32)
+    diffs = net.backward(y=dy)
+    np.testing.assert_array_equal(dy, 1)  # the in-place ReLU's backward wrote elsewhere
+    np.testing.assert_array_equal(diffs["x"], [[0, 0, 0], [0, 0, 0]])  # all inputs were < 0
+    with pytest.raises(ShapeError, match="'y'"):
+        net.backward(y=np.ones((2, 4), np.float32))
 
 
 def test_batch_pads_the_last_batch_with_zeros(tmp_path: Path) -> None:
