@@ -241,3 +241,52 @@ def tiny_weights(folder):
 
     net = Net(str(folder / "deploy.prototxt"), weights=str(folder / "tiny.caffemodel"))
     return net.params["fc"][0].data.astype(np.float64), net.params["fc"][1].data.astype(np.float64)
+
+
+def test_classify_rerun_replaces_its_own_npy_output(tiny_model, capsys):
+    """classify.py's INPUT OUTPUT.npy run twice: the second run's OUTPUT.npy exists (the
+    first run's scores, two axes) and is still the output, not read as images."""
+    folder, mean, (_, ten) = tiny_model
+    common = ["--model", str(folder / "deploy.prototxt"), "--weights",
+              str(folder / "tiny.caffemodel"), "--mean-values", ",".join(map(str, mean)),
+              "--images_dim", "6,6", str(folder / "image.png"),
+              str(folder / "out.npy")]  # fmt: skip
+    assert main(["classify", *common]) == 0
+    np.save(folder / "out.npy", np.zeros((5, 3)))  # stale scores of another run
+    assert main(["classify", *common]) == 0
+    np.testing.assert_allclose(np.load(folder / "out.npy"), [ten], atol=1e-5)
+
+
+def test_classify_grey_net_reads_grey_images(tmp_path, capsys):
+    """A net with one input channel (the digits model) classifies image files read as
+    intensity (scikit-image's rgb2gray weights), with no RGB-to-BGR swap."""
+    from netforge.net import Net
+
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(DEPLOY.replace("dim: 1 dim: 3 dim: 4", "dim: 1 dim: 1 dim: 4"))
+    net = Net(str(deploy))
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((3, 16)) * 0.01
+    net.params["fc"][0].data = weight.astype(np.float32)
+    net.params["fc"][1].data = np.zeros(3, np.float32)
+    net.save(str(tmp_path / "grey.caffemodel"))
+    pixels = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "rgb.png")
+    argv = ["classify", "--model", str(deploy), "--weights", str(tmp_path / "grey.caffemodel"),
+            "--center_only", str(tmp_path / "rgb.png"), "-o", str(tmp_path / "p.npy")]  # fmt: skip
+    assert main(argv) == 0
+    grey = pixels / 255.0 @ np.array([0.2125, 0.7154, 0.0721]) * 255
+    logits = weight @ grey.ravel()
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), [expected], atol=1e-5)
+
+
+def test_classify_caffe_style_gpu_id_is_one_clear_error(tiny_model, capsys):
+    """Caffe's tools take -gpu 0; classify.py's --gpu is a switch, so the 0 would be read as
+    an image: the error says to give the id with --device."""
+    folder = tiny_model[0]
+    argv = ["classify", "--model", str(folder / "deploy.prototxt"), "--weights",
+            str(folder / "tiny.caffemodel"), "-gpu", "0", str(folder / "image.png")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("netforge: error: '0' is not an input") and "--device 0" in err

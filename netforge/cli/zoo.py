@@ -3,12 +3,14 @@ and netforge.Classifier."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import click
+import numpy as np
 
 from netforge import zoo as nz
 from netforge.cli.options import allow_python_layers
+from netforge.errors import ConfigError
 from netforge.zoo.manifest import Manifest
 
 
@@ -98,11 +100,21 @@ def download_command(name: str, folder: str | None, timeout: float) -> None:
 
 def _classify_inputs(inputs: tuple[str, ...], output: str | None) -> tuple[tuple[str, ...], str]:
     """classify.py's ``INPUT OUTPUT.npy`` form: a last argument that ends in .npy and does
-    not exist yet is the output file."""
+    not exist yet, or holds the (N, classes) scores of an earlier run (no image input has
+    two axes), is the output file."""
     last = inputs[-1]
-    if output is None and len(inputs) > 1 and last.endswith(".npy") and not Path(last).exists():
-        return inputs[:-1], last
+    if output is None and len(inputs) > 1 and last.endswith(".npy"):
+        if not os.path.exists(last) or _npy_axes(last) == 2:
+            return inputs[:-1], last
     return inputs, output
+
+
+def _npy_axes(path: str) -> int | None:
+    """The number of axes of the array in an .npy file (None when it is not one)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False).ndim
+    except (OSError, ValueError):
+        return None
 
 
 @click.command()
@@ -184,7 +196,7 @@ def classify(
 
     Each INPUT is an image, a folder (its *.EXT images) or an .npy array of (N, H, W, K)
     images in [0, 1]. As classify.py, the ten crops of each image are averaged unless
-    --center_only; --output (or a last argument OUTPUT.npy that does not exist yet) saves the
+    --center_only; --output (or a last argument OUTPUT.npy, new or an earlier run's) saves the
     probabilities. With --weights zoo:NAME the manifest gives the deploy prototxt,
     preprocessing, mean and labels; options given here override them.
     """
@@ -193,6 +205,13 @@ def classify(
     from netforge.zoo.classify import load_inputs, resolve_setup, save_scores, top_predictions
 
     inputs, output = _classify_inputs(inputs, output)
+    ids = [item for item in inputs if item.isdigit() and not os.path.exists(item)]
+    if gpu and ids:
+        # Caffe's tools take -gpu N; classify.py's --gpu is a switch, so N landed here.
+        raise ConfigError(
+            f"{ids[0]!r} is not an input: classify's --gpu is a switch (as classify.py's); "
+            f"give the GPU id with --device {ids[0]}"
+        )
     setup = resolve_setup(
         weights,
         model,
@@ -204,15 +223,17 @@ def classify(
         resize=_ints(images_dim),
         channel_swap=() if channel_swap == "" else _ints(channel_swap),
     )
-    names, images = [], []
-    for item in inputs:
-        item_names, item_images = load_inputs(item, ext)
-        names.extend(item_names)
-        images.extend(item_images)
     classifier = setup.classifier(
         allow_python_layers=allow_python_layers,
         backend=gpu_backend(device) if gpu else CPU,
     )
+    # A net of one input channel (the digits model) classifies grey images.
+    color = classifier.blobs[classifier.inputs[0]].shape[1] != 1
+    names, images = [], []
+    for item in inputs:
+        item_names, item_images = load_inputs(item, ext, color)
+        names.extend(item_names)
+        images.extend(item_images)
     scores = classifier.predict(images, oversample=not center_only)
     if output is not None:
         output = save_scores(output, scores)

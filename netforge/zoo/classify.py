@@ -33,9 +33,12 @@ class Prediction:
     score: float
 
 
-def load_inputs(path: str | os.PathLike, ext: str = "jpg") -> tuple[list[str], list[np.ndarray]]:
+def load_inputs(
+    path: str | os.PathLike, ext: str = "jpg", color: bool = True
+) -> tuple[list[str], list[np.ndarray]]:
     """classify.py's input: an ``.npy`` array of (H, W, K) images, a folder (its ``*.ext``
-    files, in name order), or one image file. Returns a name and an image per input."""
+    files, in name order), or one image file. Returns a name and an image per input; image
+    files are read as RGB with ``color``, else as one intensity channel."""
     from netforge.io import load_image
 
     path = Path(os.path.expanduser(path))
@@ -51,8 +54,8 @@ def load_inputs(path: str | os.PathLike, ext: str = "jpg") -> tuple[list[str], l
         files = sorted(path.glob(f"*.{ext}"))
         if not files:
             raise DataError(f"{path}: no *.{ext} images in this folder (choose --ext)")
-        return [str(f) for f in files], [load_image(f) for f in files]
-    return [str(path)], [load_image(path)]
+        return [str(f) for f in files], [load_image(f, color) for f in files]
+    return [str(path)], [load_image(path, color)]
 
 
 def load_mean(path: str | os.PathLike) -> np.ndarray:
@@ -138,23 +141,27 @@ class ClassifySetup:
 
     def classifier(self, **net_options: Any) -> Classifier:
         """The :class:`netforge.Classifier` this setup describes: the mean file's array, or
-        else the manifest's per-channel mean values; an empty channel swap is none."""
+        else the manifest's per-channel mean values; an empty channel swap is none, and so
+        is the default RGB-to-BGR swap for a net of one input channel (grey images)."""
         from netforge.classifier import Classifier
 
         pre = self.preprocessing
         mean = self.mean
         if mean is None and pre.mean_values is not None:
             mean = np.asarray(pre.mean_values, dtype=np.float32)
-        return Classifier(
+        classifier = Classifier(
             self.model,
             self.weights,
             image_dims=pre.resize,
             mean=mean,
             input_scale=pre.scale,
             raw_scale=pre.raw_scale,
-            channel_swap=pre.channel_swap or None,
             **net_options,
         )
+        grey = classifier.blobs[classifier.inputs[0]].shape[1] == 1
+        if pre.channel_swap and not (grey and pre.channel_swap == Preprocessing().channel_swap):
+            classifier.transformer.set_channel_swap(classifier.inputs[0], pre.channel_swap)
+        return classifier
 
 
 def resolve_setup(
