@@ -163,3 +163,30 @@ def test_divergence_saves_the_last_good_state_which_resumes_at_a_lower_rate(tmp_
     lower.step(40)
     assert lower.iter == good + 40 and np.isfinite(resumed).all()
     assert np.mean(resumed[-8:]) < np.mean(resumed[:8])
+
+
+def test_interrupted_hdf5_conversion_leaves_no_listing_of_mixed_parts(tmp_path, monkeypatch):
+    make_images(tmp_path, count=6)
+    listing, out = tmp_path / "list.txt", tmp_path / "out"
+    conv.convert_hdf5(tmp_path, listing, out, rows_per_file=2)
+    assert len((out / "list.txt").read_text().split()) == 3
+
+    real, calls = conv.write_hdf5, []
+
+    def dies_at_the_second_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "write_hdf5", dies_at_the_second_part)
+    with pytest.raises(_Killed):
+        conv.convert_hdf5(tmp_path, listing, out, rows_per_file=2, gray=True)
+    # part-00000.h5 now holds the gray run's rows, the others the first run's: a listing
+    # naming them together would feed HDF5Data a mix of two conversions
+    assert not (out / "list.txt").exists()
+    monkeypatch.setattr(conv, "write_hdf5", real)
+    summary = conv.convert_hdf5(tmp_path, listing, out, rows_per_file=2, gray=True)
+    assert (out / "list.txt").read_text() == "".join(
+        f"{p.resolve()}\n" for p in summary.outputs[:-1]
+    )

@@ -8,6 +8,7 @@ or a non-integer one, go to ``Datum.targets`` (LMDB) or to a (N, T) ``label`` da
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from netforge.atomic import atomic_write
 from netforge.data.datum import (
     FORMATS,
     datum_image,
@@ -154,11 +156,11 @@ def convert_imageset(
     are > 0. Unreadable or corrupt images are logged, skipped and listed in the summary.
     ``progress(n)`` is called as images are processed.
 
-    The records go to ``<db>.incomplete``, which holds a marker file (``db.INCOMPLETE``)
-    until the last record is committed and is then renamed to ``db``: a killed conversion
-    never leaves a database under the final name, readers refuse the incomplete one, and
-    running the same conversion again resumes after its last committed record (a shuffled
-    list is shuffled alike: the marker keeps the seed).
+    The records go to ``<db>.incomplete``, which holds a marker file (``INCOMPLETE``: the
+    options and the shuffle seed) until the last record is committed and is then renamed to
+    ``db``: a killed conversion never leaves a database under the final name, readers refuse
+    the incomplete one, and running the same conversion again resumes after its last
+    committed record (a shuffled list is shuffled alike: the marker keeps the seed).
     """
     final = Path(db)
     if os.path.exists(final):
@@ -267,10 +269,17 @@ def convert_hdf5(
 
     Data is stored as float32 times ``scale`` (HDF5Data does not transform); labels as a
     (N,) float dataset, or (N, T) for targets. Unreadable inputs are skipped and listed.
+
+    A listing left by an earlier conversion into ``out_dir`` is removed before the first
+    part is written, and the new one written (atomically) after the last: an interrupted
+    conversion leaves no ``list.txt`` naming a mix of its parts and the earlier ones.
     """
     entries = _entries(root, list_file, shuffle, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    listing = out / "list.txt"
+    with contextlib.suppress(FileNotFoundError):
+        listing.unlink()
     size = _resize(resize_height, resize_width)
     summary = Summary()
 
@@ -310,8 +319,8 @@ def convert_hdf5(
         if len(rows) == rows_per_file:
             flush()
     flush()
-    listing = out / "list.txt"
-    listing.write_text("".join(f"{p.resolve()}\n" for p in summary.outputs))
+    with atomic_write(listing, "w") as handle:
+        handle.write("".join(f"{p.resolve()}\n" for p in summary.outputs))
     summary.outputs.append(listing)
     return summary
 
