@@ -50,13 +50,22 @@ def test_caffe_single_dash_flags_become_click_options() -> None:
         "list.txt",
         "db",
     ]
-    # a value that looks like a flag stays a value; unknown flags reach click unchanged
-    assert _argv(["test", "-model", "-m.prototxt", "-bogus", "x"]) == [
+    # a value that looks like a flag stays a value; an unknown flag reaches click whole
+    assert _argv(["test", "-model", "-m.prototxt", "-bogus", "x", "-bo_gus=1"]) == [
         "test",
         "--model",
         "-m.prototxt",
-        "-bogus",
+        "--bogus",
         "x",
+        "--bo-gus=1",
+    ]
+    # a command's own short options stay as typed, a value attached or not
+    assert _argv(["classify", "-o", "p.npy", "-op.npy", "-h"]) == [
+        "classify",
+        "-o",
+        "p.npy",
+        "-op.npy",
+        "-h",
     ]
     assert _argv(["upgrade", "net", "-h"]) == ["upgrade", "net", "-h"]
     # a script's own arguments are its own
@@ -69,8 +78,15 @@ def test_caffe_single_dash_flags_become_click_options() -> None:
     ]
 
 
-def test_unknown_single_dash_flag_is_one_click_error() -> None:
+def test_unknown_single_dash_flag_is_one_click_error(capsys: pytest.CaptureFixture) -> None:
+    """A mistyped gflag is named whole, with the nearest option (not as the short option
+    ``-r`` that click would read first in ``-resize_heigth``)."""
     assert main(["train", "-solverr", "x.prototxt"]) == 2
+    assert "No such option '--solverr'" in capsys.readouterr().err
+    argv = ["convert", "imageset", "-resize_heigth=40", "root/", "list.txt", "db"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No such option '--resize-heigth'" in err and "--resize-height" in err
 
 
 def test_caffe_argv_negative_flag_with_secondary_spelling() -> None:

@@ -6,8 +6,10 @@ dashes, words joined by underscores, ``-flag=value`` or ``-flag value``, and boo
 ``convert_imageset -resize_height=40 -shuffle -backend=lmdb``. ``caffe_argv`` rewrites those
 tokens into the spelling of the command's own click options (``--solver``,
 ``--resize-height=40``, ``--shuffle``), knowing which options take a value so that a value
-that starts with a dash (``-gpu -1``) is left alone. Tokens that name no option of the
-command are passed through unchanged, so click's own error reports them.
+that starts with a dash (``-gpu -1``) is left alone. A gflag that names no option of the
+command is handed to click in its double-dash spelling, so click's error names the whole flag
+and the nearest option (as typed, ``-solverr`` would read as the short options ``-s -o ...``);
+the command's own short options (``-o FILE``, ``-h``) pass through unchanged.
 """
 
 from __future__ import annotations
@@ -32,10 +34,23 @@ def _long_options(command: click.Command, ctx: click.Context) -> dict[str, click
     return table
 
 
-def _rewrite(token: str, options: dict[str, click.Option]) -> tuple[list[str], bool]:
+def _short_options(command: click.Command, ctx: click.Context) -> set[str]:
+    """The single-dash option names of ``command`` (``-o``, ``-h``)."""
+    return {
+        opt
+        for param in command.get_params(ctx)
+        if isinstance(param, click.Option)
+        for opt in (*param.opts, *param.secondary_opts)
+        if not opt.startswith("--")
+    }
+
+
+def _rewrite(
+    token: str, options: dict[str, click.Option], shorts: set[str]
+) -> tuple[list[str], bool]:
     """The click tokens for one gflags token, and whether the next token is its value."""
     match = _GFLAG.fullmatch(token)
-    if match is None:
+    if match is None or token[:2] in shorts:
         return [token], False
     name, value = match.group(1).replace("_", "-"), match.group(2)
     option = options.get(name)
@@ -44,7 +59,9 @@ def _rewrite(token: str, options: dict[str, click.Option]) -> tuple[list[str], b
         if negated is not None and negated.is_flag and not negated.multiple:
             return _set_flag(negated, False), False
     if option is None:
-        return [token], False
+        if token.startswith("--") or len(match.group(1)) == 1:
+            return [token], False
+        return [f"--{name}" + ("" if value is None else f"={value}")], False
     if option.is_flag and not option.multiple and not option.count:
         positive = f"--{name}" not in option.secondary_opts
         if value is None:
@@ -80,7 +97,7 @@ def _set_flag(option: click.Option, value: bool, name: str | None = None) -> lis
 def caffe_argv(command: click.Command, args: list[str], ctx: click.Context) -> list[str]:
     """``args`` for ``command`` with Caffe's gflags spellings in click's; for a group, its
     own options are rewritten and the rest goes to the subcommand the first word names."""
-    options = _long_options(command, ctx)
+    options, shorts = _long_options(command, ctx), _short_options(command, ctx)
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -100,7 +117,7 @@ def caffe_argv(command: click.Command, args: list[str], ctx: click.Context) -> l
             out.append(token)
             i += 1
             continue
-        tokens, takes_value = _rewrite(token, options)
+        tokens, takes_value = _rewrite(token, options, shorts)
         out.extend(tokens)
         if takes_value and i + 1 < len(args):
             out.append(args[i + 1])
