@@ -76,6 +76,23 @@ def solver_text(listing: Path, solver_type: str, iter_size: int, **extra: object
     return f"{text} {TYPE_SETTINGS[solver_type]} net_param {{ {net} }}"
 
 
+def await_signal(out: Path) -> None:
+    """A stand-in rank for the launcher's signal forwarding: say it is ready, then write the
+    action its first SIGINT/SIGHUP asks for (within 60 s)."""
+    import time
+
+    from netforge.solvers.control import SignalActions
+
+    with SignalActions() as actions:
+        out.with_suffix(".ready").touch()
+        deadline = time.monotonic() + 60
+        action = "none"
+        while action == "none" and time.monotonic() < deadline:
+            time.sleep(0.01)
+            action = actions()
+    out.write_text(action)
+
+
 def main(argv: list[str]) -> None:
     from netforge.backend import CPU, gpu
     from netforge.parallel import DataParallel, MPICommunicator

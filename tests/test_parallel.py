@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -431,6 +432,45 @@ def test_collective_timeout_setting(monkeypatch):
     monkeypatch.setenv("NETFORGE_COLLECTIVE_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="NETFORGE_COLLECTIVE_TIMEOUT='soon'"):
         collective_timeout()
+
+
+LAUNCHER = """
+import multiprocessing
+import sys
+from pathlib import Path
+
+from netforge.parallel.launch import watch
+from tests.parallel_worker import await_signal
+
+folder = Path(sys.argv[1])
+context = multiprocessing.get_context("spawn")
+ranks = [context.Process(target=await_signal, args=(folder / f"{r}.txt",)) for r in (0, 1)]
+for rank in ranks:
+    rank.start()
+watch(ranks, ["rank 0", "rank 1"])
+print("all ranks finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGHUP"])
+def test_the_gpu_launcher_passes_signals_on_to_its_ranks(tmp_path, signame):
+    # train --gpu 0,1's parent watches one process per GPU: a SIGINT or SIGHUP sent to it
+    # (a scheduler, or kill) must reach the ranks, whose solvers stop or snapshot, instead
+    # of ending the parent, which would kill them before their final snapshot.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    args = [sys.executable, "-c", LAUNCHER, str(tmp_path)]
+    parent = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while len(list(tmp_path.glob("*.ready"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        parent.send_signal(getattr(signal, signame))
+        out, _ = parent.communicate(timeout=TIMEOUT)
+    finally:
+        parent.kill()
+    assert parent.returncode == 0 and "all ranks finished" in out
+    expected = "stop" if signame == "SIGINT" else "snapshot"
+    assert [(tmp_path / f"{r}.txt").read_text() for r in (0, 1)] == [expected, expected]
 
 
 # -- GPUs: NCCL, and MPI ranks sharing one GPU ------------------------------------------------

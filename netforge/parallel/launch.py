@@ -8,7 +8,8 @@ Two ways in, one code path after them:
 - ``netforge train --solver S --gpu 0,1,2,3`` (or ``--gpu all``): ``run_gpu_ranks`` starts
   one process per GPU (multiprocessing's spawn, as BVLC's ``python/train.py``), hands each
   the same NCCL id, and watches them: when one exits with an error or is killed, the others
-  are stopped at once and a ``ParallelError`` names the rank.
+  are stopped at once and a ``ParallelError`` names the rank; SIGINT and SIGHUP are passed
+  on to them, so Ctrl-C stops every rank after the same iteration with rank 0's snapshot.
 
 In every rank, ``prepare_rank`` runs before the solver is built (its data layers shard by
 the rank; every rank gets rank 0's random seed so shuffled orders agree; only rank 0 loads
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 from collections.abc import Callable
 from multiprocessing.connection import wait
@@ -46,6 +48,11 @@ log = logging.getLogger("netforge")
 
 #: Seconds the other ranks get to exit after SIGTERM before they are killed.
 STOP_GRACE = 5.0
+
+#: Signals the parent of ``--gpu 0,1``'s ranks passes on to them (the solver's actions).
+FORWARDED_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGHUP") if hasattr(signal, name)
+)
 
 # (uid, rank, size, device) of this process when run_gpu_ranks started it.
 _assigned: dict[str, Any] = {}
@@ -140,6 +147,24 @@ def run_gpu_ranks(gpus: list[int], target: Callable[..., None], args: tuple) -> 
     ]
     for process in processes:
         process.start()
+    watch(processes, [f"rank {r} (GPU {g})" for r, g in enumerate(gpus)])
+
+
+def watch(processes: list[Any], names: list[str]) -> None:
+    """Wait for the started ``processes``; raise a ParallelError naming (by ``names``) the
+    first that fails, after stopping the others.
+
+    SIGINT and SIGHUP reaching this process are passed on to them: each rank acts on them
+    as a lone ``netforge train`` does (``--sigint-effect``, ``--sighup-effect``), and the
+    ranks agree to stop or snapshot after the same iteration. Ctrl-C in a terminal reaches
+    the ranks too (one process group); a repeat sets the same pending action."""
+
+    def forward(signum: int, frame: Any) -> None:
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     running = {process.sentinel: r for r, process in enumerate(processes)}
     try:
         while running:
@@ -148,10 +173,10 @@ def run_gpu_ranks(gpus: list[int], target: Callable[..., None], args: tuple) -> 
                 code = processes[rank].exitcode
                 if code:
                     how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
-                    raise ParallelError(
-                        f"rank {rank} (GPU {gpus[rank]}) {how}; the other ranks were stopped"
-                    )
+                    raise ParallelError(f"{names[rank]} {how}; the other ranks were stopped")
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         _stop(processes)
 
 
