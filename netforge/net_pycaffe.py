@@ -39,6 +39,48 @@ class PycaffeNetMethods:
         """Blob name -> its weight in the loss (0 for blobs that are not loss tops)."""
         return OrderedDict((name, self.loss_weights.get(name, 0.0)) for name in self.blobs)
 
+    # pycaffe's own code reads the net through these index-based names of ``_caffe.cpp``;
+    # scripts that copied it do too. Blob indices are positions in ``net.blobs``.
+    @property
+    def _blobs(self: Net) -> list:
+        """The blobs in index order (pycaffe's ``net._blobs``)."""
+        return list(self.blobs.values())
+
+    def _blob_indices(self: Net, names: list[str]) -> list[int]:
+        index = {name: i for i, name in enumerate(self.blobs)}
+        return [index[name] for name in names]
+
+    @property
+    def _inputs(self: Net) -> list[int]:
+        """Indices of the input blobs (Caffe's ``input_blob_indices``)."""
+        return self._blob_indices(self.inputs)
+
+    @property
+    def _outputs(self: Net) -> list[int]:
+        """Indices of the output blobs (Caffe's ``output_blob_indices``)."""
+        return self._blob_indices(self.outputs)
+
+    def _top_ids(self: Net, i: int) -> list[int]:
+        """Blob indices of layer ``i``'s tops (Caffe's ``top_ids``)."""
+        return self._blob_indices(self.layer_tops[i])
+
+    def _bottom_ids(self: Net, i: int) -> list[int]:
+        """Blob indices of layer ``i``'s bottoms (Caffe's ``bottom_ids``)."""
+        return self._blob_indices(self.layer_bottoms[i])
+
+    @property
+    def _blob_loss_weights(self: Net) -> list[float]:
+        """Each blob's loss weight, in index order."""
+        return list(self.blob_loss_weights.values())
+
+    def _forward(self: Net, start: int, end: int) -> float:
+        """Run layers ``start..end`` by index (Caffe's ``ForwardFromTo``); the loss."""
+        return self.forward_from_to(start, end)
+
+    def _backward(self: Net, start: int, end: int) -> None:
+        """Backpropagate from layer ``start`` down to ``end`` by index (``BackwardFromTo``)."""
+        self.backward_from_to(start, end)
+
     def follow_mode(self: Net) -> None:
         """Caffe's mode semantics for a net built without an explicit backend: after
         set_mode_gpu (or set_mode_cpu, set_device), its next pass first moves every array

@@ -159,6 +159,28 @@ def test_top_bottom_names_and_loss_weights(tmp_path: Path) -> None:
     assert net.inputs == [] and net.outputs == ["loss"]
 
 
+def test_index_based_names_of_caffe_cpp(tmp_path: Path) -> None:
+    """pycaffe's ``_blobs``, ``_inputs``/``_outputs``, ``_top_ids``/``_bottom_ids``,
+    ``_blob_loss_weights`` and ``_forward``/``_backward`` (what its pycaffe.py is built on)."""
+    net = _simple(tmp_path)
+    names = list(net.blobs)
+    assert names == ["data", "label", "conv", "ip_blob", "loss"]
+    assert [b.shape for b in net._blobs] == [net.blobs[n].shape for n in names]
+    assert net._inputs == [] and net._outputs == [4]
+    assert [names[i] for i in net._bottom_ids(3)] == ["ip_blob", "label"]
+    assert net._top_ids(0) == [0, 1] and net._top_ids(1) == [2]
+    assert net._blob_loss_weights == [0.0, 0.0, 0.0, 0.0, 2.0]
+    affine, weight, bias = _affine(tmp_path)
+    x = np.random.default_rng(5).standard_normal((4, 3))
+    affine.blobs["x"].data[...] = x
+    assert affine._inputs == [0] and affine._outputs == [1]
+    assert affine._forward(0, 1) == 0.0
+    np.testing.assert_allclose(affine.blobs["y"].data, x @ weight.T + bias, rtol=1e-5, atol=1e-6)
+    affine.blobs["y"].diff[...] = 1.0
+    affine._backward(1, 0)
+    np.testing.assert_allclose(affine.blobs["x"].diff, np.ones((4, 2)) @ weight, rtol=1e-5)
+
+
 def test_clear_param_diffs(tmp_path: Path) -> None:
     net = _simple(tmp_path)
     net.forward()
