@@ -131,6 +131,30 @@ def test_max_pooling_mask_top_and_stochastic_test_pooling() -> None:
     check(net, inputs=make)
 
 
+def test_max_pooling_window_wholly_past_the_input_is_caffes() -> None:
+    # kernel 1, stride 3, no pad, CEIL on 5x5: the third window starts at 6, past the
+    # input; Caffe's loop over it is empty and leaves -FLT_MAX and mask -1 (by hand here)
+    body = layer(
+        "pool",
+        "Pooling",
+        "x",
+        ["y", "mask"],
+        "pooling_param { pool: MAX kernel_size: 1 stride: 3 }",
+    )
+    net = build(body, {"x": (2, 3, 5, 5)})
+    x = np.arange(2 * 3 * 25, dtype=np.float32).reshape(2, 3, 5, 5)
+    y, mask = session(net_to_onnx(net, dynamic_batch=True)).run(["y", "mask"], {"x": x})
+    lowest = np.finfo(np.float32).min
+    expected = np.full((2, 3, 3, 3), lowest, np.float32)
+    expected[:, :, :2, :2] = x[:, :, ::3, ::3]
+    expected_mask = np.full((3, 3), -1.0)
+    expected_mask[:2, :2] = [[0, 3], [15, 18]]
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(mask, np.broadcast_to(expected_mask, (2, 3, 3, 3)))
+    single = layer("p", "Pooling", "x", "y", "pooling_param { pool: MAX kernel_size: 2 stride: 3 }")
+    check(build(single, {"x": (2, 3, 7, 8)}))
+
+
 # -- convolution --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "param",
@@ -145,6 +169,50 @@ def test_max_pooling_mask_top_and_stochastic_test_pooling() -> None:
 def test_convolution_and_deconvolution(type_: str, param: str) -> None:
     body = layer("conv", type_, "x", "y", f"convolution_param {{ {param} }}")
     check(build(body, {"x": (2, 6, 7, 9)}))
+
+
+@pytest.mark.parametrize(
+    ("param", "shape"),
+    [
+        ("kernel_size: 3 stride: 2 pad: 1", (2, 3, 6, 7)),
+        (
+            "kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_h: 1 pad_w: 0 dilation: 2",
+            (2, 2, 6, 7),
+        ),
+        ("kernel_size: 2", (2, 2, 4, 5, 3)),
+    ],
+)
+def test_im2col_columns_in_caffes_order(param: str, shape: tuple[int, ...]) -> None:
+    net = build(layer("cols", "Im2col", "x", "y", f"convolution_param {{ {param} }}"), {"x": shape})
+    assert check(net) == {"Conv"}
+
+
+def test_im2col_column_layout_by_hand() -> None:
+    # column c·9 + ky·3 + kx holds channel c's pixel at offset (ky, kx) of every window
+    body = layer(
+        "cols", "Im2col", "x", "y", "convolution_param { kernel_size: 3 stride: 2 pad: 1 }"
+    )
+    net = build(body, {"x": (1, 3, 6, 7)})
+    x = np.random.default_rng(1).standard_normal((1, 3, 6, 7)).astype(np.float32)
+    (y,) = session(net_to_onnx(net)).run(["y"], {"x": x})
+    padded = np.pad(x[0], ((0, 0), (1, 1), (1, 1)))
+    assert y.shape == (1, 27, 3, 4)
+    for c, ky, kx in [(0, 0, 0), (1, 2, 1), (2, 1, 2)]:
+        window = padded[c, ky : ky + 5 : 2, kx : kx + 7 : 2]
+        np.testing.assert_array_equal(y[0, c * 9 + ky * 3 + kx], window)
+
+
+def test_batch_reindex_gathers_items_at_truncated_indices() -> None:
+    body = layer("pick", "BatchReindex", ["x", "index"], "y")
+    net = build(body, {"x": (4, 3), "index": (5,)})
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    index = np.array([3.7, 0, 0.2, 2, 1], np.float32)
+    (y,) = session(net_to_onnx(net)).run(["y"], {"x": x, "index": index})
+    np.testing.assert_array_equal(y, x[[3, 0, 0, 2, 1]])
+    net.blobs["x"].data[...] = x
+    net.blobs["index"].data[...] = index
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["y"].data, y)
 
 
 def test_convolution_with_two_bottoms_shares_its_weights() -> None:
@@ -472,6 +540,43 @@ def test_cli_reports_a_missing_weights_file_in_one_line(tmp_path: Path, capsys) 
     assert "none.caffemodel" in err and "Traceback" not in err
 
 
+def test_cli_reports_an_unwritable_output_in_one_line(tmp_path: Path, capsys) -> None:
+    deploy = Path(__file__).resolve().parents[1] / "models" / "digits" / "deploy.prototxt"
+    net = Net(deploy, phase=pb.TEST)
+    weights = tmp_path / "digits.caffemodel"
+    net.save(weights)
+    for output in (tmp_path / "missing" / "m.onnx", tmp_path):
+        args = ["--model", str(deploy), "--weights", str(weights), "--output", str(output)]
+        assert main(["export", "onnx", *args]) == 4
+        err = capsys.readouterr().err
+        assert f"{output}: cannot write the ONNX model" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.caffemodel"]
+
+
+def test_cli_refuses_a_train_net_by_its_data_layer_before_opening_it(
+    tmp_path: Path, capsys
+) -> None:
+    text = 'layer { name: "mnist" type: "Data" top: "data" top: "label" '
+    text += 'data_param { source: "no/such/lmdb" batch_size: 2 backend: LMDB } }\n'
+    text += layer("ip", "InnerProduct", "data", "y", "inner_product_param { num_output: 2 }")
+    train_val = tmp_path / "train_val.prototxt"
+    train_val.write_text(text)
+    weights = tmp_path / "w.caffemodel"
+    weights.write_bytes(pb.NetParameter().SerializeToString())
+    code = main(["export", "onnx", "--model", str(train_val), "--weights", str(weights)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "layer 'mnist' (Data): a data layer" in err and "deploy prototxt" in err
+
+
+def test_a_loss_layer_is_refused_as_training_only() -> None:
+    body = layer("ip", "InnerProduct", "x", "y", "inner_product_param { num_output: 4 }")
+    body += layer("loss", "SoftmaxWithLoss", ["y", "label"], "loss")
+    net = build(body, {"x": (2, 3), "label": (2,)}, seed=0)
+    with pytest.raises(ConfigError, match=r"layer 'loss' \(SoftmaxWithLoss\).*training"):
+        net_to_onnx(net)
+
+
 def test_net_to_onnx_writes_the_file(tmp_path: Path) -> None:
     net = build(
         layer("ip", "InnerProduct", "x", "y", "inner_product_param { num_output: 2 }"),
@@ -529,7 +634,7 @@ def test_cli_refuses_a_python_layer_before_running_it(tmp_path: Path, capsys) ->
     weights.write_bytes(pb.NetParameter().SerializeToString())
     code = main(["export", "onnx", "--model", str(deploy), "--weights", str(weights)])
     assert code == 2
-    assert "layer 'py' (Python) runs user code" in capsys.readouterr().err
+    assert "layer 'py' (Python): a Python layer runs user code" in capsys.readouterr().err
 
 
 def test_cli_takes_zoo_weights_and_names_the_output_after_them(

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from netforge.errors import ConfigError
+from netforge.errors import ConfigError, DataError
 from netforge.export import onnx_neurons, onnx_vision  # noqa: F401  (register converters)
 from netforge.export.onnx_graph import DEFAULT_OPSET, MIN_OPSET, OnnxGraph, require_onnx
 from netforge.export.onnx_layers import CONVERTERS, Site
+from netforge.graph import DATA_LAYER_PARAMS, filter_net
 from netforge.proto import pb
 
 #: Symbolic name of axis 0 of the inputs in a ``dynamic_batch`` export.
@@ -78,12 +79,27 @@ def _convert_layers(net: Any, g: OnnxGraph) -> dict[str, str]:
         )
         converter = CONVERTERS.get(layer.type)
         if converter is None:
-            if layer.type == "Python":
-                raise site.refuse("a Python layer runs user code, which ONNX cannot carry")
-            raise site.refuse("ONNX has no operator with this layer's semantics")
+            raise site.refuse(_unconvertible(layer.type))
         for top, tensor in zip(tops, converter(g, site)):
             current[top] = tensor
     return current
+
+
+def _unconvertible(layer_type: str) -> str:
+    """Why a layer type with no converter is refused, and what to export instead."""
+    if layer_type == "Python":
+        return "a Python layer runs user code, which ONNX cannot carry"
+    if layer_type in DATA_LAYER_PARAMS:
+        return (
+            "a data layer reads its inputs from a source; export the deploy prototxt, "
+            "whose inputs are Input layers"
+        )
+    if layer_type.endswith("Loss") or layer_type in ("Accuracy", "HDF5Output"):
+        return (
+            "it serves training or evaluation, not deployment; export the deploy prototxt, "
+            "which leaves it out"
+        )
+    return "ONNX has no operator with this layer's semantics"
 
 
 def _model(net: Any, g: OnnxGraph, tensors: dict[str, str]) -> Any:
@@ -134,11 +150,16 @@ def _model(net: Any, g: OnnxGraph, tensors: dict[str, str]) -> Any:
 
 
 def save_onnx(model: Any, path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` atomically."""
+    """Write ``model`` to ``path`` atomically; DataError when it cannot be written."""
     from netforge.atomic import atomic_write
 
-    with atomic_write(path, "wb") as handle:
-        handle.write(model.SerializeToString())
+    try:
+        with atomic_write(path, "wb") as handle:
+            handle.write(model.SerializeToString())
+    except OSError as exc:
+        raise DataError(
+            f"{os.fspath(path)}: cannot write the ONNX model: {exc.strerror or exc}"
+        ) from None
 
 
 # -- folding ------------------------------------------------------------------------------
@@ -215,17 +236,18 @@ def export_onnx_file(
 ) -> Any:
     """Export the deploy prototxt ``model`` with ``weights`` (a file or ``zoo:NAME``) to
     ``output``; returns the ModelProto. A Python layer is refused before any code runs."""
-    from netforge.graph import filter_net
     from netforge.net import Net
     from netforge.prototxt import read_net
 
     param = read_net(model)
     param.state.phase = pb.TEST
     for layer in filter_net(param, param.state).layer:
-        if layer.type == "Python":
+        # refused before the net is built: a Python layer would import and run its
+        # module, a data layer would open its source
+        if layer.type == "Python" or layer.type in DATA_LAYER_PARAMS:
             raise ConfigError(
-                f"{model}: layer {layer.name!r} (Python) runs user code, which ONNX cannot "
-                "carry; it cannot be exported to ONNX"
+                f"{model}: layer {layer.name!r} ({layer.type}): {_unconvertible(layer.type)}; "
+                "it cannot be exported to ONNX"
             )
     net = Net(param, phase=pb.TEST, weights=weights, allow_python_layers=False)
     onnx_model = net_to_onnx(

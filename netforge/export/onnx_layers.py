@@ -141,6 +141,14 @@ def embed(g: OnnxGraph, site: Site) -> list[str]:
     return [y]
 
 
+@converts("BatchReindex")
+def batch_reindex(g: OnnxGraph, site: Site) -> list[str]:
+    """Gather of bottom 0's items at the indices of bottom 1 (floats, truncated as Caffe)."""
+    hint = site.hint
+    index = g.node("Cast", [site.inputs[1]], f"{hint}/index", to=g.onnx.TensorProto.INT64)
+    return [g.node("Gather", [site.inputs[0], index], hint, axis=0)]
+
+
 @converts("Softmax")
 def softmax(g: OnnxGraph, site: Site) -> list[str]:
     """Softmax along Caffe's ``axis`` (ONNX's single-axis Softmax from opset 13)."""

@@ -1,6 +1,6 @@
 """Converters of Caffe's vision and normalization layers to ONNX operators.
 
-Convolution, Pooling (and SPP), LRN, Crop, Upsample, Interp, BatchNorm, Scale, Bias and MVN:
+Convolution, Im2col, Pooling (and SPP), LRN, Crop, Upsample, Interp, BatchNorm, Scale, Bias and MVN:
 where ONNX's own operator differs from Caffe's (ceil-mode pooling sizes, AVE pooling's
 divisor at the border, BatchNorm's scale factor), the converter composes standard
 operators that compute Caffe's values.
@@ -41,6 +41,27 @@ def convolution(g: OnnxGraph, site: Site) -> list[str]:
         group=layer.group,
     )
     return [g.node(op, [x, *inputs], site.hint, **attrs) for x in site.inputs]
+
+
+@converts("Im2col")
+def im2col(g: OnnxGraph, site: Site) -> list[str]:
+    """Conv with one-hot filters, one per (channel, kernel offset) in Caffe's column order
+    (channel-major): group = channels, so each filter copies one input pixel, exactly."""
+    layer = site.layer
+    if layer.axis != 1:
+        raise site.refuse(f"im2col over axis {layer.axis} (ONNX convolves from axis 1)")
+    geom, channels = layer.geom, site.bottom_shapes[0][1]
+    offsets = math.prod(geom.kernel)
+    one_hot = np.eye(offsets, dtype=np.float32).reshape(offsets, 1, *geom.kernel)
+    weight = g.const(np.tile(one_hot, (channels, 1) + (1,) * len(geom.kernel)), site.hint)
+    attrs = dict(
+        kernel_shape=list(geom.kernel),
+        strides=list(geom.stride),
+        pads=list(geom.pad) * 2,
+        dilations=list(geom.dilation),
+        group=channels,
+    )
+    return [g.node("Conv", [site.inputs[0], weight], site.hint, **attrs)]
 
 
 def _pool_end_pads(layer: Layer, spatial: Sequence[int]) -> list[int]:
@@ -89,15 +110,7 @@ def pooling(g: OnnxGraph, site: Site) -> list[str]:
     end = _pool_end_pads(layer, spatial)
     window = dict(kernel_shape=list(layer.kernel), strides=list(layer.stride))
     if method == pb.PoolingParameter.MAX:
-        pads = [*layer.pad, *end]
-        if len(site.top_shapes) == 1:
-            return [g.node("MaxPool", [x], site.hint, pads=pads, **window)]
-        # Caffe's mask is the flat index within the input plane; ONNX's counts from the
-        # start of the batch: the remainder modulo the plane size is Caffe's.
-        top, index = g.node("MaxPool", [x], site.hint, outputs=2, pads=pads, **window)
-        plane = g.const(math.prod(spatial), f"{site.hint}/plane", np.int64)
-        within = g.node("Mod", [index, plane], f"{site.hint}/mask_index")
-        return [top, g.node("Cast", [within], f"{site.hint}/mask", to=g.onnx.TensorProto.FLOAT)]
+        return _max_pooling(g, site, spatial, end, window)
     padded = x
     if any(layer.pad) or any(end):
         pads = g.ints([0, 0, *layer.pad, 0, 0, *end], f"{site.hint}/pads")
@@ -122,6 +135,54 @@ def pooling(g: OnnxGraph, site: Site) -> list[str]:
     )
     flt_min = g.const(np.finfo(np.float32).tiny, f"{site.hint}/flt_min")
     return [g.node("Div", [sum_sq, g.node("Add", [total, flt_min], f"{site.hint}/den")], site.hint)]
+
+
+def _max_pooling(
+    g: OnnxGraph, site: Site, spatial: Sequence[int], end: Sequence[int], window: dict
+) -> list[str]:
+    """MaxPool padded implicitly (padding never wins), with Caffe's mask as second top.
+
+    Without pad and with a kernel smaller than the stride, CEIL mode can add a window that
+    lies wholly past the input: Caffe gives it -FLT_MAX and mask -1. ONNX pooling takes
+    only pads smaller than the kernel, so those ends are padded explicitly with -FLT_MAX
+    and such a window's mask, pointing into that padding, becomes -1.
+    """
+    layer, x, hint = site.layer, site.inputs[0], site.hint
+    explicit = [e if e >= k else 0 for e, k in zip(end, layer.kernel)]
+    if any(explicit):
+        pads = g.ints([0, 0] + [0] * len(spatial) + [0, 0, *explicit], f"{hint}/far_pads")
+        lowest = g.const(np.finfo(np.float32).min, f"{hint}/lowest")
+        x = g.node("Pad", [x, pads, lowest], f"{hint}/padded")
+    pads = [*layer.pad, *(e - far for e, far in zip(end, explicit))]
+    if len(site.top_shapes) == 1:
+        return [g.node("MaxPool", [x], hint, pads=pads, **window)]
+    top, index = g.node("MaxPool", [x], hint, outputs=2, pads=pads, **window)
+    # Caffe's mask is the flat index within the input plane; ONNX's counts from the start
+    # of the batch over the (explicitly padded) input: the remainder modulo its plane.
+    height, width = spatial
+    padded_width = width + explicit[1]
+    plane = g.const((height + explicit[0]) * padded_width, f"{hint}/plane", np.int64)
+    within = g.node("Mod", [index, plane], f"{hint}/mask_index")
+    if any(explicit):
+        row_size = g.const(padded_width, f"{hint}/row_size", np.int64)
+        row = g.node("Div", [within, row_size], f"{hint}/row")
+        column = g.node("Mod", [within, row_size], f"{hint}/column")
+        inside = g.node(
+            "And",
+            [
+                g.node("Less", [row, g.const(height, f"{hint}/h", np.int64)], f"{hint}/in_h"),
+                g.node("Less", [column, g.const(width, f"{hint}/w", np.int64)], f"{hint}/in_w"),
+            ],
+            f"{hint}/inside",
+        )
+        flat = g.node(
+            "Add",
+            [g.node("Mul", [row, g.const(width, f"{hint}/w", np.int64)], f"{hint}/rows"), column],
+            f"{hint}/flat",
+        )
+        none = g.const(-1, f"{hint}/none", np.int64)
+        within = g.node("Where", [inside, flat, none], f"{hint}/mask_index")
+    return [top, g.node("Cast", [within], f"{hint}/mask", to=g.onnx.TensorProto.FLOAT)]
 
 
 @converts("SPP")
