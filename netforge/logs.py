@@ -149,6 +149,8 @@ def parse_metrics(path: str | os.PathLike) -> tuple[list[Row], list[Row]]:
                 seconds = float(record["elapsed"])
                 outputs = _columns(record.get("outputs", {}))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                if not line.endswith("\n"):
+                    break  # the last line, cut short by a run killed while writing it
                 raise DataError(
                     f"{path}:{number}: not a netforge metrics record ({exc}); expected a JSON "
                     "object with iteration, elapsed and outputs"

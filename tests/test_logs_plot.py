@@ -89,6 +89,10 @@ def test_metrics_file_tables(tmp_path: Path) -> None:
         {"NumIters": 0.0, "Seconds": 0.5, "LearningRate": 0.009, "accuracy": 0.1},
         {"NumIters": 100.0, "Seconds": 2.0, "LearningRate": 0.009, "accuracy": 0.9},
     ]
+    # a run killed while writing a record leaves its last line cut short: the rest is read
+    whole = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(whole + json.dumps(records[2])[:30])
+    assert read_training_log(path) == (train, test)
     path.write_text('{"iteration": 1}\n')
     with pytest.raises(DataError, match=r"run_metrics.jsonl:1: not a netforge metrics record"):
         parse_metrics(path)
