@@ -128,6 +128,22 @@ def test_killed_snapshot_leftovers_are_cleaned_at_the_next_start(tmp_path, caplo
     assert clean_leftovers(str(tmp_path / "snap")) == complete
 
 
+def test_leftovers_of_a_folder_prefix_are_cleaned_in_that_folder(tmp_path):
+    # A prefix ending in "/" (a SolverParameter built in Python is not rewritten to
+    # folder/stem) names files "<folder>/_iter_<n>...": the folder's leftovers are its own,
+    # and a lone model beside the folder, named like the folder, belongs to another run.
+    folder = tmp_path / "snaps"
+    folder.mkdir()
+    for name in ("_iter_2.caffemodel", "_iter_2.solverstate"):
+        (folder / name).write_bytes(b"whole")
+    leftovers = [folder / "._iter_4.solverstate.abcd1234.tmp", folder / "_iter_4.caffemodel"]
+    others = tmp_path / "snaps_iter_9.caffemodel"
+    for path in [*leftovers, others]:
+        path.write_bytes(b"partial")
+    assert clean_leftovers(f"{folder}/") == folder / "_iter_2.solverstate"
+    assert not any(p.exists() for p in leftovers) and others.exists()
+
+
 def test_divergence_saves_the_last_good_state_which_resumes_at_a_lower_rate(tmp_path):
     settings = "base_lr: 3 momentum: 0.9 lr_policy: 'fixed'"
     solver = make_solver(tmp_path, "SGD", settings, dtype=np.float32)

@@ -67,7 +67,10 @@ def clean_leftovers(prefix: str) -> Path | None:
     snapshots with the same prefix at the same moment would lose its temporary file: runs
     sharing a prefix overwrite each other's snapshots anyway.
     """
-    folder, stem = Path(prefix).parent, Path(prefix).name
+    # os.path.split, not Path: a prefix "snaps/" names "snaps/_iter_<n>...", and Path drops
+    # the trailing separator (its name would be "snaps", in the folder above).
+    head, stem = os.path.split(prefix)
+    folder = Path(head or ".")
     if not os.path.isdir(folder):
         return None
     pattern = re.compile(re.escape(stem) + r"_iter_(\d+)(\.caffemodel|\.solverstate)(\.h5)?")
