@@ -215,6 +215,20 @@ def test_batch_reindex_gathers_items_at_truncated_indices() -> None:
     np.testing.assert_array_equal(net.blobs["y"].data, y)
 
 
+@pytest.mark.parametrize(
+    ("type_", "param"),
+    [
+        ("Convolution", "num_output: 3 kernel_size: 3 group: 3 axis: 2"),
+        ("Deconvolution", "num_output: 4 kernel_size: 3 stride: 2 axis: 2"),
+        ("Im2col", "kernel_size: 2 pad: 1 axis: 2"),
+    ],
+)
+def test_convolution_channel_axis_after_several_item_axes(type_: str, param: str) -> None:
+    # axis 2 of (N, 2, C, H, W): Caffe convolves 2·N items
+    body = layer("conv", type_, "x", "y", f"convolution_param {{ {param} }}")
+    assert "Reshape" in check(build(body, {"x": (2, 2, 3, 6, 7)}))
+
+
 def test_convolution_with_two_bottoms_shares_its_weights() -> None:
     body = layer(
         "conv",

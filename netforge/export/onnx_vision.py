@@ -27,20 +27,13 @@ def convolution(g: OnnxGraph, site: Site) -> list[str]:
     """Conv / ConvTranspose: groups, dilation, per-axis kernel, stride and pad; each bottom
     is filtered with the same weights (Caffe's several bottom/top pairs)."""
     layer = site.layer
-    if layer.axis != 1:
-        raise site.refuse(f"convolution over axis {layer.axis} (ONNX convolves from axis 1)")
-    geom = layer.geom
     weight = g.const(site.blob(0), f"{site.hint}/weight")
     inputs = [weight, g.const(site.blob(1), f"{site.hint}/bias")] if layer.bias_term else [weight]
     op = "ConvTranspose" if layer.type == "Deconvolution" else "Conv"
-    attrs = dict(
-        kernel_shape=list(geom.kernel),
-        strides=list(geom.stride),
-        pads=list(geom.pad) * 2,
-        dilations=list(geom.dilation),
-        group=layer.group,
-    )
-    return [g.node(op, [x, *inputs], site.hint, **attrs) for x in site.inputs]
+    return [
+        _convolve(g, site, x, top, op, inputs, layer.group)
+        for x, top in zip(site.inputs, site.top_shapes)
+    ]
 
 
 @converts("Im2col")
@@ -48,20 +41,38 @@ def im2col(g: OnnxGraph, site: Site) -> list[str]:
     """Conv with one-hot filters, one per (channel, kernel offset) in Caffe's column order
     (channel-major): group = channels, so each filter copies one input pixel, exactly."""
     layer = site.layer
-    if layer.axis != 1:
-        raise site.refuse(f"im2col over axis {layer.axis} (ONNX convolves from axis 1)")
-    geom, channels = layer.geom, site.bottom_shapes[0][1]
+    geom, channels = layer.geom, site.bottom_shapes[0][layer.axis]
     offsets = math.prod(geom.kernel)
     one_hot = np.eye(offsets, dtype=np.float32).reshape(offsets, 1, *geom.kernel)
     weight = g.const(np.tile(one_hot, (channels, 1) + (1,) * len(geom.kernel)), site.hint)
+    return [_convolve(g, site, site.inputs[0], site.top_shapes[0], "Conv", [weight], channels)]
+
+
+def _convolve(
+    g: OnnxGraph,
+    site: Site,
+    x: str,
+    top_shape: Sequence[int],
+    op: str,
+    parameters: Sequence[str],
+    group: int,
+) -> str:
+    """``op`` over ``x`` with the layer's geometry. ONNX's channel axis is 1; Caffe's
+    ``axis`` may be another, every axis before it counting items: those are merged into
+    one before the convolution and split again after it."""
+    layer, geom, hint = site.layer, site.layer.geom, site.hint
     attrs = dict(
         kernel_shape=list(geom.kernel),
         strides=list(geom.stride),
         pads=list(geom.pad) * 2,
         dilations=list(geom.dilation),
-        group=channels,
+        group=group,
     )
-    return [g.node("Conv", [site.inputs[0], weight], site.hint, **attrs)]
+    if layer.axis == 1:
+        return g.node(op, [x, *parameters], hint, **attrs)
+    items = g.reshape(x, [-1, *site.bottom_shapes[0][layer.axis :]], f"{hint}/items")
+    y = g.node(op, [items, *parameters], f"{hint}/{op.lower()}", **attrs)
+    return g.reshape(y, [-1, *top_shape[1:]], hint)
 
 
 def _pool_end_pads(layer: Layer, spatial: Sequence[int]) -> list[int]:
