@@ -161,6 +161,24 @@ def test_explicit_gpu_error_is_not_rewritten(
     assert "--cpu" not in capsys.readouterr().err
 
 
+def test_test_and_time_take_train_gpu_spellings(
+    gpu_solver: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """-gpu -1 is the CPU in test and time as in train; 'all' asks for GPU 0 (Caffe's
+    gpus[0]); a value that is no id is one error line, not a ValueError traceback."""
+    _no_gpu(monkeypatch)
+    assert main(["train", "-solver", str(gpu_solver), "-cpu"]) == 0
+    net = str(gpu_solver.parent / "net.prototxt")
+    scoring = ["test", "-model", net, "-weights", str(gpu_solver.parent / "ls_iter_2.caffemodel")]
+    timing = ["time", "-model", net, "-iterations", "1"]
+    for command in (scoring, timing):
+        assert main([*command, "-gpu", "-1"]) == 0
+        assert main([*command, "-gpu", "all"]) == DeviceError.exit_code
+        assert main([*command, "-gpu", "first"]) == ConfigError.exit_code
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == "netforge: error: --gpu 'first': give a GPU id, a comma list of ids, or 'all'"
+
+
 class _Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__()

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import click
+
+if TYPE_CHECKING:
+    from netforge.backend import Backend
+
+log = logging.getLogger("netforge")
 
 #: A prototxt is data; its Python layers are code it names. The CLI runs them only when asked
 #: (this flag, or NETFORGE_ALLOW_PYTHON_LAYERS=1), because prototxts travel between people.
@@ -13,3 +21,28 @@ allow_python_layers = click.option(
     help='Run the prototxt\'s type: "Python" layers (code it names); off for safety '
     "(also NETFORGE_ALLOW_PYTHON_LAYERS=1).",
 )
+
+#: ``caffe test`` and ``caffe time``'s -gpu: one device scores or times the net.
+one_gpu = click.option(
+    "--gpu",
+    default=None,
+    help="GPU id (the first of a comma list or of 'all'); CPU if absent or -1.",
+)
+
+
+def one_gpu_backend(gpu: str | None) -> Backend:
+    """The backend for a ``one_gpu`` value, logged as Caffe does: the first id of a comma
+    list, or of 'all' (Caffe takes gpus[0]); absent or -1 (train's CPU spelling) is the CPU."""
+    from netforge import backend as backends
+    from netforge.errors import ConfigError
+
+    if gpu in (None, "", "-1"):
+        log.info("Use CPU.")
+        return backends.CPU
+    first = gpu.split(",")[0]
+    try:
+        device = 0 if first == "all" else int(first)
+    except ValueError:
+        raise ConfigError(f"--gpu {gpu!r}: give a GPU id, a comma list of ids, or 'all'") from None
+    log.info("Use GPU with device ID %d", device)
+    return backends.gpu(device)

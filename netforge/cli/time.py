@@ -15,7 +15,7 @@ import logging
 
 import click
 
-from netforge.cli.options import allow_python_layers
+from netforge.cli.options import allow_python_layers, one_gpu, one_gpu_backend
 from netforge.errors import ConfigError, DataError
 from netforge.graph import replace_data_layers
 from netforge.proto import pb
@@ -39,7 +39,7 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
 @click.command("time")
 @click.option("--model", required=True, help="Net prototxt to time.")
 @click.option("--iterations", default=50, show_default=True, help="Timed iterations.")
-@click.option("--gpu", default=None, help="GPU id (the first of a comma list); CPU if absent.")
+@one_gpu
 @click.option(
     "--phase",
     type=click.Choice(["TRAIN", "TEST"]),
@@ -68,20 +68,13 @@ def time_command(
     allow_python_layers: bool,
 ) -> None:
     """Benchmark a net's layers: Caffe's ``caffe time``."""
-    from netforge import backend as backends
     from netforge.net import Net
     from netforge.prototxt import read_net
     from netforge.train_log import setup_logging
 
     setup_logging()
     shape = _parse_shape(data_shape)
-    if gpu is not None:
-        device = int(gpu.split(",")[0])
-        backend = backends.gpu(device)
-        LOG.info("Use GPU with device ID %d", device)
-    else:
-        backend = backends.CPU
-        LOG.info("Use CPU.")
+    backend = one_gpu_backend(gpu)
     options = dict(
         phase=pb.TRAIN if phase == "TRAIN" else pb.TEST,
         # Caffe's quirk of one empty stage for an empty --stage flag changes nothing here:

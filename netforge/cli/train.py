@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from netforge.cli.options import allow_python_layers
+from netforge.cli.options import allow_python_layers, one_gpu, one_gpu_backend
 from netforge.errors import ConfigError, DivergenceError, NetforgeError
 
 log = logging.getLogger("netforge")
@@ -208,7 +208,7 @@ def _train_gpu_rank(params: dict[str, Any]) -> None:
 @click.option("--model", required=True, help="Net prototxt to score (phase TEST).")
 @click.option("--weights", required=True, help="Trained caffemodel (or zoo:NAME).")
 @click.option("--iterations", default=50, show_default=True, help="Batches to score.")
-@click.option("--gpu", default=None, help="GPU id (the first of a comma list); CPU if absent.")
+@one_gpu
 @click.option("--stage", default=None, help="Comma-separated NetState stages.")
 @click.option("--level", default=0, show_default=True, help="NetState level.")
 @allow_python_layers
@@ -222,7 +222,6 @@ def test(
     allow_python_layers: bool,
 ) -> None:
     """Score a trained model: mean outputs over --iterations batches (Caffe's caffe test)."""
-    from netforge import backend as backends
     from netforge.backend import to_numpy
     from netforge.net import Net
     from netforge.proto import pb
@@ -233,13 +232,7 @@ def test(
     setup_logging()
     if iterations <= 0:
         raise ConfigError(f"--iterations must be positive, got {iterations}")
-    if gpu:
-        device = int(gpu.split(",")[0])
-        log.info("Use GPU with device ID %d", device)
-        backend = backends.gpu(device)
-    else:
-        log.info("Use CPU.")
-        backend = backends.CPU
+    backend = one_gpu_backend(gpu)
     net = Net(
         model,
         phase=pb.TEST,
