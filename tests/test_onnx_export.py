@@ -567,22 +567,6 @@ def test_cli_reports_an_unwritable_output_in_one_line(tmp_path: Path, capsys) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.caffemodel"]
 
 
-def test_cli_refuses_a_train_net_by_its_data_layer_before_opening_it(
-    tmp_path: Path, capsys
-) -> None:
-    text = 'layer { name: "mnist" type: "Data" top: "data" top: "label" '
-    text += 'data_param { source: "no/such/lmdb" batch_size: 2 backend: LMDB } }\n'
-    text += layer("ip", "InnerProduct", "data", "y", "inner_product_param { num_output: 2 }")
-    train_val = tmp_path / "train_val.prototxt"
-    train_val.write_text(text)
-    weights = tmp_path / "w.caffemodel"
-    weights.write_bytes(pb.NetParameter().SerializeToString())
-    code = main(["export", "onnx", "--model", str(train_val), "--weights", str(weights)])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "layer 'mnist' (Data): a data layer" in err and "deploy prototxt" in err
-
-
 def test_a_loss_layer_is_refused_as_training_only() -> None:
     body = layer("ip", "InnerProduct", "x", "y", "inner_product_param { num_output: 4 }")
     body += layer("loss", "SoftmaxWithLoss", ["y", "label"], "loss")
@@ -638,17 +622,43 @@ def test_small_repository_models(path: str) -> None:
     check(net)
 
 
-def test_cli_refuses_a_python_layer_before_running_it(tmp_path: Path, capsys) -> None:
-    # the module does not exist: the refusal must come before any import is tried
-    text = 'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } }\n'
-    text += layer("py", "Python", "x", "y", 'python_param { module: "no_such" layer: "L" }')
+INPUT_X = 'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 } } }\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "refusal"),
+    [
+        # the module does not exist: the refusal must come before any import is tried
+        (
+            INPUT_X
+            + layer("py", "Python", "x", "y", 'python_param { module: "no_such" layer: "L" }'),
+            "layer 'py' (Python): a Python layer runs user code",
+        ),
+        # a train net: its data layer is named before its (missing) source is opened
+        (
+            layer(
+                "mnist",
+                "Data",
+                [],
+                ["x", "label"],
+                'data_param { source: "no/such/lmdb" batch_size: 2 backend: LMDB }',
+            )
+            + layer("ip", "InnerProduct", "x", "y", "inner_product_param { num_output: 2 }"),
+            "layer 'mnist' (Data): a data layer reads its inputs from a source; export the deploy",
+        ),
+    ],
+    ids=["python", "data"],
+)
+def test_cli_refuses_a_layer_before_building_it(
+    tmp_path: Path, capsys, text: str, refusal: str
+) -> None:
     deploy = tmp_path / "deploy.prototxt"
     deploy.write_text(text)
     weights = tmp_path / "w.caffemodel"
     weights.write_bytes(pb.NetParameter().SerializeToString())
     code = main(["export", "onnx", "--model", str(deploy), "--weights", str(weights)])
     assert code == 2
-    assert "layer 'py' (Python): a Python layer runs user code" in capsys.readouterr().err
+    assert refusal in capsys.readouterr().err
 
 
 def test_cli_takes_zoo_weights_and_names_the_output_after_them(
