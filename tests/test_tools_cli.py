@@ -257,6 +257,34 @@ def test_upgrade_solver_reports_embedded_net_upgrade(
     assert 'type: "InnerProduct"' in (tmp_path / "t").read_text()
 
 
+def test_upgrade_binary_net_stays_binary_with_its_weights(tmp_path: Path) -> None:
+    """Caffe's upgrade_net_proto_binary: a V1 .caffemodel upgrades to a binary net whose
+    weights load (written as text, the .caffemodel could not be read back)."""
+    old = pb.NetParameter(name="v1", input=["data"], input_dim=[1, 1, 2, 2])
+    layer = old.layers.add(name="ip", type=pb.V1LayerParameter.INNER_PRODUCT)
+    layer.bottom.append("data")
+    layer.top.append("ip")
+    layer.inner_product_param.num_output = 2
+    weight = np.arange(8, dtype=np.float32) / 4
+    layer.blobs.add(num=1, channels=1, height=2, width=4).data.extend(weight)
+    layer.blobs.add(num=1, channels=1, height=1, width=2).data.extend([0.5, -1.5])
+    (tmp_path / "old.caffemodel").write_bytes(old.SerializeToString())
+    argv = ["upgrade", "net", str(tmp_path / "old.caffemodel"), str(tmp_path / "new.caffemodel")]
+    assert main(argv) == 0
+    new = pb.NetParameter()
+    new.ParseFromString((tmp_path / "new.caffemodel").read_bytes())
+    assert [(x.name, x.type) for x in new.layer] == [("input", "Input"), ("ip", "InnerProduct")]
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 '
+        'dim: 2 dim: 2 } } }\nlayer { name: "ip" type: "InnerProduct" bottom: "data" '
+        'top: "ip" inner_product_param { num_output: 2 } }\n'
+    )
+    net = Net(str(deploy), weights=str(tmp_path / "new.caffemodel"))
+    np.testing.assert_array_equal(net.params["ip"][0].data, weight.reshape(2, 4))
+    np.testing.assert_array_equal(net.params["ip"][1].data, [0.5, -1.5])
+
+
 def test_upgrade_net_unknown_type_names_layer_and_nearest(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
+from netforge.errors import ConfigError
 from netforge.proto import pb
-from netforge.prototxt import read_message, write_text
+from netforge.prototxt import read_message, read_text, write_binary, write_text
 from netforge.upgrade import check_layer_types, upgrade_net, upgrade_solver
 
 
@@ -14,14 +15,16 @@ from netforge.upgrade import check_layer_types, upgrade_net, upgrade_solver
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.argument("destination", type=click.Path(dir_okay=False))
 def upgrade(kind: str, source: str, destination: str) -> None:
-    """Upgrade a V0/V1 net (text or binary) or a legacy solver; write it as text."""
+    """Upgrade a V0/V1 net or a legacy solver, writing it in the source's encoding: a text
+    prototxt as text (upgrade_net_proto_text), a binary net such as a V1 .caffemodel as
+    binary with its weights (upgrade_net_proto_binary)."""
+    message_cls = pb.NetParameter if kind == "net" else pb.SolverParameter
+    message, binary = _read(source, message_cls)
     if kind == "net":
-        message = read_message(source, pb.NetParameter)
         steps = upgrade_net(message, source)
     else:
-        message = read_message(source, pb.SolverParameter)
         steps = upgrade_solver(message, source)
-    write_text(message, destination)
+    (write_binary if binary else write_text)(message, destination)
     if steps:
         click.echo(f"{source}: {'; '.join(steps)}; wrote {destination}")
     else:
@@ -32,6 +35,16 @@ def upgrade(kind: str, source: str, destination: str) -> None:
     nets = [message] if kind == "net" else _solver_nets(message)
     for net in nets:
         check_layer_types(net, f"{source} (upgraded to {destination})")
+
+
+def _read(source: str, message_cls: type) -> tuple[object, bool]:
+    """The message in ``source`` and whether it was in the binary (wire) format."""
+    try:
+        return read_text(source, message_cls), False
+    except ConfigError:
+        # Not a text prototxt: read_message tries the wire format and, when neither
+        # parses, raises the text parser's error (its line and field).
+        return read_message(source, message_cls), True
 
 
 def _solver_nets(solver: pb.SolverParameter) -> list[pb.NetParameter]:
