@@ -467,6 +467,54 @@ def test_opsets(opset: int) -> None:
     assert "ReduceL1" in model_ops
 
 
+# -- recurrent ----------------------------------------------------------------------------------
+def run_both(net: Net, feeds: dict[str, np.ndarray], tops: list[str]) -> None:
+    """One forward of ``net`` (fresh: a recurrent state starts at zeros) and of its static
+    export on ``feeds``; every top within the tolerance, none all zero."""
+    model = net_to_onnx(net)
+    for name, value in feeds.items():
+        net.blobs[name].data[...] = value
+    net.forward()
+    for top, got in zip(tops, session(model, threads=1).run(tops, feeds)):
+        expected = net.blobs[top].data
+        assert got.shape == expected.shape
+        peak = np.max(np.abs(expected))
+        assert 0 < peak and np.max(np.abs(got - expected)) <= TOLERANCE * max(1.0, peak)
+
+
+# cont 0 starts a sequence: at t = 0 and in the middle of streams 1 and 2
+CONT = np.array([[0, 0, 1], [1, 1, 1], [1, 0, 1], [1, 1, 0]], np.float32)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["", "static"])
+@pytest.mark.parametrize("exposed", [False, True], ids=["", "exposed"])
+@pytest.mark.parametrize("type_", ["RNN", "LSTM"])
+def test_recurrent_layers_unrolled(type_: str, exposed: bool, static: bool) -> None:
+    rng = np.random.default_rng(4)
+    shapes = {"x": (4, 3, 2, 3), "cont": (4, 3)}
+    if static:
+        shapes["s"] = (3, 2)
+    states = ["h0", "c0"][: 2 if type_ == "LSTM" else 1] if exposed else []
+    shapes.update({name: (1, 3, 5) for name in states})
+    tops = ["y", *(name.replace("0", "T") for name in states)]
+    param = f"recurrent_param {{ num_output: 5 expose_hidden: {str(exposed).lower()} }}"
+    net = build(layer("rec", type_, list(shapes), tops, param), shapes, seed=2)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    feeds["cont"] = CONT
+    run_both(net, feeds, tops)
+    with pytest.raises(ConfigError, match=r"layer 'rec'.*time, fixed at T = 4"):
+        net_to_onnx(net, dynamic_batch=True)
+
+
+def test_lstm_unit() -> None:
+    shapes = {"c_prev": (1, 3, 4), "gates": (1, 3, 16), "cont": (1, 3)}
+    net = build(layer("unit", "LSTMUnit", list(shapes), ["c", "h"]), shapes)
+    rng = np.random.default_rng(5)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    feeds["cont"] = np.array([[1, 0, 0.5]], np.float32)
+    run_both(net, feeds, ["c", "h"])
+
+
 # -- refusals ------------------------------------------------------------------------------------
 def test_layers_without_a_faithful_form_are_named() -> None:
     # Caffe's DummyData refills a gaussian blob at every forward: no ONNX form

@@ -1,9 +1,10 @@
 """Export a built netforge ``Net`` (a deploy net and its weights) to an ONNX model.
 
 Each layer becomes standard ONNX operators through its converter (``onnx_layers.py``,
-``onnx_neurons.py``). Blobs a layer rewrites in place become a new tensor per write; the
-net's inputs and outputs keep Caffe's blob names. The model passes ``onnx.checker`` with
-full checks and carries the shapes ONNX's inference gives.
+``onnx_vision.py``, ``onnx_neurons.py``, ``onnx_recurrent.py``). Blobs a layer rewrites in
+place become a new tensor per write; the net's inputs and outputs keep Caffe's blob names.
+The model passes ``onnx.checker`` with full checks and carries the shapes ONNX's inference
+gives.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from typing import Any
 import numpy as np
 
 from netforge.errors import ConfigError, DataError
-from netforge.export import onnx_neurons, onnx_vision  # noqa: F401  (register converters)
+from netforge.export import (  # noqa: F401  (register converters)
+    onnx_neurons,
+    onnx_recurrent,
+    onnx_vision,
+)
 from netforge.export.onnx_graph import DEFAULT_OPSET, MIN_OPSET, OnnxGraph, require_onnx
 from netforge.export.onnx_layers import CONVERTERS, Site
 from netforge.graph import DATA_LAYER_PARAMS, filter_net

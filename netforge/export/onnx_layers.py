@@ -10,7 +10,7 @@ divisor at the border, ArgMax's ties, Caffe's Reshape/Flatten axes), the convert
 standard operators that compute Caffe's values; a layer with no faithful form raises a
 ConfigError naming it. This module holds the registry and the fully connected, selection
 and routing layers; vision and normalization layers are in ``onnx_vision.py``, neuron
-layers in ``onnx_neurons.py``.
+layers in ``onnx_neurons.py``, recurrent layers in ``onnx_recurrent.py``.
 """
 
 from __future__ import annotations
