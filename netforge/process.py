@@ -113,9 +113,9 @@ def set_solver_rank(rank: int) -> None:
 
 
 def set_multiprocess(multiprocess: bool) -> None:
-    """Declare that the solvers run in separate processes (Caffe's ``set_multiprocess``);
-    netforge's always do, one per process."""
-    world.set_multiprocess(multiprocess)
+    """Caffe's ``set_multiprocess``, which tells Caffe its solvers run in separate
+    processes (BVLC's python/train.py) rather than as threads of one: netforge's always do,
+    one per process, so there is nothing to record and the call changes nothing."""
 
 
 def has_nccl() -> bool:

@@ -20,7 +20,7 @@ class World(NamedTuple):
     count: int
 
 
-_state = {"rank": 0, "count": 1, "multiprocess": False}
+_state = {"rank": 0, "count": 1}
 
 
 def world() -> World:
@@ -41,9 +41,3 @@ def set_rank(rank: int) -> None:
 def set_count(count: int) -> None:
     """Set the number of solvers training together (Caffe's ``Caffe::set_solver_count``)."""
     _state["count"] = int(count)
-
-
-def set_multiprocess(multiprocess: bool) -> None:
-    """Record that the solvers run in separate processes (Caffe's ``set_multiprocess``).
-    netforge's solvers always do, one per process: nothing depends on it."""
-    _state["multiprocess"] = bool(multiprocess)
