@@ -140,7 +140,10 @@ class Function:
                 raise ConfigError(
                     f"layer {layer.name!r} ({self.type_name}): no parameter {key!r} in {where}"
                 )
-            assign_proto(target, key, value)
+            try:
+                assign_proto(target, key, value)
+            except ConfigError as exc:  # a nested field: say which layer it was given to
+                raise ConfigError(f"layer {layer.name!r} ({self.type_name}): {exc}") from None
         layers[self] = layer
 
 

@@ -193,7 +193,15 @@ def test_unknown_parameters_name_the_layer() -> None:
     ):
         n.to_proto()
     n.ip = L.InnerProduct(n.data, weight_filler="xavier")
-    with pytest.raises(ConfigError, match=r"weight_filler: cannot take 'xavier'"):
+    with pytest.raises(ConfigError, match=r"'ip' .*weight_filler: cannot take 'xavier'"):
+        n.to_proto()
+    n.ip = L.InnerProduct(n.data, weight_filler=dict(typ="xavier"), param=[dict(lr_mult=1)])
+    with pytest.raises(
+        ConfigError, match=r"layer 'ip' \(InnerProduct\): FillerParameter has no field 'typ'"
+    ):
+        n.to_proto()
+    n.ip = L.InnerProduct(n.data, num_output=3, param=[dict(lr_mul=1)])
+    with pytest.raises(ConfigError, match=r"layer 'ip' .*ParamSpec has no field 'lr_mul'"):
         n.to_proto()
     with pytest.raises(AttributeError, match="no top named 'missing'"):
         n.missing  # noqa: B018
