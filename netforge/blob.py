@@ -123,6 +123,12 @@ class Blob:
         return axis % n if n else 0
 
     # -- arrays --------------------------------------------------------------------------
+    def bytes_to_allocate(self, diff: bool = False) -> int:
+        """Bytes the data array (the diff with ``diff``) takes when first touched; 0 once it
+        exists. Arrays are allocated lazily: a net that never runs backward has no diffs."""
+        array = self._diff if diff else self._data
+        return 0 if array is not None else self.count * self.dtype.itemsize
+
     @property
     def data(self) -> Any:
         if self._data is None:

@@ -165,6 +165,8 @@ class Net(PycaffeNetMethods):
         self._param_slots: list[list[int]] = []
         #: slots whose diffs hold nothing to keep (``mark_param_diffs_stale``)
         self._stale_slots: set[int] = set()
+        #: whether the gradients' memory was checked (at the first backward pass)
+        self._gradients_checked = False
         owners: dict[str, tuple[int, str]] = {}
         held, counted = 0, set()  # bytes of data the blobs and parameters will take
         lr_set: list[bool] = []
@@ -474,6 +476,8 @@ class Net(PycaffeNetMethods):
         start = len(self.layers) - 1 if start is None else start
         if self._follows_mode:
             self.follow_mode()
+        if not self._gradients_checked:
+            self._check_gradient_memory()
         before, after = self._hooks["before_backward"], self._hooks["after_backward"]
         for i in range(start, end - 1, -1):
             for hook in before:
@@ -494,6 +498,8 @@ class Net(PycaffeNetMethods):
                     self.bottom_need_backward[i],
                     self._blobs_of(self.layer_bottoms[i]),
                 )
+            except MemoryError:
+                raise self._out_of_memory(layer, self._blobs_of(self.layer_bottoms[i])) from None
             finally:
                 layer.stale_param_diffs = []
             added = layer.diff_bounds or [math.inf] * len(layer.blobs)
@@ -505,6 +511,33 @@ class Net(PycaffeNetMethods):
                 hook(i)
         if end == 0:
             self.zero_stale_param_diffs()
+
+    def _check_gradient_memory(self) -> None:
+        """Check, before backward allocates its first diff, that the arrays still to be
+        allocated (a diff beside every blob and parameter backward writes, and any data not
+        yet touched) fit in the memory left, layer by layer: the check at setup counts data
+        only (a net that only runs forward allocates no diffs), so a net that fits for
+        inference but not for training is one error naming the layer and the bytes, not a
+        MemoryError part way through backward."""
+        self._gradients_checked = True
+        arrays: set[tuple[int, bool]] = set()
+        total = 0
+        for i, layer in enumerate(self.layers):
+            tops = self._blobs_of(self.layer_tops[i])
+            held = [(b, False) for b in (*tops, *layer.blobs)]
+            if self.layer_need_backward[i]:
+                bottoms = self._blobs_of(self.layer_bottoms[i])
+                written = [b for b, flag in zip(bottoms, self.bottom_need_backward[i]) if flag]
+                held += [(b, True) for b in (*tops, *written, *layer.blobs)]
+            for blob, diff in held:
+                if (id(blob), diff) not in arrays:
+                    arrays.add((id(blob), diff))
+                    total += blob.bytes_to_allocate(diff)
+            check_bytes(
+                total,
+                f"layer {layer.name!r}: the gradients (and data not yet allocated) up to it",
+                self.backend.device_id,
+            )
 
     def before_forward(self, callback: Callable[[int], Any]) -> None:
         """Call ``callback(i)`` before layer ``i``'s forward (pycaffe's

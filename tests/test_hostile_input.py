@@ -202,6 +202,41 @@ def test_a_net_larger_than_memory_names_the_layer_and_bytes(layer):
     assert needed > available_bytes()
 
 
+def test_gradients_that_do_not_fit_are_one_error_before_the_first_backward(monkeypatch):
+    # 128 MiB of data per blob: the net fits in 400 MiB for inference (256 MiB), but
+    # backward adds a diff beside both blobs (512 MiB in all).
+    import netforge.memory
+
+    text = (
+        'force_backward: true layer { name: "data" type: "Input" top: "data" '
+        "input_param { shape { dim: 1 dim: 32 dim: 1024 dim: 1024 } } }"
+        'layer { name: "twice" type: "Power" bottom: "data" top: "twice" '
+        "power_param { scale: 2 } }"
+    )
+    monkeypatch.setattr(netforge.memory, "available_bytes", lambda: 400 << 20)
+    net = Net(parse_text(text, pb.NetParameter), pb.TRAIN)
+    with pytest.raises(ShapeError, match=r"layer 'twice'.* would need 536,870,912 bytes"):
+        net.backward()
+    assert net.blobs["data"]._diff is None  # refused before anything was allocated
+
+
+def test_out_of_memory_inside_a_backward_names_the_layer():
+    text = (
+        'force_backward: true layer { name: "data" type: "Input" top: "data" '
+        "input_param { shape { dim: 2 dim: 3 } } }"
+        'layer { name: "twice" type: "Power" bottom: "data" top: "twice" }'
+    )
+    net = Net(parse_text(text, pb.NetParameter), pb.TRAIN)
+    net.forward()
+
+    def workspace_too_big(*args):
+        raise MemoryError  # what numpy raises for a layer's own buffer
+
+    net.layers[1].backward = workspace_too_big
+    with pytest.raises(ShapeError, match=r"layer 'twice' \(Power\): out of memory"):
+        net.backward()
+
+
 def test_input_dims_near_2_31_are_a_shape_error_before_allocation():
     text = (
         'layer { name: "data" type: "Input" top: "data" '
