@@ -4,7 +4,9 @@ Caffe's scheme (BVLC parallel.cpp), over any ``Communicator``:
 
 - every rank runs a full solver on its own share of the records (``netforge.parallel.world``
   shards the TRAIN data layers), so the effective batch is ``count × batch_size``;
-- the weights are broadcast from rank 0 once (``broadcast``), so every rank starts alike;
+- the weights are broadcast from rank 0 once (``broadcast``; with a resumed snapshot also
+  the history, counters and data cursors, ``broadcast_solver_state``), so every rank starts
+  alike;
 - the gradients are summed over the ranks before the update and divided by the count (the
   solver folds that division into its ``iter_size`` normalisation: no extra pass), and every
   rank applies the same update, so weights and histories stay identical;
@@ -59,7 +61,8 @@ class DataParallel:
     """Keeps ``solver``'s replicas on the ranks of ``comm`` in step (Caffe's ``NCCL``).
 
     Building one lays out the flat gradient buffer and hooks itself into the solver
-    (``solver.parallel``); then call ``broadcast()`` and either ``attach()`` or, as
+    (``solver.parallel``); then call ``broadcast()`` (and ``broadcast_solver_state()`` when
+    rank 0 alone restored a snapshot) and either ``attach()`` or, as
     pycaffe's ``python/train.py`` does, ``solver.add_callback(this)`` and, with
     ``layer_wise_reduce``, ``solver.net.after_backward(this)``.
     """
