@@ -367,6 +367,23 @@ def test_reshaping_layers() -> None:
     check(build(body, {"x": (2, 3, 4, 5), "small": (2, 3, 2, 3)}))
 
 
+def test_routing_over_the_batch_axis_follows_a_dynamic_batch() -> None:
+    # built at batch 2, run at 2 and 3: Crop keeps bottom 1's batch, Slice's last part runs
+    # to the end, ArgMax over axis 0 counts the batch it is given
+    body = layer(
+        "crop", "Crop", ["x", "small"], "c", "crop_param { axis: 0 offset: 0 offset: 1 offset: 0 }"
+    )
+    body += layer("cut", "Slice", "x", ["p", "q"], "slice_param { axis: 0 slice_point: 1 }")
+    body += layer("arg", "ArgMax", "x", "a", "argmax_param { axis: 0 }")
+    check(build(body, {"x": (2, 3, 4), "small": (2, 2, 3)}), batches=(2, 3))
+    halves = layer("halves", "Slice", "x", ["h1", "h2"], "slice_param { axis: 0 }")
+    net = build(halves, {"x": (2, 3)})
+    for result in compare(net, net_to_onnx(net), (2,), threads=1):
+        assert result.relative <= TOLERANCE and result.max_output > 0
+    with pytest.raises(ConfigError, match=r"layer 'halves' \(Slice\).*change with the batch"):
+        net_to_onnx(net, dynamic_batch=True)
+
+
 @pytest.mark.parametrize("operation", ["SUM", "ASUM", "SUMSQ", "MEAN"])
 @pytest.mark.parametrize("axis", [1, 2])
 def test_reduction(operation: str, axis: int) -> None:

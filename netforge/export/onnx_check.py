@@ -135,9 +135,10 @@ def compare(
         net.forward()
         expected = {name: to_numpy(net.blobs[name].data).copy() for name in outputs}
         got = dict(zip(outputs, sess.run(outputs, feed)))
-        diff = max(float(np.max(np.abs(got[n] - expected[n]), initial=0)) for n in outputs)
         if any(got[n].shape != expected[n].shape for n in outputs):
             diff = math.inf
+        else:
+            diff = max(float(np.max(np.abs(got[n] - expected[n]), initial=0)) for n in outputs)
         peak = max(float(np.max(np.abs(expected[n]), initial=0)) for n in outputs)
         onnx_time = net_time = math.nan
         if repeats:

@@ -113,6 +113,12 @@ class OnnxGraph:
         inputs = [x, self.ints(starts, f"{hint}/starts"), self.ints(ends, f"{hint}/ends")]
         return self.node("Slice", [*inputs, self.ints(axes, f"{hint}/axes")], hint)
 
+    def dim(self, x: str, axis: int, hint: str) -> str:
+        """Axis ``axis`` of ``x``'s runtime shape, a 1-element int64 tensor (the batch size
+        of a dynamic-batch export, which no constant can give)."""
+        shape = self.node("Shape", [x], f"{hint}/shape")
+        return self.node("Gather", [shape, self.ints([axis], f"{hint}/axis")], hint, axis=0)
+
     def scaled(self, x: str, factor: float, hint: str) -> str:
         """``x · factor``, or ``x`` itself when the factor is 1."""
         if factor == 1:

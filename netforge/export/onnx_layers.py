@@ -15,6 +15,7 @@ layers in ``onnx_neurons.py``, recurrent layers in ``onnx_recurrent.py``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -210,7 +211,10 @@ def argmax(g: OnnxGraph, site: Site) -> list[str]:
     values, order = g.node(
         "TopK", [flipped, g.ints([p.top_k], f"{hint}/k")], f"{hint}/topk", outputs=2, axis=axis
     )
-    last = g.const(size - 1, f"{hint}/last", np.int64)
+    if g.dynamic_batch and axis == 0:
+        last = g.node("Sub", [g.dim(x, 0, f"{hint}/size"), g.ints([1], f"{hint}/one")], hint)
+    else:
+        last = g.const(size - 1, f"{hint}/last", np.int64)
     index = g.node(
         "Cast",
         [g.node("Sub", [last, order], f"{hint}/index")],
@@ -270,14 +274,22 @@ def concat(g: OnnxGraph, site: Site) -> list[str]:
 
 @converts("Slice")
 def slice_layer(g: OnnxGraph, site: Site) -> list[str]:
-    """One Slice per top along Caffe's axis; one top passes the bottom through."""
+    """One Slice per top along Caffe's axis; one top passes the bottom through. The last
+    part runs to the end of the axis, as Caffe's, whatever the batch size."""
     if len(site.top_shapes) == 1:
         return list(site.inputs)
-    axis, tops, start = site.layer.axis, [], 0
-    for i, size in enumerate(site.layer.sizes):
-        tops.append(g.slice(site.inputs[0], [start], [start + size], [axis], f"{site.hint}:{i}"))
-        start += size
-    return tops
+    layer = site.layer
+    if g.dynamic_batch and layer.axis == 0 and not layer.layer_param.slice_param.slice_point:
+        raise site.refuse(
+            "its equal parts of axis 0 change with the batch size; give slice_point or "
+            "export without --dynamic-batch"
+        )
+    ends = list(itertools.accumulate(layer.sizes))
+    ends[-1] = np.iinfo(np.int64).max
+    return [
+        g.slice(site.inputs[0], [start], [end], [layer.axis], f"{site.hint}:{i}")
+        for i, (start, end) in enumerate(zip([0, *ends], ends))
+    ]
 
 
 @converts("Flatten")

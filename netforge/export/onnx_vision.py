@@ -251,7 +251,19 @@ def crop(g: OnnxGraph, site: Site) -> list[str]:
         return [site.inputs[0]]
     starts = [index[a].start for a in axes]
     ends = [index[a].stop for a in axes]
-    return [g.slice(site.inputs[0], starts, ends, axes, site.hint)]
+    if not (g.dynamic_batch and axes[0] == 0):
+        return [g.slice(site.inputs[0], starts, ends, axes, site.hint)]
+    # axis 0 is the batch: crop it to bottom 1's batch, whatever that is at run time
+    hint = site.hint
+    batch_end = g.node(
+        "Add", [g.dim(site.inputs[1], 0, f"{hint}/ref"), g.ints(starts[:1], f"{hint}/offset")], hint
+    )
+    if len(axes) > 1:
+        batch_end = g.node(
+            "Concat", [batch_end, g.ints(ends[1:], f"{hint}/ends")], f"{hint}/ends", axis=0
+        )
+    bounds = [g.ints(starts, f"{hint}/starts"), batch_end, g.ints(axes, f"{hint}/axes")]
+    return [g.node("Slice", [site.inputs[0], *bounds], hint)]
 
 
 @converts("Upsample")
