@@ -110,6 +110,25 @@ def test_the_alias_gives_netforge_modules_and_goes_away(script: Path, tmp_path: 
     assert "caffe" not in sys.modules
 
 
+def test_a_layer_module_importing_caffe_without_the_alias_says_how_to_port_it(
+    script: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = tmp_path / "net.prototxt"
+    net.write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 } } }\n'
+        'layer { name: "loss" type: "Python" bottom: "data" top: "loss"\n'
+        '  python_param { module: "pyloss_mod" layer: "SumSquares" } }\n'
+    )
+    with pytest.raises(ConfigError, match=r"'loss'.*imports pycaffe's 'caffe'.*netforge pycaffe"):
+        netforge.Net(str(net), netforge.TRAIN)
+    try:
+        with caffe_alias():  # what netforge pycaffe does: the same module loads
+            assert netforge.Net(str(net), netforge.TRAIN).layers[1].type == "Python"
+    finally:
+        sys.modules.pop("pyloss_mod", None)  # it holds the alias's caffe
+
+
 def test_a_real_caffe_already_imported_is_not_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = type(sys)("caffe")
     monkeypatch.setitem(sys.modules, "caffe", fake)

@@ -26,6 +26,14 @@ def create_python_layer(param: pb.LayerParameter, **context: Any) -> Layer:
     try:
         module = importlib.import_module(spec.module)
     except ImportError as exc:
+        if (exc.name or "").split(".")[0] == "caffe":
+            raise ConfigError(
+                f"layer {param.name!r}: Python module {spec.module!r} imports pycaffe's "
+                f"'{exc.name}', which netforge does not install: change its imports to "
+                "netforge's (`import netforge as caffe`; python tools/pycaffe_rewrite.py "
+                "FILE rewrites them), or run the pycaffe script that builds this net with "
+                "`netforge pycaffe SCRIPT`"
+            ) from exc
         raise ConfigError(
             f"layer {param.name!r}: cannot import Python module {spec.module!r} ({exc}); "
             "put it on PYTHONPATH or in the current directory"
