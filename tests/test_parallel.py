@@ -159,6 +159,42 @@ def test_image_list_entries_split_by_caffes_skip_rule(tmp_path):
         assert_interleaves(text)
 
 
+def test_window_data_ranks_sample_windows_of_their_own(tmp_path):
+    # WindowData samples at random rather than reading records in order: with one shared
+    # stream every rank would train on the same windows (Caffe seeds rank r apart).
+    image = np.random.default_rng(3).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    boxes = "".join(f"{k % 5 + 1} 0.9 {k} {k} {k + 6} {k + 6}\n" for k in range(12))
+    boxes += "".join(f"0 0.1 {k} 0 {k + 4} 4\n" for k in range(12))
+    (tmp_path / "windows.txt").write_text(f"# 0\na.png\n3\n24\n24\n24\n{boxes}")
+    text = (
+        f'type: "WindowData" window_data_param {{ source: "{tmp_path / "windows.txt"}" '
+        f'root_folder: "{tmp_path}/" batch_size: 8 fg_fraction: 0.5 fg_threshold: 0.5 '
+        f"bg_threshold: 0.5 }} transform_param {{ crop_size: 6 mirror: true }}"
+    )
+
+    def batches(rank, count, n, state=None):
+        set_world(rank, count)
+        layer, _, top = build(text, [], num_tops=2)
+        try:
+            if state is not None:
+                layer.set_state(state)
+            found = []
+            for _ in range(n):
+                layer.forward([], top)
+                found.append(np.asarray(top[0].data).copy())
+            return found, layer.get_state()
+        finally:
+            layer.close()
+
+    rank0, state0 = batches(0, 2, 2)
+    rank1, _ = batches(1, 2, 3)
+    assert not np.array_equal(rank0[0], rank1[0]) and not np.array_equal(rank0[1], rank1[1])
+    np.testing.assert_array_equal(batches(0, 2, 2)[0][1], rank0[1])  # still seeded
+    # Rank 0's state (what a snapshot holds) resumes rank 1 where it was.
+    np.testing.assert_array_equal(batches(1, 2, 1, state0)[0][0], rank1[2])
+
+
 # -- exactness: 2 ranks x batch b == 1 process x batch b x iter_size 2 -------------------
 
 

@@ -93,7 +93,8 @@ class PrefetchingDataLayer(Layer):
     prefetch = 4
     #: In TRAIN, the source keeps only this rank's share of the records when several solvers
     #: train together (Caffe's Data and HDF5Data skip rule; netforge applies it to image
-    #: lists too). TEST nets run on rank 0 alone and read everything, as in Caffe.
+    #: lists too), or, sampling at random (WindowData), samples its own. TEST nets run on
+    #: rank 0 alone and read everything, as in Caffe.
     sharded = False
 
     def make_source(self, top: Sequence[Blob]) -> Any:
@@ -227,6 +228,8 @@ class WindowDataLayer(PrefetchingDataLayer):
 
     crop_size, mirror and the mean come from transform_param, scale from window_data_param.
     """
+
+    sharded = True
 
     def make_source(self, top: Sequence[Blob]) -> WindowSource:
         return WindowSource(
