@@ -384,6 +384,22 @@ def test_routing_over_the_batch_axis_follows_a_dynamic_batch() -> None:
         net_to_onnx(net, dynamic_batch=True)
 
 
+def test_filter_keeps_the_selected_items_of_a_dynamic_batch() -> None:
+    body = layer("keep", "Filter", ["x", "z", "selector"], ["y", "w"])
+    body += layer("ip", "InnerProduct", "w", "out", "inner_product_param { num_output: 2 }")
+    net = build(body, {"x": (4, 3), "z": (4, 3, 2), "selector": (4, 1)})
+
+    def make(name, shape):
+        value = np.random.default_rng(len(name) + shape[0]).standard_normal(shape)
+        # a selector of 0s and 1s: at batch 6, 3 items kept (seeded), checked below
+        return (value > 0 if name == "selector" else value).astype(np.float32)
+
+    assert "Compress" in check(net, batches=(3, 6), inputs=make)
+    assert net.blobs["y"].shape[0] == int(make("selector", (6, 1)).sum()) < 6
+    with pytest.raises(ConfigError, match=r"layer 'keep' \(Filter\).*--dynamic-batch"):
+        net_to_onnx(net)
+
+
 @pytest.mark.parametrize("operation", ["SUM", "ASUM", "SUMSQ", "MEAN"])
 @pytest.mark.parametrize("axis", [1, 2])
 def test_reduction(operation: str, axis: int) -> None:

@@ -150,6 +150,21 @@ def batch_reindex(g: OnnxGraph, site: Site) -> list[str]:
     return [g.node("Gather", [site.inputs[0], index], hint, axis=0)]
 
 
+@converts("Filter")
+def filter_layer(g: OnnxGraph, site: Site) -> list[str]:
+    """Compress of every bottom but the last along axis 0, keeping the items whose selector
+    (the last bottom, (N) or (N, 1, ...)) is non-zero. How many are kept depends on the
+    data, so the export needs a symbolic batch."""
+    if not g.dynamic_batch:
+        raise site.refuse(
+            "the number of items it keeps depends on the data; export with --dynamic-batch"
+        )
+    hint = site.hint
+    flat = g.reshape(site.inputs[-1], [-1], f"{hint}/selector")
+    keep = g.node("Cast", [flat], f"{hint}/keep", to=g.onnx.TensorProto.BOOL)
+    return [g.node("Compress", [x, keep], hint, axis=0) for x in site.inputs[:-1]]
+
+
 @converts("Softmax")
 def softmax(g: OnnxGraph, site: Site) -> list[str]:
     """Softmax along Caffe's ``axis`` (ONNX's single-axis Softmax from opset 13)."""
