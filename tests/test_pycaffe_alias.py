@@ -4,6 +4,7 @@ and the mechanical import rewrite of tools/pycaffe_rewrite.py."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -147,13 +148,43 @@ def test_missing_script_is_one_clear_error(tmp_path: Path) -> None:
     assert "nope.py" in result.stderr and "Traceback" not in result.stderr
 
 
-def _rewrite():
+def _rewrite_tool():
     spec = importlib.util.spec_from_file_location(
         "pycaffe_rewrite", REPO / "tools" / "pycaffe_rewrite.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.rewrite_source
+    return module
+
+
+def _rewrite():
+    return _rewrite_tool().rewrite_source
+
+
+def test_rewrite_tool_ports_a_notebook_and_reports_bad_files(tmp_path: Path, capsys) -> None:
+    cells = [
+        {"cell_type": "markdown", "metadata": {}, "source": ["import caffe\n"]},
+        {"cell_type": "code", "metadata": {}, "execution_count": 1, "outputs": [],
+         "source": ["import numpy as np\n", "import caffe\n", "caffe.set_mode_cpu()"]},
+        {"cell_type": "code", "metadata": {}, "execution_count": 2, "outputs": [],
+         "source": "from caffe import layers as L"},
+    ]  # fmt: skip
+    notebook = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 0}
+    (tmp_path / "nb.ipynb").write_text(json.dumps(notebook))
+    tool = _rewrite_tool()
+    assert tool.main([str(tmp_path / "nb.ipynb"), str(tmp_path / "ported.ipynb")]) == 0
+    ported = json.loads((tmp_path / "ported.ipynb").read_text())
+    assert ported["cells"][0] == cells[0]  # markdown stays as written
+    assert ported["cells"][1]["source"] == [
+        "import numpy as np\n", "import netforge as caffe\n", "caffe.set_mode_cpu()"
+    ]  # fmt: skip
+    assert ported["cells"][2]["source"] == "from netforge import layers as L"
+    assert ported["nbformat"] == 4 and ported["cells"][1]["execution_count"] == 1
+    assert tool.main([str(tmp_path / "missing.py")]) == 1
+    assert "missing.py: No such file or directory" in capsys.readouterr().err
+    (tmp_path / "broken.ipynb").write_text("{not json")
+    assert tool.main([str(tmp_path / "broken.ipynb"), str(tmp_path / "out.ipynb")]) == 1
+    assert "broken.ipynb" in capsys.readouterr().err and not (tmp_path / "out.ipynb").exists()
 
 
 @pytest.mark.parametrize(

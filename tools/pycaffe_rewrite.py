@@ -7,15 +7,20 @@
     from caffe import layers as L         ->  from netforge import layers as L
     from caffe.proto import caffe_pb2     ->  from netforge.proto import caffe_pb2
 
-Only import statements change; the rest of the script keeps saying ``caffe.``. As a
-command: ``python tools/pycaffe_rewrite.py IN.py [OUT.py]`` (standard output without OUT).
+Only import statements change; the rest of the script keeps saying ``caffe.``. A Jupyter
+notebook (``.ipynb``) has its code cells rewritten. As a command:
+``python tools/pycaffe_rewrite.py IN.py|IN.ipynb [OUT]`` (standard output without OUT; OUT
+is replaced whole or not at all).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
+
+from netforge.atomic import atomic_write
 
 _FROM = re.compile(r"^(\s*from\s+)caffe(\.[\w.]+)?(\s+import\b)")
 _IMPORT = re.compile(r"^(\s*import\s+)(.*?)(\s*#.*)?$")
@@ -68,15 +73,42 @@ def rewrite_source(source: str) -> str:
     return "".join(rewrite_line(line) for line in source.splitlines(keepends=True))
 
 
+def rewrite_notebook(text: str) -> str:
+    """A notebook's JSON with the imports of every code cell rewritten (cells, outputs and
+    metadata otherwise as they were; written with nbformat's one-space indent)."""
+    notebook = json.loads(text)
+    for cell in notebook.get("cells", []):
+        if cell.get("cell_type") != "code":
+            continue
+        source = cell.get("source", "")
+        rewritten = rewrite_source("".join(source))
+        cell["source"] = (
+            rewritten.splitlines(keepends=True) if isinstance(source, list) else rewritten
+        )
+    return json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
+
+
 def main(argv: list[str]) -> int:
+    """The command: rewrite IN to OUT or standard output; 1 with a message on a bad file."""
     if not 1 <= len(argv) <= 2:
-        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
+        print("usage: python tools/pycaffe_rewrite.py IN.py|IN.ipynb [OUT]", file=sys.stderr)
         return 2
-    text = rewrite_source(Path(argv[0]).read_text())
-    if len(argv) == 2:
-        Path(argv[1]).write_text(text)
-    else:
-        sys.stdout.write(text)
+    source = Path(argv[0])
+    try:
+        text = source.read_text(encoding="utf-8")
+        text = rewrite_notebook(text) if source.suffix == ".ipynb" else rewrite_source(text)
+        if len(argv) == 2:
+            with atomic_write(argv[1], "w") as out:
+                out.write(text)
+        else:
+            sys.stdout.write(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(
+            f"pycaffe_rewrite: {getattr(exc, 'filename', None) or source}: {reason}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
