@@ -193,6 +193,31 @@ def test_convolution_axis_folds_leading_axes_into_the_batch():
     np.testing.assert_allclose(y, ref.reshape(2, 3, 5, 4))
 
 
+@pytest.mark.parametrize(
+    "params,stride,pad,group,bias",
+    [
+        ("kernel_size: 1", (1, 1), (0, 0), 1, True),  # the bottom is the column matrix
+        ("kernel_size: 1 group: 2", (1, 1), (0, 0), 2, False),
+        ("kernel_size: 1 stride: 2", (2, 2), (0, 0), 1, True),
+        ("kernel_size: 3 pad: 1 stride: 2 group: 2", (2, 2), (1, 1), 2, True),
+    ],
+)
+def test_convolution_of_one_image_splits_by_output_channels(params, stride, pad, group, bias):
+    """Batch 1 takes ``_forward_one`` (its GEMM split by output channels on the pool, the
+    top written in place); two bottoms, so that backward's cached columns must be the last
+    bottom's, and the gradient check runs backward after it."""
+    x1, x2 = RNG.normal(size=(1, 4, 7, 6)), RNG.normal(size=(1, 4, 7, 6))
+    text = _conv_text("Convolution", 6, params, bias)
+    layer, bottom, top = build(text, [x1, x2], num_tops=2)
+    assert layer.num == 1
+    ys = forward(layer, bottom, top)
+    w = layer.blobs[0].data
+    b = layer.blobs[1].data if layer.bias_term else None
+    for x, y in zip((x1, x2), ys):
+        np.testing.assert_allclose(y, conv_reference(x, w, b, stride, pad, (1, 1), group))
+    check_gradient(text, [x1, x2], num_tops=2)
+
+
 @pytest.mark.parametrize("kept", [1 << 25, 0])  # forward's columns kept, or recomputed
 @pytest.mark.parametrize("case", [0, 1])  # stride 1 (full-correlation dx) and stride 2
 def test_convolution_in_batch_chunks_matches(monkeypatch, case, kept):
