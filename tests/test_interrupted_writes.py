@@ -15,7 +15,7 @@ from test_solver import make_solver, record_losses
 
 from netforge.data import convert as conv
 from netforge.data.db import INCOMPLETE, staging_path
-from netforge.errors import DataError, DivergenceError
+from netforge.errors import DataError, DivergenceError, ShapeError
 from netforge.proto import pb
 from netforge.solvers.snapshot import clean_leftovers
 
@@ -142,6 +142,23 @@ def test_leftovers_of_a_folder_prefix_are_cleaned_in_that_folder(tmp_path):
         path.write_bytes(b"partial")
     assert clean_leftovers(f"{folder}/") == folder / "_iter_2.solverstate"
     assert not any(p.exists() for p in leftovers) and others.exists()
+
+
+def test_a_snapshot_too_big_to_serialize_is_one_error_suggesting_hdf5(tmp_path, monkeypatch):
+    # A binary snapshot is built and serialized whole (three copies of the weights at its
+    # peak): a net that trains can still run out of memory there, at the end of its run.
+    solver = make_solver(tmp_path, "Adam", "max_iter: 1")
+    solver.step(1)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(solver.net, "to_proto", no_memory)
+    with pytest.raises(ShapeError, match=r"snap_iter_1.caffemodel: out of memory .*HDF5"):
+        solver.snapshot()
+    assert not list(tmp_path.glob("*snap_iter_1*"))
+    solver.param.snapshot_format = pb.SolverParameter.HDF5  # what the error suggests
+    assert solver.snapshot().name == "snap_iter_1.solverstate.h5"
 
 
 def test_divergence_saves_the_last_good_state_which_resumes_at_a_lower_rate(tmp_path):

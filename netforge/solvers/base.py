@@ -27,7 +27,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from netforge.backend import Backend, default_backend, mode_version, move_array, to_numpy
-from netforge.errors import ConfigError, DataError, DivergenceError, NetforgeError
+from netforge.errors import ConfigError, DataError, DivergenceError, NetforgeError, ShapeError
+from netforge.memory import human
 from netforge.parallel.world import world
 from netforge.process import default_rng
 from netforge.proto import pb
@@ -737,11 +738,27 @@ class Solver:
             self.net.save_hdf5(model, write_diff=param.snapshot_diff)
         else:
             log.info("Snapshotting to binary proto file %s", model)
-            self.net.save(model, write_diff=param.snapshot_diff)
+            try:
+                self.net.save(model, write_diff=param.snapshot_diff)
+            except MemoryError:
+                raise self._snapshot_out_of_memory(model) from None
         kind = "HDF5" if hdf5 else "binary proto"
         log.info("Snapshotting solver state to %s file %s", kind, state_path)
-        snap.write_state(state_path, self.state(model))
+        try:
+            snap.write_state(state_path, self.state(model))
+        except MemoryError:
+            raise self._snapshot_out_of_memory(state_path) from None
         return Path(state_path)
+
+    def _snapshot_out_of_memory(self, path: str) -> ShapeError:
+        """A binary snapshot is one protobuf message, built and serialized whole (a few
+        copies of the weights or history at its peak); HDF5 writes one blob at a time."""
+        nbytes = sum(b.count for b in self.net.learnable_params) * self.dtype.itemsize
+        return ShapeError(
+            f"{path}: out of memory while serializing the snapshot ({human(nbytes)} of "
+            "parameters, and as much again per history buffer); set snapshot_format: HDF5 in "
+            "the solver, which writes one blob at a time"
+        )
 
     def state(self, learned_net: str | None = None) -> snap.SolverSnapshot:
         """The solver's resumable state (history, counters, generator, data cursors)."""
