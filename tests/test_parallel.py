@@ -159,40 +159,69 @@ def test_image_list_entries_split_by_caffes_skip_rule(tmp_path):
         assert_interleaves(text)
 
 
+def rank_batches(text: str, rank: int, count: int, n: int, state: bytes | None = None):
+    """The data tops of ``n`` TRAIN batches of rank ``rank`` of ``count`` (from ``state``),
+    and the layer's state after them."""
+    set_world(rank, count)
+    layer, _, top = build(text, [], num_tops=2)
+    try:
+        if state is not None:
+            layer.set_state(state)
+        found = []
+        for _ in range(n):
+            layer.forward([], top)
+            found.append(np.asarray(top[0].data).copy())
+        return found, layer.get_state()
+    finally:
+        layer.close()
+
+
+def assert_ranks_draw_apart(text: str) -> None:
+    """Ranks 0 and 1 of 2 draw their random choices apart (Caffe seeds rank r with
+    random_seed + r), reproducibly, and rank 0's state (what a snapshot holds) resumes
+    rank 1 where it was."""
+    rank0, state0 = rank_batches(text, 0, 2, 2)
+    rank1, _ = rank_batches(text, 1, 2, 3)
+    assert not np.array_equal(rank0[0], rank1[0]) and not np.array_equal(rank0[1], rank1[1])
+    np.testing.assert_array_equal(rank_batches(text, 0, 2, 2)[0][1], rank0[1])
+    np.testing.assert_array_equal(rank_batches(text, 1, 2, 1, state0)[0][0], rank1[2])
+
+
 def test_window_data_ranks_sample_windows_of_their_own(tmp_path):
     # WindowData samples at random rather than reading records in order: with one shared
-    # stream every rank would train on the same windows (Caffe seeds rank r apart).
+    # stream every rank would train on the same windows.
     image = np.random.default_rng(3).integers(0, 256, (24, 24, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "a.png")
     boxes = "".join(f"{k % 5 + 1} 0.9 {k} {k} {k + 6} {k + 6}\n" for k in range(12))
     boxes += "".join(f"0 0.1 {k} 0 {k + 4} 4\n" for k in range(12))
     (tmp_path / "windows.txt").write_text(f"# 0\na.png\n3\n24\n24\n24\n{boxes}")
-    text = (
+    assert_ranks_draw_apart(
         f'type: "WindowData" window_data_param {{ source: "{tmp_path / "windows.txt"}" '
         f'root_folder: "{tmp_path}/" batch_size: 8 fg_fraction: 0.5 fg_threshold: 0.5 '
         f"bg_threshold: 0.5 }} transform_param {{ crop_size: 6 mirror: true }}"
     )
 
-    def batches(rank, count, n, state=None):
-        set_world(rank, count)
-        layer, _, top = build(text, [], num_tops=2)
-        try:
-            if state is not None:
-                layer.set_state(state)
-            found = []
-            for _ in range(n):
-                layer.forward([], top)
-                found.append(np.asarray(top[0].data).copy())
-            return found, layer.get_state()
-        finally:
-            layer.close()
 
-    rank0, state0 = batches(0, 2, 2)
-    rank1, _ = batches(1, 2, 3)
-    assert not np.array_equal(rank0[0], rank1[0]) and not np.array_equal(rank0[1], rank1[1])
-    np.testing.assert_array_equal(batches(0, 2, 2)[0][1], rank0[1])  # still seeded
-    # Rank 0's state (what a snapshot holds) resumes rank 1 where it was.
-    np.testing.assert_array_equal(batches(1, 2, 1, state0)[0][0], rank1[2])
+@pytest.mark.parametrize("kind", ["Data", "ImageData"])
+def test_ranks_crop_and_mirror_apart(tmp_path, kind):
+    # Every record holds the same image: only the crops and mirrors tell the ranks apart,
+    # and with one stream for all ranks they were alike.
+    image = np.random.default_rng(4).integers(0, 256, (12, 12), dtype=np.uint8)
+    if kind == "Data":
+        with nfdb.open_writer(tmp_path / "db") as writer:
+            for k in range(10):
+                writer.put(f"{k:08d}", make_datum(image[None], label=k).SerializeToString())
+        source = f'data_param {{ source: "{tmp_path / "db"}" backend: LMDB batch_size: 4 }}'
+    else:
+        Image.fromarray(image).save(tmp_path / "a.png")
+        (tmp_path / "list.txt").write_text("".join(f"a.png {k}\n" for k in range(10)))
+        source = (
+            f'image_data_param {{ source: "{tmp_path / "list.txt"}" root_folder: "{tmp_path}/" '
+            "batch_size: 4 is_color: false shuffle: true }"
+        )
+    assert_ranks_draw_apart(
+        f'type: "{kind}" {source} transform_param {{ crop_size: 7 mirror: true }}'
+    )
 
 
 # -- exactness: 2 ranks x batch b == 1 process x batch b x iter_size 2 -------------------

@@ -31,6 +31,18 @@ def child_rng(rng: np.random.Generator) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(int(rng.integers(0, 2**63))))
 
 
+def rank_rng(rng: np.random.Generator, shard: tuple[int, int]) -> np.random.Generator:
+    """The generator one batch draws its random choices from (crops, mirrors, WindowData's
+    windows): ``rng`` itself when the source trains alone. In a data-parallel run, one
+    seeded by a draw from ``rng`` and the rank: Caffe seeds rank r with random_seed + r, so
+    the ranks augment (or sample) apart, while ``rng`` advances alike on every rank, so
+    shuffled orders agree and rank 0's snapshot resumes every rank."""
+    rank, count = shard
+    if count == 1:
+        return rng
+    return np.random.Generator(np.random.PCG64([int(rng.integers(0, 2**63)), rank]))
+
+
 def labels_of(records: Sequence[Record], num_targets: int, keys: Sequence[str], where: str):
     """The label top of a batch: (N,) int labels as floats, or (N, T) targets.
 
@@ -86,7 +98,8 @@ class BatchSource:
         raise NotImplementedError
 
     def assemble(self, records: Sequence[Record], keys: Sequence[str]) -> list[np.ndarray]:
-        data = self.transformer([r.image for r in records], self.rng, self.dtype, keys)
+        rng = rank_rng(self.rng, self.shard)
+        data = self.transformer([r.image for r in records], rng, self.dtype, keys)
         labels = labels_of(records, self.num_targets, keys, self.where)
         return [data, labels.astype(self.dtype)]
 
@@ -158,14 +171,18 @@ class ImageListSource(BatchSource):
         self.cursor = 0
         self.order_state: dict | None = None
         self.order = np.arange(len(self.entries))
+        # The list order draws from a generator of its own: the crops and mirrors draw a
+        # different number of times per batch alone and in a data-parallel run
+        # (``rank_rng``), and the order must not depend on that for the record split to hold.
+        self.order_rng = child_rng(self.rng) if shuffle else None
         if shuffle:
             self._shuffle()
         if rand_skip:
             self.cursor = int(self.rng.integers(0, rand_skip)) % len(self.entries)
 
     def _shuffle(self) -> None:
-        self.order_state = self.rng.bit_generator.state
-        self.order = self.rng.permutation(len(self.entries))
+        self.order_state = self.order_rng.bit_generator.state
+        self.order = self.order_rng.permutation(len(self.entries))
 
     def _read(self, entry: Entry) -> Record:
         path = os.path.join(self.root, entry.path) if self.root else entry.path
@@ -203,7 +220,7 @@ class ImageListSource(BatchSource):
     def set_state(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
         self.epoch = int(state["epoch"])
-        if state["order_rng"] is not None:
-            self.rng.bit_generator.state = state["order_rng"]
+        if state["order_rng"] is not None and self.order_rng is not None:
+            self.order_rng.bit_generator.state = state["order_rng"]
             self._shuffle()
         self.rng.bit_generator.state = state["rng"]

@@ -31,7 +31,7 @@ import numpy as np
 
 from netforge.data.datum import read_image, resize
 from netforge.data.pipeline import decode_map
-from netforge.data.sources import child_rng
+from netforge.data.sources import child_rng, rank_rng
 from netforge.errors import DataError
 from netforge.proto import pb
 
@@ -127,19 +127,9 @@ class WindowSource:
         self.mean = self._mean(t)
         self.rng = child_rng(rng)
         self.dtype = np.dtype(dtype)
-        #: (rank, count) of a data-parallel run: each rank samples windows of its own (see
-        #: ``_batch_rng``) where the record-reading sources split their records.
+        #: (rank, count) of a data-parallel run: each rank samples windows of its own
+        #: (``rank_rng``) where the record-reading sources split their records.
         self.shard = (0, 1)
-
-    def _batch_rng(self) -> np.random.Generator:
-        """The generator a batch samples from: the source's own when it trains alone. In a
-        data-parallel run, one drawn per batch for this rank (Caffe seeds rank r with
-        random_seed + r: the ranks must not all train on the same windows) from a seed the
-        shared generator gives every rank alike, so that rank 0's snapshot resumes them all."""
-        rank, count = self.shard
-        if count == 1:
-            return self.rng
-        return np.random.Generator(np.random.PCG64([int(self.rng.integers(0, 2**63)), rank]))
 
     def _mean(self, t: pb.TransformationParameter) -> np.ndarray:
         if t.HasField("mean_file"):
@@ -169,7 +159,7 @@ class WindowSource:
 
     def next_batch(self) -> list[np.ndarray]:
         n_bg = self.batch_size - self.fg_count
-        rng = self._batch_rng()
+        rng = rank_rng(self.rng, self.shard)
         picks = [self.bg[i] for i in rng.integers(0, len(self.bg) or 1, n_bg)] + [
             self.fg[i] for i in rng.integers(0, len(self.fg) or 1, self.fg_count)
         ]
