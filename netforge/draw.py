@@ -11,6 +11,8 @@ names with ``:``, ``/`` or ``-`` draw as they are.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,14 +233,33 @@ def draw_net(
     if ext in TEXT_FORMATS:
         return net_graph(caffe_net, rankdir, phase=phase, display_lrm=display_lrm).to_dot().encode()
     graph = get_pydot_graph(caffe_net, rankdir, phase=phase, display_lrm=display_lrm)
+    printed = io.StringIO()
     try:
-        return graph.create(format=ext)
+        # pydot prints dot's output to stdout when dot fails, then raises a bare Exception:
+        # keep the print off the terminal and put dot's own complaint in the one error line.
+        with contextlib.redirect_stdout(printed):
+            return graph.create(format=ext)
     except OSError:  # pydot found no dot program to run
         raise ConfigError(
             f"drawing a net as .{ext} needs graphviz's dot program: {INSTALL_HINT}"
         ) from None
-    except Exception as exc:  # pydot raises bare Exceptions for dot's failures
-        raise ConfigError(f"graphviz could not draw the net as .{ext}: {exc}") from None
+    except Exception:
+        complaint = _dot_complaint(printed.getvalue())
+        raise ConfigError(f"graphviz could not draw the net as .{ext}: {complaint}") from None
+
+
+def _dot_complaint(printed: str) -> str:
+    """dot's stderr from what pydot printed on its failure (the last line, a bytes repr)."""
+    import ast
+
+    lines = [line for line in printed.splitlines() if line.strip()]
+    try:
+        text = ast.literal_eval(lines[-1].strip())
+    except (IndexError, ValueError, SyntaxError):
+        return "dot failed"
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return " ".join(str(text).split()) or "dot failed"
 
 
 def draw_net_to_file(

@@ -139,6 +139,18 @@ def test_cli_draws_images_with_graphviz(tmp_path, ext, magic):
     assert out.read_bytes().startswith(magic)
 
 
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot program is not installed")
+def test_format_graphviz_lacks_is_one_error_line_with_dots_complaint(tmp_path, capsys):
+    """pydot prints dot's failure to stdout before raising: only the error line shows."""
+    net = REPO / "models" / "digits" / "deploy.prototxt"
+    assert main(["draw", str(net), str(tmp_path / "digits.xyz")]) == 2
+    out, err = capsys.readouterr()
+    assert out == f"Drawing net to {tmp_path / 'digits.xyz'}\n"
+    assert err.startswith('netforge: error: graphviz could not draw the net as .xyz: Format: "xyz"')
+    assert "png" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "digits.xyz").exists()
+
+
 def test_cli_writes_dot_text_and_says_what_to_install_for_png(tmp_path, monkeypatch, capsys):
     net = REPO / "models" / "digits" / "train_val.prototxt"
     assert main(["draw", str(net), str(tmp_path / "digits.gv"), "-display_lrm"]) == 0
