@@ -20,6 +20,7 @@ output), from either log kind:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from netforge.atomic import atomic_write
 from netforge.errors import ConfigError, DataError
 
 Row = dict[str, Any]
@@ -188,17 +190,21 @@ def read_training_log(path: str | os.PathLike) -> tuple[list[Row], list[Row]]:
 
 def write_csv(rows: list[Row], path: str | os.PathLike, delimiter: str = ",") -> bool:
     """Write ``rows`` as parse_log.py's ``write_csv`` does (a header from the first row's
-    columns, ``csv.excel``); returns False and writes nothing when there are no rows."""
+    columns, ``csv.excel``), replacing the file whole or not at all; returns False and writes
+    nothing when there are no rows."""
     if not rows:
         return False
     if len(delimiter) != 1:
         raise ConfigError(f"the CSV delimiter must be one character, got {delimiter!r}")
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(
-            handle, fieldnames=list(rows[0]), dialect=csv.excel, delimiter=delimiter
-        )
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), dialect=csv.excel, delimiter=delimiter)
+    writer.writeheader()
+    writer.writerows(rows)
+    try:
+        with atomic_write(path, "wb") as handle:
+            handle.write(text.getvalue().encode("utf-8"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write the table: {exc.strerror or exc}") from None
     return True
 
 

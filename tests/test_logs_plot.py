@@ -64,6 +64,18 @@ def test_parse_log_writes_parse_log_py_tables(
     assert (tmp_path / "lenet.log.train").read_text().splitlines()[1] == "0.0;1.0;0.01;2.31"
 
 
+def test_parse_log_table_that_cannot_be_written_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    log = tmp_path / "lenet.log"
+    log.write_text(CAFFE_LOG)
+    (tmp_path / "lenet.log.train").mkdir()  # in the way of the table
+    assert main(["parse-log", str(log), str(tmp_path)]) == DataError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"netforge: error: {tmp_path / 'lenet.log.train'}: cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.log", "lenet.log.train"]
+
+
 def test_metrics_file_tables(tmp_path: Path) -> None:
     records = [
         {"iteration": 0, "test_net": 0, "elapsed": 0.5, "outputs": {"accuracy": 0.1}},
