@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from netforge.atomic import atomic_write
 from netforge.errors import ConfigError, DataError
 from netforge.logs import Row, read_training_log
 
@@ -110,6 +111,7 @@ def plot_chart(
     axes.set_xlabel(x_axis)
     axes.set_ylabel(quantity)
     try:
-        figure.savefig(output)
+        with atomic_write(output, "wb") as handle:  # an old chart stays whole on failure
+            figure.savefig(handle, format=suffix)
     except OSError as exc:
         raise DataError(f"{output}: cannot write the chart: {exc.strerror or exc}") from None

@@ -198,6 +198,27 @@ def test_plot_writes_png_and_svg(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "cannot write a .xyz image" in capsys.readouterr().err
 
 
+def test_plot_that_fails_while_writing_keeps_the_old_chart(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    log = tmp_path / "lenet.log"
+    log.write_text(CAFFE_LOG)
+    assert main(["plot", "0", str(tmp_path / "a.png"), str(log)]) == 0
+    old = (tmp_path / "a.png").read_bytes()
+
+    def disk_full(self, target, **kwargs):
+        target.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    assert main(["plot", "6", str(tmp_path / "a.png"), str(log)]) == DataError.exit_code
+    assert "a.png: cannot write the chart: No space left on device" in capsys.readouterr().err
+    assert (tmp_path / "a.png").read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "lenet.log"]
+
+
 def test_plot_without_matplotlib_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
