@@ -96,21 +96,27 @@ class BatchNormLayer(Layer):
             empty = norm == 0
             factor = xp.logical_not(empty) / (norm + empty)
             mean, var = factor * mean_sum, factor * var_sum
-        else:
-            mean = x.mean(axis=(0, 2))
+            # An affine map written straight into the top, two passes over it: backward
+            # needs only std, so no normalised copy is kept (three passes and a buffer).
+            std = xp.sqrt(var + self.eps)
+            self._std = std[:, None]
+            y = self._by_channel(top[0].data)
+            xp.multiply(x, (1 / std)[:, None], out=y)
+            y -= (mean / std)[:, None]
+            return
+        mean = x.mean(axis=(0, 2))
         # x_norm is kept apart from the top (a later in-place layer may overwrite the top's
         # data) in a buffer reused across passes; it holds x − mean until divided by std.
         if self._x_norm is None or self._x_norm.shape != x.shape:
             self._x_norm = xp.empty_like(x)
         x_norm = self._x_norm
         xp.subtract(x, mean[:, None], out=x_norm)
-        if not self.use_global_stats:
-            var = xp.square(x_norm).mean(axis=(0, 2))
-            m = x.size // self.channels
-            correction = m / (m - 1) if m > 1 else 1.0
-            norm[...] = self.maf * norm + 1
-            mean_sum[...] = self.maf * mean_sum + mean
-            var_sum[...] = self.maf * var_sum + correction * var
+        var = xp.square(x_norm).mean(axis=(0, 2))
+        m = x.size // self.channels
+        correction = m / (m - 1) if m > 1 else 1.0
+        norm[...] = self.maf * norm + 1
+        mean_sum[...] = self.maf * mean_sum + mean
+        var_sum[...] = self.maf * var_sum + correction * var
         self._std = xp.sqrt(var + self.eps)[:, None]
         x_norm /= self._std
         top[0].data[...] = x_norm.reshape(top[0].shape)
@@ -303,6 +309,7 @@ class ScaleLayer(Layer):
                 f"bias_term {param.bias_term} need {expected}: the weights do not match"
             )
         self._x: Any = None
+        self._x_kept: Any = None
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         param = self.layer_param.scale_param
@@ -313,12 +320,26 @@ class ScaleLayer(Layer):
         top[0].reshape(bottom[0].shape)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        xp = self.xp
         x = bottom[0].data
-        self._x = x.copy() if top[0] is bottom[0] else None
-        y = x.reshape(self._dims) * self._scale.data.reshape(1, -1, 1)
+        self._x = None
+        if top[0] is bottom[0]:
+            # In place, the scale's gradient needs the bottom as it was: kept in a buffer
+            # reused across passes.
+            kept = self._x_kept
+            if kept is None or type(kept) is not type(x) or kept.shape != x.shape:
+                self._x_kept = xp.empty_like(x)
+            self._x = self._x_kept
+            xp.copyto(self._x, x)
+        # Written into the top, one pass per operation and no temporaries.
+        xp.multiply(
+            x.reshape(self._dims),
+            self._scale.data.reshape(1, -1, 1),
+            out=top[0].data.reshape(self._dims),
+        )
         if self.layer_param.scale_param.bias_term:
-            y = y.reshape(self._bias_dims) + self.blobs[-1].data.reshape(1, -1, 1)
-        top[0].data[...] = y.reshape(top[0].shape)
+            y = top[0].data.reshape(self._bias_dims)
+            y += self.blobs[-1].data.reshape(1, -1, 1)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
