@@ -88,6 +88,7 @@ class _DatabaseSink:
         self.writer = open_writer(path, output.kind, batch=COMMIT_EVERY)
 
     def write(self, features: np.ndarray) -> None:
+        """Add one batch's samples as records under the next running indices."""
         start = self.output.records
         for i, value in enumerate(feature_datums(features), start):
             self.writer.put(f"{i:010d}", value)
@@ -100,6 +101,7 @@ class _DatabaseSink:
         self.output.records += len(features)
 
     def close(self) -> None:
+        """Commit what is pending and release the database."""
         self.writer.close()
 
 
@@ -117,6 +119,7 @@ class _HDF5Sink:
         self.dataset = None
 
     def write(self, features: np.ndarray) -> None:
+        """Append one batch's samples to the dataset (created at the first batch)."""
         if self.dataset is None:
             self.dataset = self.file.create_dataset(
                 self.output.blob,
@@ -131,6 +134,7 @@ class _HDF5Sink:
         self.output.records += len(features)
 
     def close(self) -> None:
+        """Close the HDF5 file."""
         self.file.close()
 
 

@@ -50,6 +50,7 @@ class _Clock:
         self.month = 0
 
     def stamp(self, line: str) -> datetime | None:
+        """The time of a glog line (None for a line without a glog stamp)."""
         match = _GLOG_STAMP.match(line.strip())
         if match is None:
             return None

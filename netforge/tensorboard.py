@@ -75,6 +75,7 @@ class TensorBoardWriter:
         self._writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self._writer.close()
 
 
@@ -95,5 +96,6 @@ class Tee:
             writer.test(*args)
 
     def close(self) -> None:
+        """Close every writer."""
         for writer in self.writers:
             writer.close()
