@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from netforge.atomic import atomic_write
 from netforge.errors import ConfigError, DataError
 from netforge.proto import pb
+from netforge.reading import read_bytes
 
 M = TypeVar("M", bound=protobuf_message.Message)
 
@@ -28,7 +29,7 @@ _UNKNOWN_ENUM = re.compile(r'Enum type "([\w.]+)" has no value named (\w+)')
 
 def _read_bytes(path: str | os.PathLike) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return read_bytes(path)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:

@@ -16,6 +16,11 @@ from harness import run
 from test_fuzz import bounded_memory
 from test_solver import make_solver, solver_param
 
+import netforge.reading
+from netforge.data.datum import read_image
+from netforge.data.hdf5 import read_file_list
+from netforge.data.listfile import read_list
+from netforge.data.window import read_window_file
 from netforge.errors import ConfigError, DataError, ShapeError
 from netforge.memory import available_bytes
 from netforge.net import Net
@@ -428,3 +433,24 @@ def test_names_too_long_for_the_file_system_are_one_error(tmp_path, capsys):
         assert "Traceback" not in err and err.count("netforge: error:") == 1
     with pytest.raises(DataError, match="no such solver state file"):
         make_solver(tmp_path, "SGD").restore(long + ".solverstate")
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        read_mean,
+        get_solver,
+        lambda path: Net(path, pb.TEST),
+        read_list,
+        read_file_list,
+        lambda path: read_window_file(path, "", 0.5, 0.3),
+        read_image,
+    ],
+    ids=["mean", "solver", "net", "image list", "hdf5 list", "window file", "image"],
+)
+def test_a_path_naming_an_endless_device_is_a_data_error(monkeypatch, read):
+    # /dev/zero in a prototxt's mean_file or source, or a solverstate's learned_net, never
+    # ends: it is read only up to half the available memory (8 MiB here: 4 MiB).
+    monkeypatch.setattr(netforge.reading, "available_bytes", lambda: 8 << 20)
+    with pytest.raises(DataError, match=r"/dev/zero: not a regular file, and more than 4,194,304"):
+        read("/dev/zero")

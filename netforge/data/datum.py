@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from netforge.errors import DataError
 from netforge.memory import check_bytes
 from netforge.proto import pb
+from netforge.reading import read_bytes
 
 #: file extensions Caffe's encode_type accepts, mapped to Pillow's format names.
 FORMATS = {
@@ -134,8 +135,7 @@ def _axis(size: int, new: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def read_image(path: str, color: bool = True, height: int = 0, width: int = 0) -> np.ndarray:
     """Caffe's ReadImageToCVMat: a file as (C, H, W) uint8 BGR, resized if both sizes > 0."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_bytes(path)
     except OSError as exc:
         raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
     image = decode_image(data, color, where=path)

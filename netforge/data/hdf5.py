@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import h5py
@@ -26,6 +25,7 @@ import numpy as np
 from netforge.data.sources import child_rng
 from netforge.errors import DataError
 from netforge.memory import available_bytes
+from netforge.reading import read_text
 from netforge.weights import refuse_links
 
 log = logging.getLogger("netforge")
@@ -37,7 +37,7 @@ MEMORY_LIMIT = 1 << 30
 def read_file_list(source: str | os.PathLike) -> list[str]:
     """The .h5 paths a source list names (relative paths are relative to the CWD, as Caffe)."""
     try:
-        names = Path(source).read_text().split()
+        names = read_text(source).split()
     except OSError as exc:
         raise DataError(f"cannot read HDF5 list file {source}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 
 from netforge.errors import DataError
+from netforge.reading import read_text
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ def _is_int(token: str) -> bool:
 def read_list(path: str | os.PathLike) -> list[Entry]:
     """Every entry of a list file; a missing file or mixed label kinds is a DataError."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+        lines = read_text(path).splitlines()
     except OSError as exc:
         raise DataError(f"cannot read list file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -34,6 +34,7 @@ from netforge.data.pipeline import decode_map
 from netforge.data.sources import child_rng, rank_rng
 from netforge.errors import DataError
 from netforge.proto import pb
+from netforge.reading import read_text
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,7 @@ class Window:
 def read_window_file(path: str, root: str, fg: float, bg: float) -> tuple[list, list, list]:
     """(image paths, foreground windows, background windows) of a window file."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            tokens = handle.read().split()
+        tokens = read_text(path).split()
     except OSError as exc:
         raise DataError(f"cannot read window file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
