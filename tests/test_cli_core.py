@@ -87,3 +87,9 @@ def test_device_query_reports_blas_and_gemm_rate() -> None:
 @pytest.mark.skipif(GPU_AVAILABLE, reason="a GPU is present, so it cannot be missing")
 def test_device_query_for_a_missing_gpu_is_a_clear_error() -> None:
     assert main(["device-query", "--gpu", "0"]) == DeviceError.exit_code
+
+
+def test_device_query_gpu_that_is_no_id_is_one_error_line(capsys) -> None:
+    assert main(["device-query", "-gpu", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "netforge: error: --gpu 'x': give a GPU id, a comma list of ids, or 'all'"

@@ -7,7 +7,7 @@ import json
 import click
 
 from netforge.device import query
-from netforge.errors import DeviceError
+from netforge.errors import ConfigError, DeviceError
 
 
 @click.command("device-query")
@@ -15,10 +15,18 @@ from netforge.errors import DeviceError
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def device_query(gpu_ids: str, as_json: bool) -> None:
     """Report numpy's BLAS (library, kernels, float32 GEMM GFLOP/s) and CUDA GPUs."""
+    named: set[int] = set()
+    if gpu_ids and gpu_ids != "all":
+        try:
+            named = {int(i) for i in gpu_ids.split(",")}
+        except ValueError:
+            raise ConfigError(
+                f"--gpu {gpu_ids!r}: give a GPU id, a comma list of ids, or 'all'"
+            ) from None
     report = query()
     if gpu_ids:
         present = {g["id"] for g in report["gpus"]}
-        wanted = present if gpu_ids == "all" else {int(i) for i in gpu_ids.split(",")}
+        wanted = present if gpu_ids == "all" else named
         missing = sorted(wanted - present) if present else sorted(wanted) or ["any"]
         if missing or not present:
             raise DeviceError(
