@@ -435,6 +435,14 @@ def test_names_too_long_for_the_file_system_are_one_error(tmp_path, capsys):
         make_solver(tmp_path, "SGD").restore(long + ".solverstate")
 
 
+INFOGAIN = """
+layer {{ name: "d" type: "Input" top: "x" top: "l"
+        input_param {{ shape {{ dim: 2 dim: 3 }} shape {{ dim: 2 }} }} }}
+layer {{ name: "ig" type: "InfogainLoss" bottom: "x" bottom: "l" top: "loss"
+        infogain_loss_param {{ source: "{}" }} }}
+"""
+
+
 @pytest.mark.parametrize(
     "read",
     [
@@ -445,8 +453,9 @@ def test_names_too_long_for_the_file_system_are_one_error(tmp_path, capsys):
         read_file_list,
         lambda path: read_window_file(path, "", 0.5, 0.3),
         read_image,
+        lambda path: Net(parse_text(INFOGAIN.format(path), pb.NetParameter), pb.TEST),
     ],
-    ids=["mean", "solver", "net", "image list", "hdf5 list", "window file", "image"],
+    ids=["mean", "solver", "net", "image list", "hdf5 list", "window file", "image", "infogain"],
 )
 def test_a_path_naming_an_endless_device_is_a_data_error(monkeypatch, read):
     # /dev/zero in a prototxt's mean_file or source, or a solverstate's learned_net, never

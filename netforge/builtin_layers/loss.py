@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from math import prod
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from netforge.errors import DataError
 from netforge.layer import Layer, register
 from netforge.proto import pb
 from netforge.prototxt import parse_binary
+from netforge.reading import read_bytes
 from netforge.weights import stored_blob
 
 #: Caffe's floor inside log() for SoftmaxWithLoss (``FLT_MIN``, also for double nets).
@@ -336,7 +336,7 @@ def read_blob_proto(path: str, layer: Layer) -> np.ndarray:
     from ``double_data`` when it is non-empty, else ``data``."""
     where = f"layer {layer.name!r} ({layer.type})"
     try:
-        raw = Path(path).read_bytes()
+        raw = read_bytes(path)
     except OSError as exc:
         raise DataError(f"{where}: cannot read BlobProto file {path!r}: {exc.strerror}") from exc
     return stored_blob(parse_binary(raw, pb.BlobProto, path), f"{where}: {path}").data
