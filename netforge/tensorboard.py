@@ -21,7 +21,7 @@ import os
 import time
 from typing import Any
 
-from netforge.errors import ConfigError
+from netforge.errors import ConfigError, DataError
 
 INSTALL_HINT = "pip install 'netforge[tensorboard]' (tensorboardX)"
 
@@ -45,7 +45,13 @@ class TensorBoardWriter:
         except ImportError:
             raise ConfigError(f"--tensorboard needs tensorboardX: {INSTALL_HINT}") from None
         self.logdir = os.fspath(logdir)
-        self._writer = SummaryWriter(logdir=self.logdir)
+        try:
+            self._writer = SummaryWriter(logdir=self.logdir)
+        except OSError as exc:  # the folder is a file, or cannot be created
+            raise DataError(
+                f"{self.logdir}: cannot write TensorBoard events there: {exc.strerror or exc}; "
+                "give --tensorboard a folder netforge can create or write to"
+            ) from None
         self._last_time, self._last_wait = time.perf_counter(), 0.0
 
     def train(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from netforge.cli.main import main
-from netforge.errors import ConfigError
+from netforge.errors import ConfigError, DataError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "solver_data.h5"
 
@@ -98,3 +98,14 @@ def test_tensorboard_without_tensorboardx_says_what_to_install(
     argv = ["train", "--solver", str(solver), "--tensorboard", str(tmp_path / "tb")]
     assert main(argv) == ConfigError.exit_code
     assert "pip install 'netforge[tensorboard]'" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_tensorboard_folder_that_is_a_file_is_one_error_line(
+    solver: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "tb").write_text("a file")
+    argv = ["train", "--solver", str(solver), "--tensorboard", str(tmp_path / "tb")]
+    assert main(argv) == DataError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"netforge: error: {tmp_path / 'tb'}: cannot write TensorBoard events")
+    assert (tmp_path / "tb").read_text() == "a file"
