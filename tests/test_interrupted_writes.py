@@ -70,7 +70,7 @@ def test_interrupted_conversion_is_refused_then_resumed(tmp_path, monkeypatch):
     summary = conv.convert_imageset(
         tmp_path, listing, db, shuffle=True, seed=5, progress=done.append
     )
-    assert summary.written == 5 and sum(done) == 11
+    assert summary.written == 5 and summary.resumed_at == 6 and sum(done) == 11
     assert not staged.exists() and not (db / INCOMPLETE).exists()
     assert _records(db) == _records(tmp_path / "whole")
     mean, count = conv.compute_mean(db)

@@ -91,7 +91,8 @@ def imageset(
             progress=update,
         ),
     )
-    _report(summary, f"{summary.written} records to {db}")
+    resumed = f" (resumed at list entry {summary.resumed_at})" if summary.resumed_at else ""
+    _report(summary, f"{summary.written} records to {db}{resumed}")
 
 
 @convert.command("hdf5")

@@ -43,9 +43,11 @@ COMMIT_EVERY = 1000
 
 @dataclass
 class Summary:
-    """What a conversion did: records written and the images skipped, with the reason."""
+    """What a conversion did: records written and the images skipped, with the reason;
+    ``resumed_at`` is the list entry a resumed conversion started from (0: from the start)."""
 
     written: int = 0
+    resumed_at: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
 
@@ -184,7 +186,7 @@ def convert_imageset(
         order = np.random.default_rng(options["seed"]).permutation(len(entries))
         entries = [entries[i] for i in order]
     size = _resize(resize_height, resize_width)
-    summary = Summary(outputs=[final])
+    summary = Summary(outputs=[final], resumed_at=first)
     data_size = None
     if first and progress is not None:
         progress(first)
