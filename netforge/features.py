@@ -152,6 +152,11 @@ def extract_features(
     outputs = plan_outputs(net, blobs, paths, num_batches, kind)
     staged = [staging_path(output.path) for output in outputs]
     for path in staged:
+        try:
+            # as netforge convert imageset: the output's folder is made when missing
+            os.makedirs(path.parent, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot create the folder {path.parent}: {exc.strerror}") from None
         _remove(path)  # what a killed extraction into the same name left
     sinks: list[_DatabaseSink | _HDF5Sink] = []
     done = False

@@ -206,3 +206,18 @@ def test_existing_or_repeated_outputs_are_refused_before_extracting(
     assert main([*base, "data,ip", twice, "1"]) == ConfigError.exit_code
     assert "named twice" in capsys.readouterr().err
     assert not (tmp_path / "same").exists()
+
+
+@pytest.mark.parametrize("kind", ["lmdb", "hdf5"])
+def test_output_folder_is_made_or_refused_in_one_line(
+    model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, kind: str
+) -> None:
+    prototxt, weights = model
+    base = ["extract-features", str(weights), str(prototxt), "ip"]
+    target = tmp_path / "features" / "run1" / "ip"
+    assert main([*base, str(target), "1", kind]) == 0
+    assert f"ip: 4 records of 2 floats to {target} ({kind})" in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("")
+    assert main([*base, str(tmp_path / "a_file" / "ip"), "1", kind]) == DataError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"netforge: error: cannot create the folder {tmp_path / 'a_file'}: File exists"
