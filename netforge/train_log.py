@@ -18,6 +18,8 @@ import time
 from datetime import datetime
 from typing import IO, Any
 
+from netforge.errors import DataError
+
 LOGGER_NAME = "netforge"
 _SEVERITY = {logging.DEBUG: "I", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E"}
 
@@ -112,7 +114,13 @@ class MetricsWriter:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        try:
+            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        except OSError as exc:
+            raise DataError(
+                f"{self.path}: cannot write the metrics: {exc.strerror}; give --metrics a file "
+                "in a folder that exists"
+            ) from None
         self._start = time.perf_counter()
         self._last_time = self._start
         self._last_wait = 0.0

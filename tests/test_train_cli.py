@@ -205,6 +205,13 @@ def test_progress_line_reports_rate_and_time_left():
     assert stream.getvalue().endswith("\r\x1b[K")
 
 
+def test_metrics_path_that_is_a_folder_is_one_error_line(files, capsys):
+    folder, _, solver = files
+    assert main(["train", "--solver", str(solver), "--metrics", str(folder)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"netforge: error: {folder}: cannot write the metrics: Is a directory")
+
+
 def test_missing_snapshot_folder_is_created(tmp_path):
     from netforge.prototxt import parse_text
     from netforge.solvers import get_solver
