@@ -275,6 +275,21 @@ def test_parameter_and_constant_dummy_data_layers_are_constants() -> None:
     check(build(body, {"x": (1, 4)}), batches=(1,))
 
 
+@pytest.mark.parametrize("global_stats", [True, False])
+def test_batchnorm_of_a_1_axis_blob_is_one_channel(global_stats: bool) -> None:
+    param = f"batch_norm_param {{ use_global_stats: {str(global_stats).lower()} eps: 0.01 }}"
+    net = build(layer("bn", "BatchNorm", "x", "y", param), {"x": (5,)})
+    assert "Reshape" in check(net, batches=(5, 7))
+    x = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
+    mean, var, factor = (b.data.reshape(-1)[0] for b in net.layers[1].blobs)
+    if global_stats:  # Caffe divides both statistics by the scale-factor blob
+        mean, var = mean / factor, var / factor
+    else:
+        mean, var = x.mean(), x.var()
+    (y,) = session(net_to_onnx(net, dynamic_batch=True)).run(["y"], {"x": x})
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 0.01), rtol=1e-5)
+
+
 @pytest.mark.parametrize("fold", [False, True])
 def test_batchnorm_scale_bias_with_scale_factor(fold: bool) -> None:
     body = layer(

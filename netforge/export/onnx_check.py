@@ -56,6 +56,7 @@ def random_weights(net: Any, seed: int = 0) -> None:
         net.forward_from_to(start, index - 1)
         start = index
         x = to_numpy(net.blobs[layer.layer_param.bottom[0]].data).astype(np.float64)
+        x = x.reshape(-1, 1) if x.ndim == 1 else x  # Caffe: a 1-axis blob is one channel
         axes = tuple(a for a in range(x.ndim) if a != 1)
         mean = x.mean(axis=axes) * rng.uniform(0.8, 1.25, x.shape[1])
         var = x.var(axis=axes) * rng.uniform(0.8, 1.25, x.shape[1])

@@ -298,9 +298,12 @@ def batch_norm(g: OnnxGraph, site: Site) -> list[str]:
     """With global statistics: mean and variance are blob0 and blob1 divided by the
     scale-factor blob2 (both 0 when it is 0), as ONNX BatchNormalization's inputs. With
     batch statistics (``use_global_stats: false``): the mean and biased variance of the
-    batch over every axis but 1, composed from ReduceMean."""
+    batch over every axis but 1, composed from ReduceMean. A 1-axis blob is one channel,
+    as in Caffe (ONNX's BatchNormalization wants N, C, ...: it runs on a column)."""
     layer, x, hint = site.layer, site.inputs[0], site.hint
     shape = site.bottom_shapes[0]
+    if len(shape) == 1:
+        x, shape = g.reshape(x, [-1, 1], f"{hint}/column"), (*shape, 1)
     if not layer.use_global_stats:
         axes = [a for a in range(len(shape)) if a != 1]
         mean = g.reduce("ReduceMean", x, axes, f"{hint}/mean", keepdims=1)
@@ -312,22 +315,20 @@ def batch_norm(g: OnnxGraph, site: Site) -> list[str]:
             [g.node("Add", [var, g.const(layer.eps, f"{hint}/eps")], f"{hint}/var_eps")],
             f"{hint}/std",
         )
-        return [g.node("Div", [centred, std], hint)]
-    if len(shape) < 2:
-        raise site.refuse(f"a BatchNorm over a {len(shape)}-axis blob (ONNX needs N, C, ...)")
-    factor = float(site.blob(2).reshape(-1)[0])
-    factor = 0.0 if factor == 0 else 1.0 / factor
-    channels = shape[1]
-    mean = site.blob(0).astype(np.float64) * factor
-    var = site.blob(1).astype(np.float64) * factor
-    inputs = [
-        x,
-        g.const(np.ones(channels), f"{hint}/gamma"),
-        g.const(np.zeros(channels), f"{hint}/beta"),
-        g.const(mean, f"{hint}/mean"),
-        g.const(var, f"{hint}/var"),
-    ]
-    return [g.node("BatchNormalization", inputs, hint, epsilon=layer.eps)]
+        y = g.node("Div", [centred, std], hint)
+    else:
+        factor = float(site.blob(2).reshape(-1)[0])
+        factor = 0.0 if factor == 0 else 1.0 / factor
+        channels = shape[1]
+        inputs = [
+            x,
+            g.const(np.ones(channels), f"{hint}/gamma"),
+            g.const(np.zeros(channels), f"{hint}/beta"),
+            g.const(site.blob(0).astype(np.float64) * factor, f"{hint}/mean"),
+            g.const(site.blob(1).astype(np.float64) * factor, f"{hint}/var"),
+        ]
+        y = g.node("BatchNormalization", inputs, hint, epsilon=layer.eps)
+    return [g.reshape(y, [-1], hint) if len(site.bottom_shapes[0]) == 1 else y]
 
 
 @converts("MVN")
