@@ -56,6 +56,7 @@ def onnx_command(
         opset=opset,
         dynamic_batch=dynamic_batch,
         fold_batchnorm=fold_batchnorm,
+        progress=lambda stage: click.echo(f"netforge: {stage}", err=True),
     )
     ops = sorted({node.op_type for node in exported.graph.node})
     click.echo(

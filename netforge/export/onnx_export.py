@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,14 +40,17 @@ def net_to_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
     fold_batchnorm: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> Any:
     """The ``onnx.ModelProto`` of a TEST-phase ``Net`` with its current weights and shapes.
 
     ``dynamic_batch`` makes axis 0 of every input (and what follows from it) symbolic;
     ``fold_batchnorm`` folds BatchNorm, and the per-channel Scale/Bias after it, into the
-    weights of the Convolution or InnerProduct they follow. Raises ConfigError for a layer
+    weights of the Convolution or InnerProduct they follow. ``progress(stage)`` is told of
+    each stage (the check of a large model takes seconds). Raises ConfigError for a layer
     with no faithful ONNX form, naming it.
     """
+    tell = progress or (lambda stage: None)
     onnx = require_onnx()
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
@@ -54,9 +58,11 @@ def net_to_onnx(
     if net.phase != pb.TEST:
         raise ConfigError("export a TEST-phase net (Dropout and batch statistics differ in TRAIN)")
     g = OnnxGraph(opset, dynamic_batch)
+    tell(f"converting {len(net.layers)} layers to ONNX opset {opset}")
     tensors = _convert_layers(net, g)
     if fold_batchnorm:
         fold_channel_affine(g)
+    tell(f"checking {len(g.nodes)} nodes (onnx.checker, shape inference)")
     return _model(net, g, tensors)
 
 
@@ -238,9 +244,12 @@ def export_onnx_file(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
     fold_batchnorm: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> Any:
     """Export the deploy prototxt ``model`` with ``weights`` (a file or ``zoo:NAME``) to
-    ``output``; returns the ModelProto. A Python layer is refused before any code runs."""
+    ``output``; returns the ModelProto. A Python layer is refused before any code runs.
+    ``progress(stage)`` is told of each stage."""
+    tell = progress or (lambda stage: None)
     from netforge.net import Net
     from netforge.prototxt import read_net
 
@@ -254,9 +263,15 @@ def export_onnx_file(
                 f"{model}: layer {layer.name!r} ({layer.type}): {_unconvertible(layer.type)}; "
                 "it cannot be exported to ONNX"
             )
+    tell(f"building {model} with the weights of {weights}")
     net = Net(param, phase=pb.TEST, weights=weights, allow_python_layers=False)
     onnx_model = net_to_onnx(
-        net, opset=opset, dynamic_batch=dynamic_batch, fold_batchnorm=fold_batchnorm
+        net,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        fold_batchnorm=fold_batchnorm,
+        progress=progress,
     )
+    tell(f"writing {os.fspath(output)}")
     save_onnx(onnx_model, output)
     return onnx_model
