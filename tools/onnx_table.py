@@ -164,8 +164,9 @@ def main() -> int:
     for name, prototxt, weights, image in models(args.only):
         try:
             row = run(name, prototxt, weights, image, args)
-        except NetforgeError as exc:
-            print(f"| {name} | | FAILED: {exc} | | | | | | | |", flush=True)
+        except Exception as exc:  # noqa: BLE001  (an export refused or a model ONNX Runtime
+            # rejects is one failed row of the table, not the end of the run)
+            print(f"| {name} | | FAILED: {type(exc).__name__}: {exc} | | | | | | | |", flush=True)
             failures += 1
             continue
         rows.append(row)
