@@ -232,7 +232,9 @@ def test_classify_output_that_cannot_be_written_is_one_error_line(tiny_model, ca
     assert "netforge: error:" in err and "missing" in err and "Traceback" not in err
     assert main(["classify", *common, "-o", str(folder / "scores")]) == 0  # np.save adds .npy
     assert np.load(folder / "scores.npy").shape == (1, 3)
-    assert "to " + str(folder / "scores.npy") in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "to " + str(folder / "scores.npy") in shown.out
+    assert shown.err.startswith("Classifying 1 inputs (the centre crop).\nDone in ")
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
 
 

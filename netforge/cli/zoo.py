@@ -4,6 +4,7 @@ and netforge.Classifier."""
 from __future__ import annotations
 
 import os
+import time
 
 import click
 import numpy as np
@@ -234,7 +235,12 @@ def classify(
         item_names, item_images = load_inputs(item, ext, color)
         names.extend(item_names)
         images.extend(item_images)
+    # classify.py's progress lines, on stderr so that standard output stays the table.
+    crops = "the centre crop" if center_only else "ten crops each"
+    click.echo(f"Classifying {len(images)} inputs ({crops}).", err=True)
+    started = time.perf_counter()
     scores = classifier.predict(images, oversample=not center_only)
+    click.echo(f"Done in {time.perf_counter() - started:.2f} s.", err=True)
     if output is not None:
         output = save_scores(output, scores)
     for name, predictions in zip(names, top_predictions(scores, setup.labels, top_k)):
