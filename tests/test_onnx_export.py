@@ -666,6 +666,19 @@ def test_cli_reports_an_unwritable_output_in_one_line(tmp_path: Path, capsys) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.caffemodel"]
 
 
+def test_cli_refuses_weights_that_miss_a_layer(tmp_path: Path, capsys) -> None:
+    # a layer renamed in the prototxt gets no weights: it would be exported untrained
+    deploy = Path(__file__).resolve().parents[1] / "models" / "digits" / "deploy.prototxt"
+    weights = tmp_path / "digits.caffemodel"
+    Net(deploy, phase=pb.TEST).save(weights)
+    renamed = tmp_path / "deploy.prototxt"
+    renamed.write_text(deploy.read_text().replace('name: "ip2"', 'name: "classifier"'))
+    args = ["--model", str(renamed), "--weights", str(weights), "--output", str(tmp_path / "m")]
+    assert main(["export", "onnx", *args]) == 4
+    assert "no weights for layer(s) classifier" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_loss_layer_is_refused_as_training_only() -> None:
     body = layer("ip", "InnerProduct", "x", "y", "inner_product_param { num_output: 4 }")
     body += layer("loss", "SoftmaxWithLoss", ["y", "label"], "loss")

@@ -252,6 +252,7 @@ def export_onnx_file(
     tell = progress or (lambda stage: None)
     from netforge.net import Net
     from netforge.prototxt import read_net
+    from netforge.weights import resolve_weights
 
     param = read_net(model)
     param.state.phase = pb.TEST
@@ -264,7 +265,17 @@ def export_onnx_file(
                 "it cannot be exported to ONNX"
             )
     tell(f"building {model} with the weights of {weights}")
-    net = Net(param, phase=pb.TEST, weights=weights, allow_python_layers=False)
+    net = Net(param, phase=pb.TEST, allow_python_layers=False)
+    source = resolve_weights(weights)
+    missing = net.copy_from(source).missing
+    if missing:
+        # weights are matched by layer name: a renamed layer would be exported with its
+        # random initialisation, which only a wrong deployment would reveal
+        raise DataError(
+            f"{source}: no weights for layer(s) {', '.join(missing)} of {model} (weights are "
+            "copied by layer name); export only a net whose weights file covers every layer "
+            "with parameters"
+        )
     onnx_model = net_to_onnx(
         net,
         opset=opset,
