@@ -1,13 +1,17 @@
-"""Write files so that a crash never leaves a half-written one: temp file, fsync, rename."""
+"""Write files so that a crash never leaves a half-written one: temp file, fsync, rename;
+and so that two processes never write one target at once: a lock file beside it."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from netforge.errors import DataError
 
 
 def _umask() -> int:
@@ -67,3 +71,48 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def target_lock(
+    target: str | os.PathLike, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<target>.lock``: one writer of ``target`` at a time
+    across processes. When another holds it, ``on_wait()`` is called and the lock waited
+    for; with no ``on_wait``, it is a DataError naming the target. The lock file is removed
+    on release; a waiter that then holds a lock on the removed file sees that it is no
+    longer the one at that path and takes the new one. A kill -9 releases the lock (the
+    kernel closes the file) and leaves the file, which the next writer reuses."""
+    lock = f"{os.fspath(target)}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise DataError(f"cannot create the lock file {lock}: {exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is None:
+                    raise DataError(
+                        f"{os.fspath(target)}: another netforge process is writing it (it holds "
+                        f"{lock}); wait for it to finish, or stop it and run again"
+                    ) from None
+                on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(fd), current):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)

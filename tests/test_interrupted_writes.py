@@ -223,3 +223,29 @@ def test_interrupted_hdf5_conversion_leaves_no_listing_of_mixed_parts(tmp_path, 
     assert (out / "list.txt").read_text() == "".join(
         f"{p.resolve()}\n" for p in summary.outputs[:-1]
     )
+
+
+def test_a_second_conversion_into_the_same_database_is_refused_while_one_runs(
+    tmp_path, monkeypatch
+):
+    # Two runs into one database at once wrote into the same <db>.incomplete, and one died
+    # with an LMDB traceback (MDB_MAP_RESIZED) as the other grew the map.
+    make_images(tmp_path, count=4)
+    listing, db = tmp_path / "list.txt", tmp_path / "db"
+    real, seen = conv.datum_for, []
+
+    def second_run_meanwhile(*args, **kwargs):
+        if not seen:
+            seen.append(1)
+            with pytest.raises(DataError, match="db: another netforge process is writing it"):
+                conv.convert_imageset(tmp_path, listing, db)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "datum_for", second_run_meanwhile)
+    conv.convert_imageset(tmp_path, listing, db)
+    assert seen and len(_records(db)) == 4
+    assert not (tmp_path / "db.lock").exists()
+    # the lock sits beside the database, in a folder the conversion creates
+    nested = tmp_path / "new" / "folder" / "db"
+    conv.convert_imageset(tmp_path, listing, nested)
+    assert len(_records(nested)) == 4 and sorted(p.name for p in nested.parent.iterdir()) == ["db"]

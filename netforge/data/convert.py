@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from netforge.atomic import atomic_write
+from netforge.atomic import atomic_write, target_lock
 from netforge.data.datum import (
     FORMATS,
     datum_image,
@@ -165,52 +165,58 @@ def convert_imageset(
     committed record (a shuffled list is shuffled alike: the marker keeps the seed).
     """
     final = Path(db)
-    if os.path.exists(final):
-        raise DataError(f"{final} already exists; remove it or choose another name")
-    staging = staging_path(final)
-    options = {
-        "root": os.path.abspath(root),
-        "list_file": os.path.abspath(list_file),
-        "gray": gray,
-        "shuffle": shuffle,
-        "backend": backend,
-        "resize": [resize_height, resize_width],
-        "check_size": check_size,
-        "encoded": encoded,
-        "encode_type": encode_type,
-        "seed": seed,
-    }
-    entries = _entries(root, list_file, False, None)
-    first = _resume_point(staging, options, backend)
-    if shuffle:
-        order = np.random.default_rng(options["seed"]).permutation(len(entries))
-        entries = [entries[i] for i in order]
-    size = _resize(resize_height, resize_width)
-    summary = Summary(outputs=[final], resumed_at=first)
-    data_size = None
-    if first and progress is not None:
-        progress(first)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the folder of {final}: {exc.strerror}") from None
+    # One conversion into a database at a time: two would write one <db>.incomplete.
+    with target_lock(final):
+        if os.path.exists(final):
+            raise DataError(f"{final} already exists; remove it or choose another name")
+        staging = staging_path(final)
+        options = {
+            "root": os.path.abspath(root),
+            "list_file": os.path.abspath(list_file),
+            "gray": gray,
+            "shuffle": shuffle,
+            "backend": backend,
+            "resize": [resize_height, resize_width],
+            "check_size": check_size,
+            "encoded": encoded,
+            "encode_type": encode_type,
+            "seed": seed,
+        }
+        entries = _entries(root, list_file, False, None)
+        first = _resume_point(staging, options, backend)
+        if shuffle:
+            order = np.random.default_rng(options["seed"]).permutation(len(entries))
+            entries = [entries[i] for i in order]
+        size = _resize(resize_height, resize_width)
+        summary = Summary(outputs=[final], resumed_at=first)
+        data_size = None
+        if first and progress is not None:
+            progress(first)
 
-    def one(path: str, entry: Entry) -> bytes:
-        encoding = _encoding_of(entry.path, encoded, encode_type)
-        return datum_for(path, entry, color=not gray, size=size, encoding=encoding)
+        def one(path: str, entry: Entry) -> bytes:
+            encoding = _encoding_of(entry.path, encoded, encode_type)
+            return datum_for(path, entry, color=not gray, size=size, encoding=encoding)
 
-    with open_writer(staging, backend, batch=COMMIT_EVERY, resume=True) as writer:
-        for index, entry, value in _decoded(root, entries, one, summary, progress, first):
-            if check_size:
-                length = len(parse_datum(value, entry.path).data)
-                if data_size is None:
-                    data_size = length
-                elif length != data_size:
-                    raise DataError(
-                        f"{entry.path}: {length} bytes of pixel data, the first image had "
-                        f"{data_size} (--check-size: all images must have the same size)"
-                    )
-            writer.put(f"{index:08d}_{entry.path}", value)
-            summary.written += 1
-    (staging / INCOMPLETE).unlink()
-    os.replace(staging, final)
-    return summary
+        with open_writer(staging, backend, batch=COMMIT_EVERY, resume=True) as writer:
+            for index, entry, value in _decoded(root, entries, one, summary, progress, first):
+                if check_size:
+                    length = len(parse_datum(value, entry.path).data)
+                    if data_size is None:
+                        data_size = length
+                    elif length != data_size:
+                        raise DataError(
+                            f"{entry.path}: {length} bytes of pixel data, the first image had "
+                            f"{data_size} (--check-size: all images must have the same size)"
+                        )
+                writer.put(f"{index:08d}_{entry.path}", value)
+                summary.written += 1
+        (staging / INCOMPLETE).unlink()
+        os.replace(staging, final)
+        return summary
 
 
 def _resume_point(staging: Path, options: dict[str, Any], backend: str) -> int:

@@ -11,7 +11,6 @@ for, and one clear error per failure (``NetworkError``, ``ChecksumError``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import logging
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from netforge import __version__
+from netforge.atomic import target_lock
 from netforge.errors import ChecksumError, ConfigError, NetworkError
 from netforge.zoo.manifest import Manifest, ZooFile, check_safe_name
 
@@ -232,44 +232,14 @@ def download_file(
         raise
 
 
-@contextlib.contextmanager
-def _target_lock(target: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``<name>.lock`` beside ``target``: one download of a
-    file at a time across processes, so that a second run waits and then finds the first's
-    verified file instead of appending to it. The lock file is removed on release; a waiter
-    that then holds a lock on the removed file sees that it is no longer the one at that
-    path and takes the new one."""
-    lock = target.with_name(target.name + ".lock")
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("another download of %s is running; waiting for it", target.name)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.stat(lock, follow_symlinks=False)
-            except FileNotFoundError:
-                current = None
-            if current is not None and os.path.samestat(os.fstat(fd), current):
-                break
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(fd)
-
-
 def _download(entry: ZooFile, folder: Path, timeout: float, progress: ProgressFn | None) -> Path:
     """download_file's work, in a folder that exists, holding the target's lock."""
     target = _safe_target(folder, entry.name)
-    with _target_lock(target):
+
+    def waiting() -> None:
+        log.info("another download of %s is running; waiting for it", target.name)
+
+    with target_lock(target, on_wait=waiting):
         return _download_locked(entry, target, timeout, progress)
 
 
