@@ -212,7 +212,12 @@ def test_interrupted_hdf5_conversion_leaves_no_listing_of_mixed_parts(tmp_path, 
             raise _Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(conv, "write_hdf5", dies_at_the_second_part)
+    def second_run_meanwhile(*args, **kwargs):
+        with pytest.raises(DataError, match="out: another netforge process is writing it"):
+            conv.convert_hdf5(tmp_path, listing, out)
+        return dies_at_the_second_part(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "write_hdf5", second_run_meanwhile)
     with pytest.raises(_Killed):
         conv.convert_hdf5(tmp_path, listing, out, rows_per_file=2, gray=True)
     # part-00000.h5 now holds the gray run's rows, the others the first run's: a listing

@@ -285,52 +285,54 @@ def convert_hdf5(
     entries = _entries(root, list_file, shuffle, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    listing = out / "list.txt"
-    with contextlib.suppress(FileNotFoundError):
-        listing.unlink()
-    size = _resize(resize_height, resize_width)
-    summary = Summary()
+    # One conversion into a folder at a time: two would write the same part files.
+    with target_lock(out):
+        listing = out / "list.txt"
+        with contextlib.suppress(FileNotFoundError):
+            listing.unlink()
+        size = _resize(resize_height, resize_width)
+        summary = Summary()
 
-    def one(path: str, entry: Entry) -> np.ndarray:
-        if not path.endswith(".npy"):
-            return read_image(path, not gray, *size)
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read array {path}: {exc}") from None
+        def one(path: str, entry: Entry) -> np.ndarray:
+            if not path.endswith(".npy"):
+                return read_image(path, not gray, *size)
+            try:
+                return np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"cannot read array {path}: {exc}") from None
 
-    rows: list[np.ndarray] = []
-    labels: list = []
-    shape = None
+        rows: list[np.ndarray] = []
+        labels: list = []
+        shape = None
 
-    def flush() -> None:
-        if not rows:
-            return
-        target = out / f"part-{len(summary.outputs):05d}.h5"
-        data = np.stack(rows).astype(np.float32) * np.float32(scale)
-        write_hdf5(target, {data_name: data, label_name: np.asarray(labels, np.float32)})
-        summary.outputs.append(target)
-        rows.clear()
-        labels.clear()
+        def flush() -> None:
+            if not rows:
+                return
+            target = out / f"part-{len(summary.outputs):05d}.h5"
+            data = np.stack(rows).astype(np.float32) * np.float32(scale)
+            write_hdf5(target, {data_name: data, label_name: np.asarray(labels, np.float32)})
+            summary.outputs.append(target)
+            rows.clear()
+            labels.clear()
 
-    for _, entry, value in _decoded(root, entries, one, summary, progress):
-        if shape is None:
-            shape = value.shape
-        elif value.shape != shape:
-            raise DataError(
-                f"{entry.path}: shape {value.shape}, the first input had {shape}; resize "
-                "images (--resize-height/--resize-width) so that all rows match"
-            )
-        rows.append(value)
-        labels.append(entry.targets if entry.targets else entry.label)
-        summary.written += 1
-        if len(rows) == rows_per_file:
-            flush()
-    flush()
-    with atomic_write(listing, "w") as handle:
-        handle.write("".join(f"{p.resolve()}\n" for p in summary.outputs))
-    summary.outputs.append(listing)
-    return summary
+        for _, entry, value in _decoded(root, entries, one, summary, progress):
+            if shape is None:
+                shape = value.shape
+            elif value.shape != shape:
+                raise DataError(
+                    f"{entry.path}: shape {value.shape}, the first input had {shape}; resize "
+                    "images (--resize-height/--resize-width) so that all rows match"
+                )
+            rows.append(value)
+            labels.append(entry.targets if entry.targets else entry.label)
+            summary.written += 1
+            if len(rows) == rows_per_file:
+                flush()
+        flush()
+        with atomic_write(listing, "w") as handle:
+            handle.write("".join(f"{p.resolve()}\n" for p in summary.outputs))
+        summary.outputs.append(listing)
+        return summary
 
 
 def compute_mean(db: str | os.PathLike, backend: str = "lmdb") -> tuple[np.ndarray, int]:
