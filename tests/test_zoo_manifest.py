@@ -145,6 +145,11 @@ def test_load_manifest_by_path_and_unknown_name(tmp_path):
             "not a hex SHA1",
         ),
         ({"files": [{"role": "weights", "name": "w", "urls": []}]}, "non-empty list"),
+        # a negative size read the whole response, however long (read(-n) is read-all)
+        (
+            {"files": [{"role": "w", "name": "w", "urls": ["https://x/w"], "size": -1}]},
+            "'size' is -1; it must be >= 0",
+        ),
         ({"prototxts": {"deploy": "../outside.prototxt"}}, "inside the repository"),
         ({"prototxts": {"deploy": "/etc/deploy.prototxt"}}, "inside the repository"),
         ({"preprocessing": {"mean_file": "nothing"}}, "no file has"),

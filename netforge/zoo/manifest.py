@@ -169,6 +169,8 @@ def _zoo_file(data: Any, where: str) -> ZooFile:
         sha256=_digest(data, "sha256", where),
         size=_get(data, "size", int, where, None),
     )
+    if entry.size is not None and entry.size < 0:
+        raise ConfigError(f"{where}: 'size' is {entry.size}; it must be >= 0 (bytes)")
     for url in entry.urls:
         scheme = url.split(":", 1)[0].lower()
         if scheme == "http" and not entry.has_checksum:
