@@ -3,7 +3,9 @@ netforge's modules (``caffe.io`` to ``netforge.io``, ``caffe.proto.caffe_pb2`` t
 ``netforge.proto.caffe_pb2``...).
 
 The alias is opt-in: importing netforge never installs it, so a real Caffe on the same
-machine is never shadowed. ``netforge pycaffe script.py [args]`` runs a script under it;
+machine is never shadowed. ``netforge pycaffe script.py [args]`` runs a script under it,
+and its child Pythons (multiprocessing's spawn and forkserver workers, as BVLC's
+``python/train.py`` starts one per GPU) get it from the ``caffe`` module in ``CHILD_PATH``;
 ``with caffe_alias(): ...`` installs it for a block of code.
 """
 
@@ -25,6 +27,10 @@ from netforge.errors import ConfigError
 
 ALIAS = "caffe"
 TARGET = "netforge"
+# The folder whose caffe.py installs the alias in a child process: run_script puts it on
+# PYTHONPATH (read by a fresh interpreter) and on sys.path (which spawn and forkserver copy
+# from the parent into their workers, replacing the child's own).
+CHILD_PATH = Path(__file__).resolve().parent / "pycaffe_path"
 
 
 class CaffeAliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -81,24 +87,42 @@ def caffe_alias() -> Iterator[None]:
                 del sys.modules[name]
 
 
+def install_alias() -> ModuleType:
+    """Install the alias for the rest of this process and return netforge, the module that
+    ``caffe`` names: what a child process of ``netforge pycaffe`` runs on its first
+    ``import caffe``. Installing it twice keeps one finder."""
+    if not any(isinstance(finder, CaffeAliasFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, CaffeAliasFinder())
+    return importlib.import_module(TARGET)
+
+
 def _is_alias(module: ModuleType) -> bool:
     return getattr(module, "__name__", "").split(".")[0] == TARGET
 
 
 def run_script(script: str | os.PathLike, args: Sequence[str] = ()) -> None:
     """Run ``script`` as ``__main__`` with ``args`` in ``sys.argv`` and its folder first on
-    ``sys.path`` (as ``python script.py args`` does), under the ``caffe`` alias."""
+    ``sys.path`` (as ``python script.py args`` does), under the ``caffe`` alias. While it
+    runs, ``CHILD_PATH`` leads ``PYTHONPATH`` and follows the script's folder on ``sys.path``,
+    so the Python processes it starts import netforge as ``caffe`` too; both are restored
+    afterwards."""
     path = Path(script)
     if not path.is_file():
         raise ConfigError(f"{path}: no such script")
     saved_argv, saved_path = sys.argv[:], sys.path[:]
+    saved_env = os.environ.get("PYTHONPATH")
     sys.argv = [str(path), *args]
-    sys.path.insert(0, str(path.resolve().parent))
+    sys.path[:0] = [str(path.resolve().parent), str(CHILD_PATH)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHILD_PATH), saved_env]))
     try:
         with caffe_alias():
             runpy.run_path(str(path), run_name="__main__")
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
+        if saved_env is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_env
 
 
-__all__ = ["CaffeAliasFinder", "caffe_alias", "run_script"]
+__all__ = ["CHILD_PATH", "CaffeAliasFinder", "caffe_alias", "install_alias", "run_script"]

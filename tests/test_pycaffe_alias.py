@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import netforge
 from netforge.errors import ConfigError
 from netforge.prototxt import read_net
-from netforge.pycaffe_alias import caffe_alias, run_script
+from netforge.pycaffe_alias import CHILD_PATH, caffe_alias, run_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,6 +82,57 @@ def test_netforge_pycaffe_runs_an_unmodified_script(script: Path, tmp_path: Path
     assert lines[2] == "args ['--center_only', '-x']"
     if len(lines) > 3:
         assert lines[3] == "io netforge.io"
+
+
+# A script that starts one worker per "GPU" as BVLC python/train.py does, with the spawn
+# method (forkserver, Python 3.14's Linux default, starts its workers the same way).
+SPAWNING_SCRIPT = """\
+import multiprocessing as mp
+
+
+def worker():
+    import caffe
+
+    print("child", caffe.io.__name__, caffe.__name__, flush=True)
+
+
+if __name__ == "__main__":
+    process = mp.get_context("spawn").Process(target=worker)
+    process.start()
+    process.join()
+    print("exit", process.exitcode)
+"""
+
+
+def test_spawned_child_processes_import_netforge_as_caffe(tmp_path: Path) -> None:
+    script = tmp_path / "spawner.py"
+    script.write_text(SPAWNING_SCRIPT)
+    under = subprocess.run(
+        [sys.executable, "-m", "netforge", "pycaffe", str(script)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert under.returncode == 0, under.stderr
+    assert under.stdout.splitlines() == ["child netforge.io netforge", "exit 0"], under.stderr
+    outside = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert outside.stdout.splitlines() == ["exit 1"]
+    assert "ModuleNotFoundError: No module named 'caffe'" in outside.stderr
+
+
+def test_run_script_sets_the_child_path_only_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    script = tmp_path / "env.py"
+    script.write_text("import os, sys\nprint(os.environ['PYTHONPATH'], sys.path[1])\n")
+    run_script(script)
+    assert capsys.readouterr().out.split() == [
+        f"{CHILD_PATH}{os.pathsep}/elsewhere",
+        str(CHILD_PATH),
+    ]
+    assert os.environ["PYTHONPATH"] == "/elsewhere"
+    assert str(CHILD_PATH) not in sys.path
 
 
 def test_importing_netforge_does_not_make_caffe_importable() -> None:
