@@ -11,7 +11,7 @@ import time
 import pytest
 from test_zoo_download import PAYLOAD, QuietServer, entry_for, no_mirror, server  # noqa: F401
 
-from netforge.errors import ConfigError
+from netforge.errors import ChecksumError, ConfigError
 from netforge.zoo import download as dl
 
 
@@ -75,6 +75,51 @@ class Endless(http.server.BaseHTTPRequestHandler):
 
 def test_an_endless_server_is_read_only_up_to_the_manifests_size(tmp_path):
     httpd = QuietServer(("127.0.0.1", 0), Endless)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/m"
+        path = dl.download_file(entry_for(url), tmp_path, timeout=10)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_an_endless_server_stops_at_the_largest_file_caffe_reads_when_no_size_is_known(
+    tmp_path, monkeypatch
+):
+    # A Caffe model folder's readme gives a sha1 but no size: the bound is then protobuf's
+    # 2 GiB (no zoo file, a caffemodel or a prototxt, can be larger); 1 MiB here.
+    monkeypatch.setattr(dl, "MAX_FILE_BYTES", 1 << 20)
+    httpd = QuietServer(("127.0.0.1", 0), Endless)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/m"
+        with pytest.raises(ChecksumError):
+            dl.download_file(entry_for(url, size=None), tmp_path, timeout=10)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not any(tmp_path.iterdir())
+
+
+class LyingLength(http.server.BaseHTTPRequestHandler):
+    """The right bytes under a Content-Length that is not a number."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "lots")
+        self.end_headers()
+        self.wfile.write(PAYLOAD)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_content_length_that_is_not_a_number_is_ignored(tmp_path):
+    httpd = QuietServer(("127.0.0.1", 0), LyingLength)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
     try:

@@ -26,6 +26,7 @@ from typing import BinaryIO
 from netforge import __version__
 from netforge.atomic import target_lock
 from netforge.errors import ChecksumError, ConfigError, NetworkError
+from netforge.reading import MAX_BYTES
 from netforge.zoo.manifest import Manifest, ZooFile, check_safe_name
 
 log = logging.getLogger("netforge")
@@ -38,6 +39,9 @@ HOME_ENV = "NETFORGE_HOME"
 CHUNK = 1 << 16
 # A dropped connection is retried from where it stopped this many times per URL.
 RESUME_ATTEMPTS = 3
+#: The most bytes read for a file whose manifest gives no size (a Caffe model folder's
+#: readme): protobuf's 2 GiB limit, which no caffemodel, mean or prototxt can pass.
+MAX_FILE_BYTES = MAX_BYTES
 
 
 def cache_dir() -> Path:
@@ -151,8 +155,8 @@ def _fetch_once(
     url: str, part: Path, timeout: float, progress: ProgressFn | None, size: int | None = None
 ) -> None:
     """Append the rest of ``url`` to ``part`` (resuming with Range when it has bytes),
-    stopping at ``size`` bytes (the manifest's): a server that streams without end, or
-    sends more than the file, never fills the disk."""
+    stopping at ``size`` bytes (the manifest's, else ``MAX_FILE_BYTES``): a server that
+    streams without end, or sends more than the file, never fills the disk."""
     have = part.lstat().st_size if part.exists() and not part.is_symlink() else 0
     if size is not None and have > size:
         have = 0  # more than the whole file: start again
@@ -172,10 +176,12 @@ def _fetch_once(
     with response:
         status = response.status
         length = response.headers.get("Content-Length")
+        # a Content-Length that is not a byte count is ignored, as http.client does
+        length = int(length) if length is not None and length.isdigit() else None
         # A server that ignores Range sends the whole file: start again.
         append = bool(have) and status == 206
         done = have if append else 0
-        total = done + int(length) if length is not None else None
+        total = done + length if length is not None else None
         if size is not None:
             total = size if total is None else min(total, size)
         handle = _open_part(part, append)
@@ -183,7 +189,8 @@ def _fetch_once(
             with handle:
                 if progress:
                     progress(done, total)
-                while chunk := response.read(CHUNK if size is None else min(CHUNK, size - done)):
+                bound = MAX_FILE_BYTES if size is None else size
+                while chunk := response.read(min(CHUNK, bound - done)):
                     handle.write(chunk)
                     done += len(chunk)
                     if progress:
