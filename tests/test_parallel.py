@@ -459,6 +459,41 @@ def test_a_divergence_on_one_rank_stops_all_and_names_it(tmp_path):
     assert len(list((tmp_path / "snap").glob("*.solverstate"))) == 1
 
 
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in result.stderr.splitlines() if ln.startswith("netforge: error")]
+
+
+def test_an_error_every_rank_finds_before_connecting_is_reported_once(tmp_path):
+    netforge = str(Path(sys.executable).parent / "netforge")
+    missing = run_ranks(2, [netforge, "train", "--solver", "nope.prototxt"], tmp_path)
+    assert missing.returncode == 4, missing.stderr  # DataError's status, from both ranks
+    assert error_lines(missing) == [
+        "netforge: error: nope.prototxt: no such file (on 2 of 2 ranks)"
+    ], missing.stderr
+    (tmp_path / "solver.prototxt").write_text('net: "net.prototxt"\nbase_lr: 0.1\n')
+    # No cupy, or no GPUs 98 and 99: a DeviceError on each rank, reported once.
+    args = [netforge, "train", "--solver", "solver.prototxt", "--gpu", "98,99"]
+    no_gpu = run_ranks(2, args, tmp_path)
+    assert no_gpu.returncode == 7, no_gpu.stderr
+    [line] = error_lines(no_gpu)
+    assert line.endswith(" (on 2 of 2 ranks)"), no_gpu.stderr
+
+
+def test_an_error_one_rank_finds_before_connecting_names_it_and_stops_all(tmp_path):
+    folders = [tmp_path / "r0", tmp_path / "r1"]
+    for folder in folders:
+        folder.mkdir()
+    (folders[0] / "solver.prototxt").write_text('net: "net.prototxt"\nbase_lr: 0.1\n')
+    netforge = str(Path(sys.executable).parent / "netforge")
+    result = run_ranks(
+        2, [netforge, "train", "--solver", "solver.prototxt"], tmp_path, folders=folders
+    )
+    assert result.returncode == 4, result.stderr
+    assert error_lines(result) == [
+        "netforge: error: solver.prototxt: no such file (on 1 of 2 ranks: rank 1)"
+    ], result.stderr
+
+
 LATE_RANK = """
 import time
 import numpy as np

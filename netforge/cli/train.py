@@ -82,53 +82,44 @@ def train(
     """Train (or resume training) the net of a solver prototxt."""
     from netforge.parallel.comm import launched_size
     from netforge.parallel.launch import (
-        gpu_ids,
         prepare_rank,
         rank_communicator,
         run_gpu_ranks,
         start_rank,
         use_device,
     )
-    from netforge.proto import pb
-    from netforge.prototxt import read_solver
     from netforge.solvers import get_solver
     from netforge.solvers.control import SignalActions, train_backend
     from netforge.train_log import MetricsWriter, ProgressLine, setup_logging
 
-    if snapshot and weights:
-        raise ConfigError(
-            "give --snapshot to resume training or --weights to fine-tune, but not both"
-        )
     logger = setup_logging()
-    param = read_solver(solver)
-    param.train_state.level = level
-    param.train_state.stage.extend(_stages(stage))
-    if iterations is not None:
-        if iterations <= 0:
-            raise ConfigError(f"--iterations must be positive, got {iterations}")
-        param.max_iter = iterations
-    if cpu or gpu == "-1":
-        if gpu not in (None, "-1"):
-            raise ConfigError(f"--cpu and --gpu {gpu} contradict each other; give one")
-        param.solver_mode = pb.SolverParameter.CPU
-        gpu = None
-    gpus = gpu_ids(gpu)
-    if len(gpus) > 1 and launched_size() == 1:
+    # Under a launcher every rank runs these checks alone, and a bad flag or file fails them
+    # all: the error waits for the ranks to connect, to be reported once for all of them.
+    failure: NetforgeError | None = None
+    try:
+        param, gpu, gpus = _solver_and_gpus(
+            solver, snapshot, weights, gpu, cpu, stage, level, iterations
+        )
+    except NetforgeError as exc:
+        failure, gpus = exc, []
+    if failure is None and len(gpus) > 1 and launched_size() == 1:
         # One process per GPU, each running this command on its own GPU, NCCL among them.
         run_gpu_ranks(gpus, _train_gpu_rank, (dict(click.get_current_context().params),))
         return
     comm = rank_communicator()  # MPI under mpiexec, NCCL in a rank of the above, or None
-    if comm is not None and len(gpus) > 1:
-        gpu = str(gpus[comm.rank % len(gpus)])  # under mpiexec: rank r takes the r-th GPU
-        use_device(int(gpu))
     if comm is not None and comm.rank:
         logger.setLevel(logging.WARNING)  # rank 0 reports for all, as Caffe's root solver
-    if snapshot or weights:
-        param.ClearField("weights")
-    if weights:
-        param.weights.append(weights)
+    if failure is None:
+        with _rank_errors(comm):  # only what is not a NetforgeError ends the job at once
+            try:
+                if comm is not None and len(gpus) > 1:
+                    gpu = str(gpus[comm.rank % len(gpus)])  # under mpiexec: the r-th GPU
+                    use_device(int(gpu))
+                backend = train_backend(gpu, param)
+            except NetforgeError as exc:
+                failure = exc
+    _stop_on_failure(comm, failure)
     with _rank_errors(comm):  # a rank failing alone must not leave the others waiting
-        backend = train_backend(gpu, param)
         if comm is not None:
             prepare_rank(param, comm)  # after the weights: only rank 0 loads them
     root = comm is None or comm.rank == 0
@@ -171,6 +162,59 @@ def train(
                 the_solver.progress.clear()
 
 
+def _solver_and_gpus(
+    solver: str,
+    snapshot: str | None,
+    weights: str | None,
+    gpu: str | None,
+    cpu: bool,
+    stage: str | None,
+    level: int,
+    iterations: int | None,
+) -> tuple[Any, str | None, list[int]]:
+    """The solver message the flags make of the ``--solver`` file, the ``--gpu`` left
+    (None for ``--cpu``) and its GPU ids."""
+    from netforge.parallel.launch import gpu_ids
+    from netforge.proto import pb
+    from netforge.prototxt import read_solver
+
+    if snapshot and weights:
+        raise ConfigError(
+            "give --snapshot to resume training or --weights to fine-tune, but not both"
+        )
+    param = read_solver(solver)
+    param.train_state.level = level
+    param.train_state.stage.extend(_stages(stage))
+    if iterations is not None:
+        if iterations <= 0:
+            raise ConfigError(f"--iterations must be positive, got {iterations}")
+        param.max_iter = iterations
+    if cpu or gpu == "-1":
+        if gpu not in (None, "-1"):
+            raise ConfigError(f"--cpu and --gpu {gpu} contradict each other; give one")
+        param.solver_mode = pb.SolverParameter.CPU
+        gpu = None
+    if snapshot or weights:
+        param.ClearField("weights")
+    if weights:
+        param.weights.append(weights)
+    return param, gpu, gpu_ids(gpu)
+
+
+def _stop_on_failure(comm: Any, failure: NetforgeError | None) -> None:
+    """Raise ``failure``, the error of the checks before training; in a rank of a
+    data-parallel run, rank 0 raises the ranks' joint error (reported once, naming how many
+    saw it) and the others exit quietly with its status, whichever ranks failed."""
+    from netforge.parallel.launch import agree_on_failure
+
+    if comm is not None:
+        failure = agree_on_failure(comm, failure)
+        if failure is not None and comm.rank:
+            raise click.exceptions.Exit(failure.exit_code)
+    if failure is not None:
+        raise failure
+
+
 @contextlib.contextmanager
 def _rank_errors(comm: Any) -> Iterator[None]:
     """In a rank of a data-parallel run: an error must not leave the other ranks waiting.
@@ -201,6 +245,8 @@ def _train_gpu_rank(params: dict[str, Any]) -> None:
         train.callback(**params)
     except NetforgeError as exc:
         click.echo(f"netforge: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:  # a rank that leaves the report to rank 0
         sys.exit(exc.exit_code)
 
 

@@ -11,6 +11,10 @@ Two ways in, one code path after them:
   are stopped at once and a ``ParallelError`` names the rank; SIGINT and SIGHUP are passed
   on to them, so Ctrl-C stops every rank after the same iteration with rank 0's snapshot.
 
+What every rank checks alone before it trains (the solver file, the flags, its GPU) is
+settled together by ``agree_on_failure`` once the ranks are connected: an error every rank
+found is reported once, naming how many ranks saw it, and every rank stops.
+
 In every rank, ``prepare_rank`` runs before the solver is built (its data layers shard by
 the rank; every rank gets rank 0's random seed so shuffled orders agree; only rank 0 loads
 ``--weights``), and ``start_rank`` after it is built and rank 0 restored ``--snapshot``
@@ -20,6 +24,7 @@ state: the snapshot is read once).
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -31,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from netforge.errors import ConfigError, ParallelError
+from netforge import errors
+from netforge.errors import ConfigError, NetforgeError, ParallelError
 from netforge.parallel.comm import (
     Communicator,
     MPICommunicator,
@@ -93,6 +99,32 @@ def rank_communicator() -> Communicator | None:
 def assigned_device() -> int:
     """The GPU ``run_gpu_ranks`` gave this process."""
     return int(_assigned["device_id"])
+
+
+def agree_on_failure(comm: Communicator, failure: NetforgeError | None) -> NetforgeError | None:
+    """The ranks' joint verdict on the checks each ran alone before connecting: None when
+    none failed, else the same error on every rank, of the first failing rank's type (so its
+    exit status), each distinct message once with the ranks that saw it, e.g.
+    ``solver.prototxt: no such file (on 2 of 2 ranks)``. A collective: every rank calls it,
+    failed or not, so none is left waiting for the others."""
+    mine = None if failure is None else {"type": type(failure).__name__, "text": str(failure)}
+    gathered = comm.allgather_bytes(json.dumps(mine).encode())  # never empty: "null" at least
+    reports = {r: report for r, data in enumerate(gathered) if (report := json.loads(data))}
+    if not reports:
+        return None
+    seen: dict[str, list[int]] = {}
+    for rank, report in reports.items():
+        seen.setdefault(report["text"], []).append(rank)
+    parts = []
+    for text, ranks in seen.items():
+        where = f"on {len(ranks)} of {comm.size} ranks"
+        if len(ranks) < comm.size:
+            where += f": rank{'s' * (len(ranks) > 1)} " + ", ".join(map(str, ranks))
+        parts.append(f"{text} ({where})")
+    kind = getattr(errors, next(iter(reports.values()))["type"], None)
+    if not (isinstance(kind, type) and issubclass(kind, NetforgeError)):
+        kind = NetforgeError
+    return kind("; ".join(parts))
 
 
 def prepare_rank(param: pb.SolverParameter, comm: Communicator) -> None:
