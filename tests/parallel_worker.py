@@ -18,6 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from tests.nets import TYPE_SETTINGS
+
 STEPS = 20
 BATCH = 4
 
@@ -33,15 +35,6 @@ layer {{ name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
         inner_product_param {{ num_output: 3 weight_filler {{ type: "gaussian" std: 0.5 }} }} }}
 layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }}
 """
-
-TYPE_SETTINGS = {
-    "SGD": "momentum: 0.9",
-    "Nesterov": "momentum: 0.9",
-    "AdaGrad": "delta: 1e-6",
-    "RMSProp": "rms_decay: 0.95 delta: 1e-6",
-    "AdaDelta": "momentum: 0.95 delta: 1e-6",
-    "Adam": "momentum: 0.9 momentum2: 0.999 delta: 1e-6",
-}
 
 
 def write_data(folder: Path, rows: int = 96) -> Path:

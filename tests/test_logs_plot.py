@@ -15,8 +15,7 @@ from netforge.cli.main import main
 from netforge.errors import ConfigError, DataError
 from netforge.logs import parse_caffe_log, parse_metrics, read_training_log
 from netforge.plot import CHART_TYPES, chart_data, describe
-
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "solver_data.h5"
+from tests.nets import write_least_squares_solver
 
 # A Caffe log across New Year: the seconds must keep counting up (the year rolls forward).
 CAFFE_LOG = """\
@@ -118,8 +117,7 @@ def test_log_without_solving_line_is_an_error(tmp_path: Path) -> None:
     assert main(["parse-log", str(tmp_path / "missing.log"), str(tmp_path)]) == 4
 
 
-SOLVER = """net: "{net}"
-test_iter: 2
+SOLVER = """test_iter: 2
 test_interval: 4
 base_lr: 0.01
 lr_policy: "inv"
@@ -127,26 +125,14 @@ gamma: 0.0001
 power: 0.75
 display: 2
 max_iter: 8
-snapshot_prefix: "{prefix}"
 random_seed: 3
-"""
-
-NET = """name: "ls"
-layer {{ name: "data" type: "HDF5Data" top: "data" top: "targets"
-        hdf5_data_param {{ source: "{source}" batch_size: 4 }} }}
-layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
-        inner_product_param {{ num_output: 1 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
-layer {{ name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "targets" top: "loss" }}
 """
 
 
 def test_netforge_log_and_metrics_give_the_same_tables(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    (tmp_path / "list.txt").write_text(f"{FIXTURE}\n")
-    (tmp_path / "net.prototxt").write_text(NET.format(source=tmp_path / "list.txt"))
-    solver = tmp_path / "solver.prototxt"
-    solver.write_text(SOLVER.format(net=tmp_path / "net.prototxt", prefix=tmp_path / "ls"))
+    solver = write_least_squares_solver(tmp_path, SOLVER)
     assert main(["train", "--solver", str(solver)]) == 0
     (tmp_path / "train.log").write_text(capsys.readouterr().err)
     from_log = parse_caffe_log(tmp_path / "train.log")

@@ -18,6 +18,7 @@ from netforge.proto import pb
 from netforge.prototxt import parse_text
 from netforge.solvers import get_solver
 from netforge.solvers.lr_policy import learning_rate
+from tests.nets import TYPE_SETTINGS
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "solver_data.h5"
 
@@ -32,15 +33,6 @@ layer {{ name: "innerprod" type: "InnerProduct" bottom: "{ip_bottom}" top: "inne
                                bias_filler {{ type: "gaussian" std: 1.0 }} }} }}
 layer {{ name: "loss" type: "EuclideanLoss" bottom: "innerprod" bottom: "targets" top: "loss" }}
 """
-
-TYPE_SETTINGS = {
-    "SGD": "momentum: 0.9",
-    "Nesterov": "momentum: 0.9",
-    "AdaGrad": "delta: 1e-6",
-    "RMSProp": "rms_decay: 0.95 delta: 1e-6",
-    "AdaDelta": "momentum: 0.95 delta: 1e-6",
-    "Adam": "momentum: 0.9 momentum2: 0.999 delta: 1e-6",
-}
 
 
 def net_text(

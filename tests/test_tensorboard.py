@@ -12,11 +12,9 @@ import pytest
 
 from netforge.cli.main import main
 from netforge.errors import ConfigError, DataError
+from tests.nets import write_least_squares_solver
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "solver_data.h5"
-
-SOLVER = """net: "{net}"
-test_iter: 2
+SOLVER = """test_iter: 2
 test_interval: 4
 base_lr: 0.01
 lr_policy: "step"
@@ -24,16 +22,7 @@ gamma: 0.5
 stepsize: 4
 display: 2
 max_iter: 8
-snapshot_prefix: "{prefix}"
 random_seed: 3
-"""
-
-NET = """name: "ls"
-layer {{ name: "data" type: "HDF5Data" top: "data" top: "targets"
-        hdf5_data_param {{ source: "{source}" batch_size: 4 }} }}
-layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
-        inner_product_param {{ num_output: 1 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
-layer {{ name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "targets" top: "loss" }}
 """
 
 
@@ -58,11 +47,7 @@ def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture
 def solver(tmp_path: Path) -> Path:
-    (tmp_path / "list.txt").write_text(f"{FIXTURE}\n")
-    (tmp_path / "net.prototxt").write_text(NET.format(source=tmp_path / "list.txt"))
-    path = tmp_path / "solver.prototxt"
-    path.write_text(SOLVER.format(net=tmp_path / "net.prototxt", prefix=tmp_path / "ls"))
-    return path
+    return write_least_squares_solver(tmp_path, SOLVER)
 
 
 def test_tensorboard_events_hold_the_metrics(solver: Path, tmp_path: Path) -> None:

@@ -15,8 +15,7 @@ from netforge.cli.main import cli, main
 from netforge.errors import ConfigError, DataError, DeviceError
 from netforge.net import Net
 from netforge.proto import pb
-
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "solver_data.h5"
+from tests.nets import write_least_squares_net, write_least_squares_solver
 
 
 def _argv(args: list[str]) -> list[str]:
@@ -101,35 +100,21 @@ def test_caffe_argv_negative_flag_with_secondary_spelling() -> None:
     assert caffe_argv(command, ["--no-shuffle=false"], ctx) == ["--shuffle"]
 
 
-SOLVER = """net: "{net}"
-base_lr: 0.01
+SOLVER = """base_lr: 0.01
 lr_policy: "fixed"
 max_iter: 2
 display: 1
-snapshot_prefix: "{prefix}"
 solver_mode: GPU
 random_seed: 1
 """
 
-NET = """name: "ls"
-layer {{ name: "data" type: "HDF5Data" top: "data" top: "targets"
-        hdf5_data_param {{ source: "{source}" batch_size: 4 }} }}
-layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
-        inner_product_param {{ num_output: 1 weight_filler {{ type: "gaussian" std: 1.0 }} }} }}
-layer {{ name: "relu" type: "ReLU" bottom: "ip" top: "ip" }}
-layer {{ name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "targets" top: "loss"
-        loss_weight: 0.5 }}
-"""
+# The net of the CLI tests: a ReLU, and a loss weight, for the setup lines to show.
+NET = {"std": 1.0, "relu": True, "loss_weight": 0.5}
 
 
 @pytest.fixture
 def gpu_solver(tmp_path: Path) -> Path:
-    (tmp_path / "list.txt").write_text(f"{FIXTURE}\n")
-    net = tmp_path / "net.prototxt"
-    net.write_text(NET.format(source=tmp_path / "list.txt"))
-    solver = tmp_path / "solver.prototxt"
-    solver.write_text(SOLVER.format(net=net, prefix=tmp_path / "ls"))
-    return solver
+    return write_least_squares_solver(tmp_path, SOLVER, **NET)
 
 
 def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,8 +174,7 @@ class _Lines(logging.Handler):
 
 
 def test_net_setup_lines_in_caffe_format(tmp_path: Path) -> None:
-    (tmp_path / "list.txt").write_text(f"{FIXTURE}\n")
-    (tmp_path / "net.prototxt").write_text(NET.format(source=tmp_path / "list.txt"))
+    write_least_squares_net(tmp_path, **NET)
     handler = _Lines()
     logger = logging.getLogger("netforge")
     old_level = logger.level
