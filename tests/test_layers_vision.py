@@ -255,6 +255,7 @@ ROW_SHIFT_CASES = [
 def test_row_shift_convolution(monkeypatch, shape, params, pad, dilation, group, waste, winograd):
     monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_DEPTH", 0)
     monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_REUSE", 0)
+    monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_IMAGES", 1)
     monkeypatch.setattr(convolution, "FULL_CORRELATION_WASTE", waste)
     monkeypatch.setattr(convolution, "WINOGRAD_MIN_ROWS", 1 if winograd else 1 << 30)
     x = RNG.normal(size=shape)
@@ -276,6 +277,7 @@ def test_row_shift_convolution(monkeypatch, shape, params, pad, dilation, group,
 def test_row_shift_convolution_in_batch_chunks(monkeypatch, kept):
     monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_DEPTH", 0)
     monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_REUSE", 0)
+    monkeypatch.setattr(convolution, "ROW_SHIFT_MIN_IMAGES", 1)
     monkeypatch.setattr(convolution, "COLUMN_LIMIT", 100)  # one item per chunk
     monkeypatch.setattr(convolution, "KEPT_COLUMNS", kept)
     x = RNG.normal(size=(3, 4, 7, 6))
@@ -311,11 +313,23 @@ def test_row_shift_is_chosen_for_deep_stride_one_convolutions(channels, params, 
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_one_image_takes_im2col_split_on_the_pool():
+    """CIFAR-10 quick's conv2 in small takes Winograd's row shifts at batch 2 (above) and
+    ``_forward_one`` at batch 1 (``ROW_SHIFT_MIN_IMAGES``)."""
+    x = RNG.normal(size=(1, 32, 12, 12)).astype(np.float32)
+    layer, bottom, top = build(_conv_text("Convolution", 8, "kernel_size: 5 pad: 2"), [x])
+    assert layer._rowshift is None
+    (y,) = forward(layer, bottom, top)
+    w, b = (p.data.astype(np.float64) for p in layer.blobs)
+    ref = conv_reference(x.astype(np.float64), w, b, (1, 1), (2, 2), (1, 1), 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_im2col_where_filters_outweigh_the_window_copies():
-    """One 3×3 image of 64 channels through 8 filters (ResNet-50's batch-1 7×7 layers, in
-    small): the row shifts would save 1·9·2 copied elements per 8·3 filter elements they
-    re-lay out, fewer than ``ROW_SHIFT_MIN_REUSE``, so the layer takes im2col."""
-    x = RNG.normal(size=(1, 64, 3, 3)).astype(np.float32)
+    """Two 3×3 images of 64 channels through 8 filters (ResNet-50's 7×7 layers, in small):
+    the row shifts would save 2·9·2 copied elements per 8·3 filter elements they re-lay
+    out, fewer than ``ROW_SHIFT_MIN_REUSE``, so the layer takes im2col."""
+    x = RNG.normal(size=(2, 64, 3, 3)).astype(np.float32)
     layer, bottom, top = build(_conv_text("Convolution", 8, "kernel_size: 3 pad: 1"), [x])
     assert layer._rowshift is None
     (y,) = forward(layer, bottom, top)

@@ -67,6 +67,13 @@ ROW_SHIFT_MIN_DEPTH = 64
 #: batch 1: 1.2-6.9 ms against 0.4-1.2).
 ROW_SHIFT_MIN_REUSE = 4
 
+#: Least batch at which a Convolution uses the row shifts: one image takes ``_forward_one``,
+#: whose GEMM is split on the worker pool, while the row shifts' single chunk runs on
+#: OpenBLAS's threads. Net.forward at batch 1, alternating in one process at load 3.9:
+#: ResNet-50 316 -> 202 ms (its 28×28 3×3 layers took 10-12 ms each with Winograd),
+#: SqueezeNet 24.8 -> 23.3, GoogLeNet 84 -> 89 (within its spread, 0.80-1.07).
+ROW_SHIFT_MIN_IMAGES = 2
+
 #: Least output rows at which a row-shift Convolution uses Winograd's F(4, kh) along the rows
 #: (``conv_winograd``): one tile's worth; with fewer, the one tile computes mostly rows that
 #: are cropped off.
@@ -254,12 +261,15 @@ class _ConvolutionBase(Layer):
 
     def _row_shift_conv(self, spatial: Sequence[int]) -> RowShiftConv | None:
         """The kernel-row-shift form of this convolution (``conv_rows``) where it applies
-        and pays: numpy, 2-D, stride 1, GEMMs at least ``ROW_SHIFT_MIN_DEPTH`` deep, window
+        and pays: numpy, 2-D, stride 1, at least ``ROW_SHIFT_MIN_IMAGES`` images, GEMMs
+        at least ``ROW_SHIFT_MIN_DEPTH`` deep, window
         copies saved at least ``ROW_SHIFT_MIN_REUSE`` times the filters' size; with
         Winograd's transform along the rows (``conv_winograd``) where that applies and the
         output has at least ``WINOGRAD_MIN_ROWS`` rows."""
         geom = self.geom
         if self.xp is not np or self.transposed or len(geom.kernel) != 2:
+            return None
+        if self.num < ROW_SHIFT_MIN_IMAGES:
             return None
         if geom.stride != (1, 1):
             return None
