@@ -4,15 +4,30 @@ manifest says."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from test_zoo_download import PAYLOAD, QuietServer, entry_for, no_mirror, server  # noqa: F401
 
 from netforge.errors import ChecksumError, ConfigError
 from netforge.zoo import download as dl
+
+
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A loopback server answering every request with ``handler``; yields a file's URL."""
+    httpd = QuietServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/m"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_concurrent_downloads_of_one_file_wait_for_each_other(server, tmp_path):  # noqa: F811
@@ -74,15 +89,8 @@ class Endless(http.server.BaseHTTPRequestHandler):
 
 
 def test_an_endless_server_is_read_only_up_to_the_manifests_size(tmp_path):
-    httpd = QuietServer(("127.0.0.1", 0), Endless)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/m"
+    with serving(Endless) as url:
         path = dl.download_file(entry_for(url), tmp_path, timeout=10)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert path.read_bytes() == PAYLOAD
 
 
@@ -92,16 +100,9 @@ def test_an_endless_server_stops_at_the_largest_file_caffe_reads_when_no_size_is
     # A Caffe model folder's readme gives a sha1 but no size: the bound is then protobuf's
     # 2 GiB (no zoo file, a caffemodel or a prototxt, can be larger); 1 MiB here.
     monkeypatch.setattr(dl, "MAX_FILE_BYTES", 1 << 20)
-    httpd = QuietServer(("127.0.0.1", 0), Endless)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/m"
+    with serving(Endless) as url:
         with pytest.raises(ChecksumError):
             dl.download_file(entry_for(url, size=None), tmp_path, timeout=10)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert not any(tmp_path.iterdir())
 
 
@@ -119,13 +120,6 @@ class LyingLength(http.server.BaseHTTPRequestHandler):
 
 
 def test_a_content_length_that_is_not_a_number_is_ignored(tmp_path):
-    httpd = QuietServer(("127.0.0.1", 0), LyingLength)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/m"
+    with serving(LyingLength) as url:
         path = dl.download_file(entry_for(url), tmp_path, timeout=10)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert path.read_bytes() == PAYLOAD

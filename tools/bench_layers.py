@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bench_torch import torch_peer
 
 from netforge import _blas
 from netforge.net import Net
@@ -408,16 +409,7 @@ def main() -> None:
     if args.memory_child:
         memory_child(*args.memory_child)
         return
-    with_torch = not args.no_torch
-    if with_torch:
-        try:
-            import torch
-        except ImportError:
-            print("PyTorch is not installed: netforge only (pip install torch==2.13.0)")
-            with_torch = False
-        else:
-            torch.set_num_threads(os.cpu_count() or 1)
-            print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads")
+    with_torch = torch_peer(not args.no_torch)
     core = os.environ.get("OPENBLAS_CORETYPE", "(unset)")
     if _blas.adjustment:
         core += f" (netforge raised it from {_blas.adjustment[0] or 'unset'})"

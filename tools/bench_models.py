@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_torch import torch_peer
 
 from netforge.net import Net
 from netforge.proto import pb
@@ -461,16 +462,7 @@ def main() -> None:
     parser.add_argument("--layers", default="", help="nets to break down per layer")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
-    with_torch = not args.no_torch
-    if with_torch:
-        try:
-            import torch
-        except ImportError:
-            print("PyTorch is not installed: netforge only (pip install torch==2.13.0)")
-            with_torch = False
-        else:
-            torch.set_num_threads(os.cpu_count() or 1)
-            print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads")
+    with_torch = torch_peer(not args.no_torch)
     print(f"netforge {netforge.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs")
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print("figures: median [lowest-highest round]; ratio above 1: netforge faster;")
