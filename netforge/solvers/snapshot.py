@@ -28,7 +28,7 @@ from netforge.atomic import atomic_path
 from netforge.errors import ConfigError, DataError
 from netforge.proto import pb
 from netforge.prototxt import read_binary, write_binary
-from netforge.weights import array_to_proto, stored_blob
+from netforge.weights import array_to_proto, read_dataset, refuse_links, stored_blob
 
 log = logging.getLogger("netforge")
 
@@ -238,8 +238,6 @@ def _read_hdf5(path: str) -> SolverSnapshot:
 
 
 def _hdf5_state(handle: Any, path: str) -> SolverSnapshot:
-    from netforge.weights import read_dataset, refuse_links
-
     refuse_links(handle, path)
     if "iter" not in handle or "history" not in handle:
         raise DataError(f"{path}: not a solver state (no 'iter' or 'history' in it)")
