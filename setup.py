@@ -26,16 +26,12 @@ class BuildWithZoo(build_py):
         super().run()
         if self.editable_mode:
             return
-        import fnmatch
         import shutil
-
-        def ignore(folder: str, names: list[str]) -> set[str]:
-            return {n for n in names if any(fnmatch.fnmatch(n, p) for p in SKIPPED)}
 
         for folder in CARRIED:
             target = os.path.join(self.build_lib, "netforge", "_data", folder)
             shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(folder, target, ignore=ignore)
+            shutil.copytree(folder, target, ignore=shutil.ignore_patterns(*SKIPPED))
 
 
 setup(cmdclass={"build_py": BuildWithZoo})
