@@ -167,16 +167,12 @@ def refuse_links(handle: Any, path: str | os.PathLike) -> None:
 
 def read_dataset(dataset: Any, what: str) -> np.ndarray:
     """A numeric HDF5 dataset as an array, its size checked before it is read."""
-    if not isinstance(dataset, _h5_dataset()) or dataset.dtype.kind not in "fiub":
+    import h5py
+
+    if not isinstance(dataset, h5py.Dataset) or dataset.dtype.kind not in "fiub":
         raise DataError(f"{what}: expected an array of numbers, found {dataset!r}")
     check_bytes(dataset.size * dataset.dtype.itemsize, what)
     return np.asarray(dataset[()])
-
-
-def _h5_dataset() -> type:
-    import h5py
-
-    return h5py.Dataset
 
 
 def _table_from_hdf5(path: Path) -> WeightTable:
