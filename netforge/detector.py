@@ -60,7 +60,7 @@ class Detector(Net):
         images_windows = [(name, np.asarray(windows)) for name, windows in images_windows]
         crops = []
         for image_fname, windows in images_windows:
-            image = io.load_image(image_fname).astype(np.float32)
+            image = io.load_image(image_fname)  # float32 already
             crops.extend(self.crop(image, window) for window in windows)
         if not crops:
             raise ConfigError("detect_windows was given no windows")
