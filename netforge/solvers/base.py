@@ -764,7 +764,7 @@ class Solver:
         """The solver's resumable state (history, counters, generator, data cursors)."""
         layer_states = list(self.net.layer_states())
         for i, net in enumerate(self.test_nets):
-            layer_states += [(f"{_TEST_PREFIX}{i}:{n}", s) for n, s in net.layer_states()]
+            layer_states += [(f"{snap.TEST_PREFIX}{i}:{n}", s) for n, s in net.layer_states()]
         return snap.SolverSnapshot(
             iter=self.iter,
             current_step=self.current_step,
@@ -872,6 +872,3 @@ class Solver:
                     f"{exc}); resume from another snapshot, or start from its weights with "
                     "--weights"
                 ) from None
-
-
-_TEST_PREFIX = snap.TEST_PREFIX
