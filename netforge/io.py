@@ -264,9 +264,7 @@ def load_image(filename: str | os.PathLike, color: bool = True) -> np.ndarray:
 
     try:
         with Image.open(filename) as image:
-            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                pixels = np.asarray(image)
-            elif image.mode in ("L", "LA", "RGB", "RGBA"):
+            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L", "LA", "RGB", "RGBA"):
                 pixels = np.asarray(image)
             else:
                 # Palette, CMYK, YCbCr, 1-bit: RGB(A), as skimage.io reads them.
