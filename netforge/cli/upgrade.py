@@ -42,9 +42,10 @@ def _read(source: str, message_cls: type) -> tuple[object, bool]:
     try:
         return read_text(source, message_cls), False
     except ConfigError:
-        # Not a text prototxt: read_message tries the wire format and, when neither
-        # parses, raises the text parser's error (its line and field).
-        return read_message(source, message_cls), True
+        pass  # read again only once this error (and with it the file's bytes) is let go
+    # Not a text prototxt: read_message tries the wire format and, when neither parses,
+    # raises the text parser's error (its line and field).
+    return read_message(source, message_cls), True
 
 
 def _solver_nets(solver: pb.SolverParameter) -> list[pb.NetParameter]:
