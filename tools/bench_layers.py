@@ -79,6 +79,23 @@ DATA_LAYERS = {"Data": "data_param", "ImageData": "image_data_param", "HDF5Data"
 SOLVER = {"base_lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 
 
+def sgd_solver(net_param: pb.NetParameter):
+    """The benchmarks' solver: SGD at a fixed rate with ``SOLVER``'s settings, on the CPU,
+    never displaying, testing or snapshotting."""
+    solver_param = pb.SolverParameter(
+        net_param=net_param,
+        type="SGD",
+        lr_policy="fixed",
+        max_iter=10**9,
+        display=0,
+        snapshot_after_train=False,
+        solver_mode=pb.SolverParameter.CPU,
+        random_seed=1,
+        **SOLVER,
+    )
+    return netforge.get_solver(solver_param)
+
+
 def train_net_param(bench: Bench) -> pb.NetParameter:
     """The TRAIN net of ``bench`` with its data layers replaced by Input (data, label)."""
     param = read_net(ROOT / bench.prototxt)
@@ -105,18 +122,7 @@ class NetforgeTrainer:
     """netforge's SGD solver on the benchmark net, timing ``forward_backward`` inside it."""
 
     def __init__(self, bench: Bench) -> None:
-        solver_param = pb.SolverParameter(
-            net_param=train_net_param(bench),
-            type="SGD",
-            lr_policy="fixed",
-            max_iter=10**9,
-            display=0,
-            snapshot_after_train=False,
-            solver_mode=pb.SolverParameter.CPU,
-            random_seed=1,
-            **SOLVER,
-        )
-        self.solver = netforge.get_solver(solver_param)
+        self.solver = sgd_solver(train_net_param(bench))
         net = self.solver.net
         data, labels = random_batch(bench)
         net.blobs["data"].data = data

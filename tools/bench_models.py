@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_layers import SOLVER, sgd_solver
 from bench_torch import torch_peer
 
 from netforge.net import Net
@@ -63,7 +64,6 @@ TRAIN = {
     "googlenet": ("models/bvlc_googlenet/train_val.prototxt", False),
 }
 DATA_LAYERS = ("Data", "ImageData", "HDF5Data")
-SOLVER = {"base_lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 CLASSES = 1000
 
 
@@ -308,25 +308,10 @@ def summary(per_call: dict[str, list[float]], scale: float) -> dict:
     return result
 
 
-def make_solver(param: pb.NetParameter):
-    solver_param = pb.SolverParameter(
-        net_param=param,
-        type="SGD",
-        lr_policy="fixed",
-        max_iter=10**9,
-        display=0,
-        snapshot_after_train=False,
-        solver_mode=pb.SolverParameter.CPU,
-        random_seed=1,
-        **SOLVER,
-    )
-    return netforge.get_solver(solver_param)
-
-
 def bench_train(name: str, batch: int, rounds: int, seconds: float, with_torch: bool) -> dict:
     """Images/s training ``name`` at ``batch`` (see the module docstring)."""
     param = train_param(name, batch)
-    solver = make_solver(param)
+    solver = sgd_solver(param)
     net = solver.net
     fill_weights(net)
     data, labels = random_batch(net.blobs["data"].shape)
@@ -439,7 +424,7 @@ def layer_report(name: str, with_torch: bool) -> None:
     if name in TRAIN:
         quiet = logging.getLogger("bench_models.quiet")
         quiet.disabled = True
-        solver = make_solver(train_param(name, 8))
+        solver = sgd_solver(train_param(name, 8))
         fill_weights(solver.net)
         t = time_net(solver.net, iterations=2, log=quiet)
         rows = sorted(zip(t.layer_names, t.forward_ms, t.backward_ms), key=lambda r: -(r[1] + r[2]))

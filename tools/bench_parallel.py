@@ -43,7 +43,6 @@ if "--worker" in sys.argv or "--sweep" in sys.argv:
     os.sched_setaffinity(0, {_cores[_rank % len(_cores)]})
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
-import netforge  # noqa: E402  (picks OpenBLAS's kernels before numpy loads)
 
 # isort: split
 import argparse  # noqa: E402
@@ -55,12 +54,10 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from netforge.proto import pb  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_layers import BENCHES, SOLVER, random_batch, train_net_param  # noqa: E402
+from bench_layers import BENCHES, random_batch, sgd_solver, train_net_param  # noqa: E402
 
 SWEEP_BYTES = [4 << k for k in range(0, 25, 2)]  # 4 B .. 64 MiB
 
@@ -68,17 +65,7 @@ SWEEP_BYTES = [4 << k for k in range(0, 25, 2)]  # 4 B .. 64 MiB
 def build_solver(name: str, seed: int):
     """The benchmark net's SGD solver with a random batch loaded (per-rank ``seed``)."""
     bench = BENCHES[name]
-    param = pb.SolverParameter(
-        net_param=train_net_param(bench),
-        type="SGD",
-        lr_policy="fixed",
-        max_iter=10**9,
-        display=0,
-        snapshot_after_train=False,
-        random_seed=1,
-        **SOLVER,
-    )
-    solver = netforge.get_solver(param)
+    solver = sgd_solver(train_net_param(bench))
     data, labels = random_batch(bench, seed)
     solver.net.blobs["data"].data = data
     solver.net.blobs["label"].data = labels
