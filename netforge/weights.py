@@ -9,8 +9,10 @@ float ``data``, as Caffe's ToProto does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,19 @@ def _table_from_net(net: pb.NetParameter, where: str) -> WeightTable:
     }
 
 
+@contextlib.contextmanager
+def hdf5_damage(head: str, tail: str) -> Iterator[None]:
+    """Raise what h5py raises for a damaged file (OSError on a bad signature, RuntimeError on
+    a damaged B-tree, KeyError, TypeError...; each means the same to the user) as one
+    DataError: ``head (Type: message)tail``. A DataError passes through unchanged."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{head} ({type(exc).__name__}: {exc}){tail}") from None
+
+
 def refuse_links(handle: Any, path: str | os.PathLike) -> None:
     """Raise a DataError if the HDF5 file links outside itself (an external link would
     read, or probe, whatever file it names) or holds a dangling soft link."""
@@ -179,30 +194,25 @@ def _table_from_hdf5(path: Path) -> WeightTable:
     import h5py
 
     table: WeightTable = {}
-    try:
-        with h5py.File(path, "r") as handle:
-            refuse_links(handle, path)
-            group = handle.get("data")
-            if not isinstance(group, h5py.Group):
-                raise DataError(f"{path}: no /data group; not a Caffe HDF5 weights file")
-            for layer_name, layer_group in group.items():
-                where = f"{path}: layer {layer_name!r}"
-                if not isinstance(layer_group, h5py.Group):
-                    raise DataError(f"{where} is not a group of parameter blobs")
-                table[layer_name] = {}
-                for key, dataset in layer_group.items():
-                    if not key.isdigit() or len(key) > 9:
-                        raise DataError(f"{where}: blob name {key!r} is not a blob index")
-                    array = read_dataset(dataset, f"{where} blob {key}")
-                    table[layer_name][int(key)] = StoredBlob(array, array.shape, False)
-    except DataError:
-        raise
-    except Exception as exc:  # h5py turns a damaged file into many types (OSError on a bad
-        # signature, RuntimeError on a damaged B-tree, KeyError, TypeError...).
-        raise DataError(
-            f"{path}: cannot read HDF5 weights ({type(exc).__name__}: {exc}); the file is "
-            "damaged or not a Caffe HDF5 weights file"
-        ) from None
+    damage = hdf5_damage(
+        f"{path}: cannot read HDF5 weights",
+        "; the file is damaged or not a Caffe HDF5 weights file",
+    )
+    with damage, h5py.File(path, "r") as handle:
+        refuse_links(handle, path)
+        group = handle.get("data")
+        if not isinstance(group, h5py.Group):
+            raise DataError(f"{path}: no /data group; not a Caffe HDF5 weights file")
+        for layer_name, layer_group in group.items():
+            where = f"{path}: layer {layer_name!r}"
+            if not isinstance(layer_group, h5py.Group):
+                raise DataError(f"{where} is not a group of parameter blobs")
+            table[layer_name] = {}
+            for key, dataset in layer_group.items():
+                if not key.isdigit() or len(key) > 9:
+                    raise DataError(f"{where}: blob name {key!r} is not a blob index")
+                array = read_dataset(dataset, f"{where} blob {key}")
+                table[layer_name][int(key)] = StoredBlob(array, array.shape, False)
     return table
 
 

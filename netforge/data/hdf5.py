@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import h5py
@@ -26,7 +26,7 @@ from netforge.data.sources import child_rng
 from netforge.errors import DataError
 from netforge.memory import available_bytes
 from netforge.reading import read_text
-from netforge.weights import refuse_links
+from netforge.weights import hdf5_damage, refuse_links
 
 log = logging.getLogger("netforge")
 
@@ -47,18 +47,9 @@ def read_file_list(source: str | os.PathLike) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def _damage_is_data_error(path: str) -> Iterator[None]:
-    """h5py reports a damaged file as OSError, RuntimeError, KeyError, ValueError... as the
-    damage is met; each means the same to the user: this file cannot be read."""
-    try:
-        yield
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(
-            f"HDF5 file {path} is damaged ({type(exc).__name__}: {exc}); regenerate it"
-        ) from None
+def _damage_is_data_error(path: str) -> contextlib.AbstractContextManager[None]:
+    """What h5py raises for a damaged file, as a DataError naming it."""
+    return hdf5_damage(f"HDF5 file {path} is damaged", "; regenerate it")
 
 
 class _Rows:

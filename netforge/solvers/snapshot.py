@@ -28,7 +28,13 @@ from netforge.atomic import atomic_path
 from netforge.errors import ConfigError, DataError
 from netforge.proto import pb
 from netforge.prototxt import read_binary, write_binary
-from netforge.weights import array_to_proto, read_dataset, refuse_links, stored_blob
+from netforge.weights import (
+    array_to_proto,
+    hdf5_damage,
+    read_dataset,
+    refuse_links,
+    stored_blob,
+)
 
 log = logging.getLogger("netforge")
 
@@ -224,17 +230,11 @@ def _write_hdf5(path: str | os.PathLike, state: SolverSnapshot) -> None:
 def _read_hdf5(path: str) -> SolverSnapshot:
     import h5py
 
-    try:
-        with h5py.File(path, "r") as handle:
-            return _hdf5_state(handle, path)
-    except DataError:
-        raise
-    except Exception as exc:  # h5py turns a damaged file into many types (OSError, KeyError,
-        # RuntimeError, TypeError...); every one means the same thing to the user.
-        raise DataError(
-            f"{path}: cannot read the HDF5 solver state ({type(exc).__name__}: {exc}); "
-            "the file is damaged or not a solver state"
-        ) from None
+    damage = hdf5_damage(
+        f"{path}: cannot read the HDF5 solver state", "; the file is damaged or not a solver state"
+    )
+    with damage, h5py.File(path, "r") as handle:
+        return _hdf5_state(handle, path)
 
 
 def _hdf5_state(handle: Any, path: str) -> SolverSnapshot:
