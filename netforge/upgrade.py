@@ -358,11 +358,12 @@ def upgrade_solver(solver: pb.SolverParameter, source: str = "<solver>") -> list
         log.info("%s: upgraded (solver_type → type)", source)
     # The embedded nets' steps are the solver file's too: a solver whose only legacy part is
     # a V1 net_param is not "already in the latest format".
-    embedded = [(field, getattr(solver, field)) for field in ("net_param", "train_net_param")]
+    embedded = [
+        (f, getattr(solver, f)) for f in ("net_param", "train_net_param") if solver.HasField(f)
+    ]
     embedded += [("test_net_param", net) for net in solver.test_net_param]
     for field, net in embedded:
-        if field == "test_net_param" or solver.HasField(field):
-            steps += [f"{field}: {step}" for step in upgrade_net(net, f"{source} ({field})")]
+        steps += [f"{field}: {step}" for step in upgrade_net(net, f"{source} ({field})")]
     return steps
 
 
