@@ -56,10 +56,12 @@ def _entries(root: str | os.PathLike, list_file: str | os.PathLike, shuffle: boo
     if not os.path.isdir(root):  # False, not an OSError, for a name too long
         raise DataError(f"image root folder {root} does not exist or is not a directory")
     entries = read_list(list_file)
-    if shuffle:
-        order = np.random.default_rng(seed).permutation(len(entries))
-        entries = [entries[i] for i in order]
-    return entries
+    return _shuffled(entries, seed) if shuffle else entries
+
+
+def _shuffled(entries: list[Entry], seed) -> list[Entry]:
+    order = np.random.default_rng(seed).permutation(len(entries))
+    return [entries[i] for i in order]
 
 
 def _resize(height: int, width: int) -> tuple[int, int]:
@@ -189,8 +191,7 @@ def convert_imageset(
         entries = _entries(root, list_file, False, None)
         first = _resume_point(staging, options, backend)
         if shuffle:
-            order = np.random.default_rng(options["seed"]).permutation(len(entries))
-            entries = [entries[i] for i in order]
+            entries = _shuffled(entries, options["seed"])
         size = _resize(resize_height, resize_width)
         summary = Summary(outputs=[final], resumed_at=first)
         data_size = None
