@@ -199,19 +199,19 @@ def _channel_affine(g: OnnxGraph, node: Any, channels: int, rank: int) -> tuple[
 def fold_channel_affine(g: OnnxGraph) -> None:
     """Fold each chain of per-channel affine nodes (BatchNorm, Scale's Mul and Add) that
     alone reads a Conv's or Gemm's output into that node's weight and bias, in float64."""
-    folded = True
-    while folded:
-        folded = False
-        consumers: dict[str, list[Any]] = {}
-        for node in g.nodes:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
-        for node in g.nodes:
+    consumers: dict[str, list[Any]] = {}
+    for node in g.nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    # A folded node's output becomes its reader's, whose own readers the map already holds.
+    folded: set[int] = set()
+    for node in g.nodes:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        while node.input[1] in g.constants:
             readers = consumers.get(node.output[0], [])
-            if node.op_type not in ("Conv", "Gemm") or len(readers) != 1:
-                continue
-            if node.input[1] not in g.constants:
-                continue
+            if len(readers) != 1:
+                break
             weight = g.constants[node.input[1]].astype(np.float64)
             if node.op_type == "Conv":
                 channels, rank, out_axis = weight.shape[0], weight.ndim, 0
@@ -221,7 +221,7 @@ def fold_channel_affine(g: OnnxGraph) -> None:
                 channels, rank = weight.shape[out_axis], 2
             affine = _channel_affine(g, readers[0], channels, rank)
             if affine is None:
-                continue
+                break
             a, b = affine
             shape = [1] * weight.ndim
             shape[out_axis] = channels
@@ -231,9 +231,8 @@ def fold_channel_affine(g: OnnxGraph) -> None:
             node.input.append(g.const(weight * a.reshape(shape), f"{node.name}/folded_weight"))
             node.input.append(g.const(new_bias, f"{node.name}/folded_bias"))
             node.output[0] = readers[0].output[0]
-            g.nodes.remove(readers[0])
-            folded = True
-            break
+            folded.add(id(readers[0]))
+    g.nodes[:] = [node for node in g.nodes if id(node) not in folded]
 
 
 def export_onnx_file(
