@@ -183,21 +183,19 @@ def _to_proto(state: SolverSnapshot) -> pb.SolverState:
 
 
 def _from_proto(message: pb.SolverState, path: str) -> SolverSnapshot:
-    try:
-        return SolverSnapshot(
-            iter=message.iter,
-            current_step=message.current_step,
-            learned_net=message.learned_net if message.HasField("learned_net") else None,
-            history=[
-                stored_blob(blob, f"{path}: history blob {i}").data
-                for i, blob in enumerate(message.history)
-            ],
-            rng_state=message.rng_state if message.HasField("rng_state") else None,
-            layer_states=[(entry.layer, entry.state) for entry in message.layer_state],
-            solver_type=message.solver_type if message.HasField("solver_type") else None,
-        )
-    except (UnicodeDecodeError, ValueError) as exc:  # a string field that is not UTF-8
-        raise DataError(f"{path}: a text field is corrupt ({exc})") from None
+    # read_binary has refused string fields that are not UTF-8 (prototxt.parse_binary).
+    return SolverSnapshot(
+        iter=message.iter,
+        current_step=message.current_step,
+        learned_net=message.learned_net if message.HasField("learned_net") else None,
+        history=[
+            stored_blob(blob, f"{path}: history blob {i}").data
+            for i, blob in enumerate(message.history)
+        ],
+        rng_state=message.rng_state if message.HasField("rng_state") else None,
+        layer_states=[(entry.layer, entry.state) for entry in message.layer_state],
+        solver_type=message.solver_type if message.HasField("solver_type") else None,
+    )
 
 
 def _write_hdf5(path: str | os.PathLike, state: SolverSnapshot) -> None:
