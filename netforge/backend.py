@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from netforge.errors import DeviceError
+from netforge.errors import ConfigError, DeviceError
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,17 @@ def gpu(device_id: int = 0) -> Backend:
     if not 0 <= device_id < count:
         raise DeviceError(f"GPU {device_id} does not exist: this machine has {count} GPU(s)")
     return Backend(cupy, device_id)
+
+
+def parse_gpu_ids(gpu: str) -> list[int]:
+    """The ids a ``--gpu`` value names (Caffe's -gpu): one id, a comma list, or "all" (every
+    GPU this machine has, which asks cupy)."""
+    if gpu == "all":
+        return list(range(import_cupy().cuda.runtime.getDeviceCount()))
+    try:
+        return [int(part) for part in gpu.split(",")]
+    except ValueError:
+        raise ConfigError(f"--gpu {gpu!r}: give a GPU id, a comma list of ids, or 'all'") from None
 
 
 def get_array_module(*arrays: Any) -> ModuleType:

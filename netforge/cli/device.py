@@ -6,8 +6,9 @@ import json
 
 import click
 
+from netforge.backend import parse_gpu_ids
 from netforge.device import query
-from netforge.errors import ConfigError, DeviceError
+from netforge.errors import DeviceError
 
 
 @click.command("device-query")
@@ -17,12 +18,7 @@ def device_query(gpu_ids: str, as_json: bool) -> None:
     """Report numpy's BLAS (library, kernels, float32 GEMM GFLOP/s) and CUDA GPUs."""
     named: set[int] = set()
     if gpu_ids and gpu_ids != "all":
-        try:
-            named = {int(i) for i in gpu_ids.split(",")}
-        except ValueError:
-            raise ConfigError(
-                f"--gpu {gpu_ids!r}: give a GPU id, a comma list of ids, or 'all'"
-            ) from None
+        named = set(parse_gpu_ids(gpu_ids))
     report = query()
     if gpu_ids:
         present = {g["id"] for g in report["gpus"]}

@@ -34,15 +34,10 @@ def one_gpu_backend(gpu: str | None) -> Backend:
     """The backend for a ``one_gpu`` value, logged as Caffe does: the first id of a comma
     list, or of 'all' (Caffe takes gpus[0]); absent or -1 (train's CPU spelling) is the CPU."""
     from netforge import backend as backends
-    from netforge.errors import ConfigError
 
     if gpu in (None, "", "-1"):
         log.info("Use CPU.")
         return backends.CPU
-    first = gpu.split(",")[0]
-    try:
-        device = 0 if first == "all" else int(first)
-    except ValueError:
-        raise ConfigError(f"--gpu {gpu!r}: give a GPU id, a comma list of ids, or 'all'") from None
+    device = 0 if gpu == "all" else backends.parse_gpu_ids(gpu)[0]  # 'all' asks no cupy here
     log.info("Use GPU with device ID %d", device)
     return backends.gpu(device)

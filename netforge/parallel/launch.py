@@ -68,14 +68,9 @@ def gpu_ids(gpu: str | None) -> list[int]:
     """The GPU ids of a ``--gpu`` value: an id, a comma list, or "all" (every GPU)."""
     if not gpu:
         return []
-    if gpu == "all":
-        from netforge.backend import import_cupy
+    from netforge.backend import parse_gpu_ids
 
-        return list(range(import_cupy().cuda.runtime.getDeviceCount()))
-    try:
-        ids = [int(part) for part in gpu.split(",")]
-    except ValueError:
-        raise ConfigError(f"--gpu {gpu!r}: give a GPU id, a comma list of ids, or 'all'") from None
+    ids = parse_gpu_ids(gpu)
     if len(set(ids)) != len(ids):
         raise ConfigError(f"--gpu {gpu}: a GPU is named twice; one rank per GPU")
     if len(ids) > 1:

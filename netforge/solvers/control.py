@@ -33,20 +33,10 @@ def train_backend(gpu: str | None, param: pb.SolverParameter) -> Backend:
     if not gpu:
         log.info("Use CPU.")
         return backends.CPU
-    if gpu == "all":
-        ids = list(range(backends.import_cupy().cuda.runtime.getDeviceCount()))
-    else:
-        try:
-            ids = [int(part) for part in gpu.split(",")]
-        except ValueError:
-            raise ConfigError(
-                f"--gpu {gpu!r}: give a GPU id, a comma list of ids, or 'all'"
-            ) from None
-    if len(ids) > 1:
-        raise ConfigError(
-            f"--gpu {gpu}: {len(ids)} GPUs asked for, but multi-GPU data parallelism is not "
-            "available yet in netforge; train on one GPU with --gpu ID"
-        )
+    ids = backends.parse_gpu_ids(gpu)
+    if len(ids) != 1:
+        # Several GPUs train with one process each (netforge.parallel gives each its id).
+        raise ConfigError(f"--gpu {gpu}: one process trains on one GPU, here {len(ids)}")
     log.info("Using GPUs %d", ids[0])
     param.device_id = ids[0]
     try:
