@@ -68,10 +68,7 @@ class RMSPropSolver(Solver):
             raise ConfigError(
                 f"{self.source}: momentum cannot be used with RMSProp; use rms_decay instead"
             )
-        if not 0 <= self.param.rms_decay < 1:
-            raise ConfigError(
-                f"{self.source}: rms_decay must be in [0, 1), got {self.param.rms_decay}"
-            )
+        check_unit_interval(self.source, "rms_decay", self.param.rms_decay, solver="RMSProp")
         _check_delta(self)
 
     def compute_update_value(
