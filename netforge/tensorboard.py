@@ -18,10 +18,10 @@ record to several writers (the metrics file and TensorBoard).
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from netforge.errors import ConfigError, DataError
+from netforge.train_log import WaitShare
 
 INSTALL_HINT = "pip install 'netforge[tensorboard]' (tensorboardX)"
 
@@ -52,19 +52,15 @@ class TensorBoardWriter:
                 f"{self.logdir}: cannot write TensorBoard events there: {exc.strerror or exc}; "
                 "give --tensorboard a folder netforge can create or write to"
             ) from None
-        self._last_time, self._last_wait = time.perf_counter(), 0.0
+        self._wait_share = WaitShare()
 
     def train(
         self, iteration: int, loss: float, lr: float, outputs: dict[str, Any], wait: float
     ) -> None:
         """A display iteration's scalars (``wait``: the data layers' total waiting seconds,
         shown as the share of wall time since the previous record, as the metrics file)."""
-        now = time.perf_counter()
-        span = now - self._last_time
-        share = (wait - self._last_wait) / span if span > 0 else 0.0
-        self._last_time, self._last_wait = now, wait
         scalars = [("train/loss", float(loss)), ("train/lr", float(lr))]
-        scalars.append(("train/data_wait", min(max(share, 0.0), 1.0)))
+        scalars.append(("train/data_wait", self._wait_share(wait)))
         for tag, value in scalars + _scalars("train/output", outputs):
             self._writer.add_scalar(tag, value, iteration)
         self._writer.flush()

@@ -102,6 +102,21 @@ def setup_logging(stream: IO[str] | None = None, log_file: str | None = None) ->
     return logger
 
 
+class WaitShare:
+    """The share of wall time the data layers spent waiting for input since the previous
+    call, from their running total of waiting seconds (clamped to [0, 1])."""
+
+    def __init__(self) -> None:
+        self._last_time, self._last_wait = time.perf_counter(), 0.0
+
+    def __call__(self, wait: float) -> float:
+        now = time.perf_counter()
+        span = now - self._last_time
+        share = (wait - self._last_wait) / span if span > 0 else 0.0
+        self._last_time, self._last_wait = now, wait
+        return min(max(share, 0.0), 1.0)
+
+
 class MetricsWriter:
     """One JSON object per line, appended and flushed as training goes.
 
@@ -122,8 +137,7 @@ class MetricsWriter:
                 "in a folder that exists"
             ) from None
         self._start = time.perf_counter()
-        self._last_time = self._start
-        self._last_wait = 0.0
+        self._wait_share = WaitShare()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._start
@@ -132,17 +146,14 @@ class MetricsWriter:
         self, iteration: int, loss: float, lr: float, outputs: dict[str, Any], wait: float
     ) -> None:
         """Record a display iteration; ``wait`` is the data layers' total waiting seconds."""
-        now = time.perf_counter()
-        span = now - self._last_time
-        share = (wait - self._last_wait) / span if span > 0 else 0.0
-        self._last_time, self._last_wait = now, wait
+        share = self._wait_share(wait)
         self._write(
             {
                 "iteration": iteration,
                 "loss": float(loss),
                 "lr": float(lr),
-                "elapsed": round(now - self._start, 6),
-                "data_wait": round(min(max(share, 0.0), 1.0), 6),
+                "elapsed": round(self.elapsed(), 6),
+                "data_wait": round(share, 6),
                 "outputs": outputs,
             }
         )
