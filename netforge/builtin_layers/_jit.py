@@ -1,0 +1,72 @@
+"""Optional compiled CPU kernels: numba, for the hot spots numpy cannot do in one pass.
+
+numpy runs an expression such as BatchNorm's ``(x − mean) / std · γ + β`` as one pass over
+memory per operation, with a temporary between them, and a per-channel reduction over a
+strided axis as a slow generic loop. Where those passes bound a layer (BatchNorm, Scale,
+depthwise convolution: measured in ``tools/bench_models.py``), a kernel compiled by numba
+does the same arithmetic in one or two passes. The kernels are an override, never the only
+path: every layer keeps its numpy implementation, the tests run both against the same
+references, and a layer uses a kernel only where it measured faster.
+
+numba is the ``jit`` extra (``pip install netforge[jit]``). ``NETFORGE_JIT`` chooses:
+``auto`` (the default) uses numba when it imports, ``0`` never, ``1`` requires it (a
+ConfigError when it is missing). The kernels compile on their first call for each dtype and
+are cached on disk (numba's ``cache=True``: beside this module, or under the user's cache
+directory when that is read-only), so only the first run on a machine pays for compiling.
+
+The kernels are serial and release the GIL (``nogil``): the layers split work among their
+own worker threads (``_threads.run_chunks``), as they do for numpy's calls. numba's own
+parallel loops are not used because its default threading layer refuses calls from two
+threads at once, which is what the worker pool does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+from netforge.errors import ConfigError
+
+#: The environment variable that turns the kernels on or off (see the module docstring).
+SETTING = "NETFORGE_JIT"
+
+
+@functools.cache
+def numba() -> Any:
+    """The numba module when kernels are enabled and it imports, else None."""
+    setting = os.environ.get(SETTING, "auto").strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return None
+    try:
+        import numba as module
+    except ImportError as exc:
+        if setting in ("1", "on", "true", "yes"):
+            raise ConfigError(
+                f"{SETTING}={setting} asks for compiled CPU kernels, but numba does not import "
+                f"({exc}): pip install 'netforge[jit]', or unset {SETTING}"
+            ) from exc
+        return None
+    return module
+
+
+def enabled() -> bool:
+    """Whether the layers use the compiled kernels."""
+    return numba() is not None
+
+
+def kernel(function: Callable) -> Callable:
+    """``function`` compiled by numba on its first call (nopython, GIL released, cached on
+    disk, numpy's error model so that a division by zero gives inf as numpy does). Calling
+    it without numba is a programming error: callers check ``enabled()`` first."""
+    compiled = None
+
+    @functools.wraps(function)
+    def call(*args: Any) -> Any:
+        nonlocal compiled
+        if compiled is None:
+            compiled = numba().njit(nogil=True, cache=True, error_model="numpy")(function)
+        return compiled(*args)
+
+    return call

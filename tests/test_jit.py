@@ -1,0 +1,57 @@
+"""The switch for numba's compiled CPU kernels (netforge.builtin_layers._jit)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from netforge.builtin_layers import _jit
+
+
+def _setting(value: str, code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with NETFORGE_JIT set to ``value``."""
+    env = {"NETFORGE_JIT": value, "PATH": ""}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_zero_turns_the_kernels_off():
+    done = _setting("0", "from netforge.builtin_layers import _jit; print(_jit.enabled())")
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_one_without_numba_is_a_config_error_naming_the_extra():
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "from netforge.builtin_layers import _jit\n"
+        "try:\n    _jit.enabled()\nexcept Exception as e:\n    print(type(e).__name__, e)"
+    )
+    done = _setting("1", code)
+    assert done.stdout.startswith("ConfigError"), done.stderr
+    assert "netforge[jit]" in done.stdout
+
+
+def test_auto_without_numba_falls_back_to_numpy():
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "from netforge.builtin_layers import _jit\nprint(_jit.enabled())"
+    )
+    assert _setting("auto", code).stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not _jit.enabled(), reason="numba (the jit extra) is not installed")
+def test_a_kernel_compiles_per_dtype_and_computes_what_numpy_does():
+    @_jit.kernel
+    def scaled_sum(x, factor):
+        total = x.dtype.type(0)
+        for value in x:
+            total += value * factor
+        return total
+
+    for dtype in (np.float32, np.float64):
+        x = np.arange(10, dtype=dtype)
+        assert scaled_sum(x, dtype(2)) == pytest.approx(90.0)
