@@ -433,6 +433,34 @@ def test_workspace_serves_smaller_chunks_from_one_buffer():
     np.testing.assert_array_equal(other, -1)
 
 
+def test_scratch_is_one_workspace_per_thread_shared_by_layers_and_holds_no_filled_buffers():
+    first, second = conv_ops.Workspace(), conv_ops.Workspace()
+    assert first.scratch is second.scratch  # every layer of this thread
+    other = []
+    thread = threading.Thread(target=lambda: other.append(first.scratch))
+    thread.start()
+    thread.join()
+    assert other[0] is not first.scratch
+    a32 = first.scratch.get("a", (4,), np.float32, np)
+    a64 = second.scratch.get("a", (4,), np.float64, np)
+    assert a64.base is not a32.base  # a float64 net beside a float32 one: no reallocation
+    assert first.scratch.get("a", (2,), np.float32, np).base is a32.base
+    with pytest.raises(ValueError, match="filled buffer"):
+        first.scratch.get("pad", (2, 3), np.float32, np, fill=0)
+
+
+def test_two_same_shaped_convolutions_sharing_scratch_keep_their_own_results():
+    x = RNG.normal(size=(4, 6, 9, 9))
+    texts = [_conv_text("Convolution", 5, f"kernel_size: 3 pad: {p}") for p in (1, 2)]
+    layers = [build(text, [x], dtype=np.float64) for text in texts]
+    for _ in range(2):  # the second pass reuses the first pass's buffers
+        for (layer, bottom, top), pad in zip(layers, (1, 2)):
+            (y,) = forward(layer, bottom, top)
+            w, b = layer.blobs[0].data, layer.blobs[1].data
+            ref = conv_reference(x, w, b, (1, 1), (pad, pad), (1, 1), 1)
+            np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     "cols, itemsize, stride",
     [(13312, 4, 13328), (18432, 4, 18448), (75, 4, 80), (80, 4, 80), (1, 4, 16), (100, 8, 104)],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -53,15 +54,36 @@ class Workspace:
     border is written once and only their interior is rewritten on every pass. It serves
     any leading (batch) size up to its own, as a view of its first items, so a smaller last
     chunk keeps the border; other shape or dtype changes reallocate it.
+
+    Buffers whose contents are dead once a layer's call returns (GEMM products, transposed
+    copies, gradient sums) come from ``scratch`` instead: one workspace per thread, shared
+    by every layer that thread runs, so a net holds the largest layer's scratch rather than
+    the sum of all of them (CIFAR-10 quick's training at batch 100: peak growth 230 -> 210 MiB).
     """
 
-    def __init__(self) -> None:
+    _threads = threading.local()
+
+    def __init__(self, shared: bool = False) -> None:
         self._buffers: dict[str, Any] = {}
+        self._shared = shared
+
+    @property
+    def scratch(self) -> Workspace:
+        """The calling thread's workspace for buffers that do not outlive a layer's call.
+        It holds no ``fill`` buffers: another layer would find their border overwritten."""
+        space = getattr(Workspace._threads, "space", None)
+        if space is None:
+            space = Workspace._threads.space = Workspace(shared=True)
+        return space
 
     def get(
         self, key: str, shape: Sequence[int], dtype: Any, xp: Any, fill: float | None = None
     ) -> Any:
+        if fill is not None and self._shared:
+            raise ValueError(f"scratch buffer {key!r}: a filled buffer must be a layer's own")
         shape = tuple(shape)
+        if self._shared:  # nets of both dtypes, or both devices, must not thrash one buffer
+            key = f"{key}:{xp.__name__}:{xp.dtype(dtype).str}"
         buf = self._buffers.get(key)
         size = math.prod(shape)
         if fill is None:
@@ -178,7 +200,7 @@ def col2im(cols: Any, geom: Geometry, out: Sequence[int], image: Any, ws: Worksp
         acc = image
     else:
         shape = image.shape[:2] + tuple(h + 2 * p for h, p in zip(image.shape[2:], pad))
-        acc = ws.get("col2im_acc", shape, image.dtype, xp)
+        acc = ws.scratch.get("col2im_acc", shape, image.dtype, xp)
     acc.fill(0)
     lead = (slice(None), slice(None))
     for offset, index in offset_slices(geom, out):

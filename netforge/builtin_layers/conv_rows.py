@@ -110,8 +110,9 @@ class RowShiftConv:
         shape = (self.group, self.padded[0], n, self.out[1], self.kernel[1], self.in_group)
         return ws.get(key, shape, dtype, xp).reshape(self.group, -1, self.depth)
 
-    def rows(self, x: Any, ws: Workspace, key: str) -> Any:
-        """Fill ``rows_buffer(key)`` with the window rows of the chunk ``x`` (n, C, H, W)."""
+    def rows(self, x: Any, ws: Workspace, key: str, scratch: bool = False) -> Any:
+        """Fill ``rows_buffer(key)`` with the window rows of the chunk ``x`` (n, C, H, W);
+        of ``ws.scratch`` when ``scratch`` (rows that do not outlive the layer's call)."""
         xp = get_array_module(x)
         n, c = x.shape[:2]
         (ph, pw), (hp, wp) = self.pad, self.padded
@@ -126,7 +127,7 @@ class RowShiftConv:
             (g, hp, n, wo, kw, self.in_group),
             (self.in_group * s_c, s_y, s_n, s_x, self.dilation[1] * s_x, s_c),
         )
-        rows = self._window_rows_buffer(ws, key, n, x.dtype, xp)
+        rows = self._window_rows_buffer(ws.scratch if scratch else ws, key, n, x.dtype, xp)
         xp.copyto(rows.reshape(window.shape), window)
         return rows
 
@@ -140,7 +141,7 @@ class RowShiftConv:
         """Write the convolution of the items behind ``rows`` with the filters ``weights``
         (from ``filters``) into ``y`` (n, num_output, Ho, Wo), adding ``bias`` (num_output)
         unless it is None."""
-        xp = get_array_module(rows)
+        xp, ws = get_array_module(rows), ws.scratch
         n = y.shape[0]
         shape = (self.group, self.out[0] * n * self.out[1], self.out_group)
         acc = ws.get("rowshift_acc", shape, rows.dtype, xp)
@@ -168,7 +169,7 @@ class RowShiftConv:
         writes, ``(group, Ho·n·Wo, out_group)``, in a workspace buffer."""
         xp = get_array_module(dy)
         n, (ho, wo), g = dy.shape[0], self.out, self.group
-        dy_last = ws.get("rowshift_dy", (g, ho * n * wo, self.out_group), dy.dtype, xp)
+        dy_last = ws.scratch.get("rowshift_dy", (g, ho * n * wo, self.out_group), dy.dtype, xp)
         xp.copyto(
             dy_last.reshape(g, ho, n, wo, self.out_group),
             dy.reshape(n, g, self.out_group, ho, wo).transpose(1, 3, 0, 4, 2),
@@ -180,7 +181,7 @@ class RowShiftConv:
         for each kernel row i, (im2col matrix i)ᵀ · dy, with dy from ``channels_last``."""
         xp = get_array_module(rows)
         n = dy_last.shape[1] // (self.out[0] * self.out[1])
-        term = ws.get("rowshift_dw", stack.shape[1:], dy_last.dtype, xp)
+        term = ws.scratch.get("rowshift_dw", stack.shape[1:], dy_last.dtype, xp)
         for i in range(len(stack)):
             shifted = self._shifted(rows, i, n).transpose(0, 2, 1)
             xp.add(stack[i], xp.matmul(shifted, dy_last, out=term), out=stack[i])
@@ -192,7 +193,7 @@ class RowShiftConv:
         back onto the padded pixels they copied, and the padding is cropped off.
         ``dy_last`` may go on past the output's rows (a tiled layout pads them); they are
         not read."""
-        xp = get_array_module(dx)
+        xp, ws = get_array_module(dx), ws.scratch
         n, c = dx.shape[:2]
         (ph, pw), (hp, wp), (kh, kw) = self.pad, self.padded, self.kernel
         g, block = self.group, self.out[0] * n * self.out[1]

@@ -141,10 +141,10 @@ class WinogradRowConv(RowShiftConv):
         shape = (self.group, self.points, self.tiles, n, wo, kw, self.in_group)
         return ws.get(key, shape, dtype, xp).reshape(self.group, self.points, -1, self.depth)
 
-    def rows(self, x: Any, ws: Workspace, key: str) -> Any:
+    def rows(self, x: Any, ws: Workspace, key: str, scratch: bool = False) -> Any:
         """Fill ``rows_buffer(key)`` from the chunk ``x`` (n, C, H, W): pad it, channels
         last and rows outermost, transform each tile's rows by ``Bᵀ``, and copy the window
-        rows of every point."""
+        rows of every point (into ``ws.scratch`` when ``scratch``)."""
         xp = get_array_module(x)
         n, c = x.shape[:2]
         (ph, pw), wp = self.pad, self.padded[1]
@@ -157,7 +157,9 @@ class WinogradRowConv(RowShiftConv):
         tiles = xp.lib.stride_tricks.as_strided(
             image, (self.tiles, self.points, row), (TILE * step, step, image.itemsize)
         )
-        transformed = ws.get(self.name + "_tiles", (self.points, self.tiles, row), x.dtype, xp)
+        transformed = ws.scratch.get(
+            self.name + "_tiles", (self.points, self.tiles, row), x.dtype, xp
+        )
         b_matrix = self._transforms(xp, x.dtype)[2]
         xp.matmul(b_matrix, tiles, out=transformed.transpose(1, 0, 2))
         view = transformed.reshape(self.points, self.tiles, n, wp, c)
@@ -168,7 +170,7 @@ class WinogradRowConv(RowShiftConv):
             (g, self.points, self.tiles, n, wo, kw, self.in_group),
             (self.in_group * s_c, s_p, s_t, s_n, s_x, self.dilation[1] * s_x, s_c),
         )
-        rows = self.rows_buffer(ws, key, n, x.dtype, xp)
+        rows = self.rows_buffer(ws.scratch if scratch else ws, key, n, x.dtype, xp)
         xp.copyto(rows.reshape(window.shape), window)
         return rows
 
@@ -177,9 +179,11 @@ class WinogradRowConv(RowShiftConv):
         xp = get_array_module(rows)
         n, g, wo, og = y.shape[0], self.group, self.out[1], self.out_group
         span = self.tiles * n * wo
-        products = ws.get("winograd_products", (g, self.points, span, og), rows.dtype, xp)
+        products = ws.scratch.get("winograd_products", (g, self.points, span, og), rows.dtype, xp)
         xp.matmul(rows, weights, out=products)
-        out_rows = ws.get("winograd_out", (g, self.tiles, TILE, n * wo * og), rows.dtype, xp)
+        out_rows = ws.scratch.get(
+            "winograd_out", (g, self.tiles, TILE, n * wo * og), rows.dtype, xp
+        )
         a_matrix = self._transforms(xp, rows.dtype)[0]
         per_tile = products.reshape(g, self.points, self.tiles, -1).transpose(0, 2, 1, 3)
         xp.matmul(a_matrix, per_tile, out=out_rows)
@@ -204,7 +208,7 @@ class WinogradRowConv(RowShiftConv):
         g, og = self.group, self.out_group
         items_row = dy_last.shape[1] // (self.tiles * TILE)  # n·Wo
         shape = (g, self.points, self.tiles, items_row * og)
-        points = ws.get("winograd_dpoints", shape, rows.dtype, xp)
+        points = ws.scratch.get("winograd_dpoints", shape, rows.dtype, xp)
         a_matrix = self._transforms(xp, rows.dtype)[0]
         xp.matmul(
             a_matrix.T,
@@ -212,5 +216,5 @@ class WinogradRowConv(RowShiftConv):
             out=points.transpose(0, 2, 1, 3),
         )
         points = points.reshape(g, self.points, -1, og)
-        term = ws.get("winograd_dw", stack.shape, rows.dtype, xp)
+        term = ws.scratch.get("winograd_dw", stack.shape, rows.dtype, xp)
         xp.add(stack, xp.matmul(rows.transpose(0, 1, 3, 2), points, out=term), out=stack)

@@ -358,7 +358,7 @@ class _ConvolutionBase(Layer):
     def _to_rows(self, chunk: Any, ws: Workspace) -> Any:
         """(n, channels, pixels) -> the (group, channels/group, n·pixels) GEMM operand."""
         n, c, p = chunk.shape
-        rows = ws.matrix("rows", c, n * p, chunk.dtype, self.xp)
+        rows = ws.scratch.matrix("rows", c, n * p, chunk.dtype, self.xp)
         self.xp.copyto(rows.reshape(c, n, p), chunk.transpose(1, 0, 2))
         return rows.reshape(self.group, c // self.group, n * p)
 
@@ -372,9 +372,9 @@ class _ConvolutionBase(Layer):
             self.xp.add(view, bias.reshape(1, c, 1), out=chunk)
 
     def _matmul(self, a: Any, b: Any, ws: Workspace, key: str) -> Any:
-        """The (group, m, n) stack a @ b, into a workspace matrix (``Workspace.matrix``)."""
+        """The (group, m, n) stack a @ b, into a scratch matrix (``Workspace.matrix``)."""
         (group, m), n = a.shape[:2], b.shape[-1]
-        out = ws.matrix(key, group * m, n, b.dtype, self.xp).reshape(group, m, n)
+        out = ws.scratch.matrix(key, group * m, n, b.dtype, self.xp).reshape(group, m, n)
         return self.xp.matmul(a, b, out=out)
 
     def _run(self, work) -> None:
@@ -383,13 +383,16 @@ class _ConvolutionBase(Layer):
             self.xp, lambda start, stop, w: work(start, stop, self.workspaces[w]), self.chunks
         )
 
-    def _weight_gradient_parts(self, shape: Sequence[int]) -> list[Any]:
-        """Zeroed per-worker weight-gradient sums of ``shape``, added to the parameter diff
-        in worker order once all chunks are done."""
-        parts = [ws.get("dw", shape, self.dtype, self.xp) for ws in self.workspaces]
-        for part in parts:
-            part.fill(0)
-        return parts
+    def _weight_gradient_part(self, parts: list[Any], shape: Sequence[int], ws: Workspace) -> Any:
+        """The weight-gradient sum of ``shape`` of the worker that owns ``ws``, in
+        ``parts`` (a slot per worker, None until the worker's first chunk zeroes a scratch
+        buffer for it). The parts are added to the parameter diff in worker order once all
+        chunks are done."""
+        worker = self.workspaces.index(ws)
+        if parts[worker] is None:
+            parts[worker] = ws.scratch.get("dw", shape, self.dtype, self.xp)
+            parts[worker].fill(0)
+        return parts[worker]
 
     def _add_weight_gradient(self, parts: list[Any], col: Any, rows: Any, ws: Workspace) -> None:
         """Add one chunk's rows · colᵀ to its worker's part, in the weights' own (group,
@@ -398,7 +401,7 @@ class _ConvolutionBase(Layer):
         adding it back transposed is a strided pass: 9-11 ms per worker for ResNet-50's
         res5 weights, 0.4-0.9 ms contiguous.) With one group it is one GEMM adding into the
         part (``matmul_into``), which also lets the other worker run while it computes."""
-        part = parts[self.workspaces.index(ws)]
+        part = self._weight_gradient_part(parts, (col.shape[0], rows.shape[1], col.shape[1]), ws)
         if col.shape[0] == 1:
             matmul_into(rows[0], col[0].T, part[0])
         else:
@@ -501,7 +504,7 @@ class _ConvolutionBase(Layer):
             if self._rowshift is not None:
                 self._backward_row_shifts(b.data, t.diff, dx, want_w, self._cached == i)
             else:
-                parts = self._weight_gradient_parts(weights.shape) if want_w else None
+                parts = [None] * len(self.workspaces) if want_w else None
                 backward = self._backward_transposed if self.transposed else self._backward_direct
                 self._run(
                     functools.partial(
@@ -511,7 +514,8 @@ class _ConvolutionBase(Layer):
                 if want_w:
                     dw = self._weights(self.blobs[0].diff)
                     for part in parts:
-                        dw += part
+                        if part is not None:  # None: a worker that had no chunk
+                            dw += part
             self._cached = None  # the column buffers now hold other columns
 
     def _backward_row_shifts(self, x, dy_all, dx_all, want_w: bool, cached: bool) -> None:
@@ -520,7 +524,7 @@ class _ConvolutionBase(Layer):
         the top gradient or as the adjoint of forward (``_full_correlation`` decides)."""
         conv, full = self._rowshift, self._rowshift_dx
         w = self.blobs[0].data
-        parts = self._weight_gradient_parts(conv.filters_shape) if want_w else None
+        parts = [None] * len(self.workspaces) if want_w else None
         adjoint = dx_all is not None and full is None
         stack = conv.weights(w) if adjoint else None
         stack_full = (
@@ -536,18 +540,20 @@ class _ConvolutionBase(Layer):
                     rows = conv.rows_buffer(ws, key, stop - start, dy.dtype, self.xp)
                 else:
                     rows = conv.rows(self._image(x)[start:stop], ws, key)
-                conv.add_weight_gradient(rows, dy_last, parts[self.workspaces.index(ws)], ws)
+                part = self._weight_gradient_part(parts, conv.filters_shape, ws)
+                conv.add_weight_gradient(rows, dy_last, part, ws)
             if adjoint:
                 conv.data_gradient(dy_last, stack, self._image(dx_all)[start:stop], ws)
             elif stack_full is not None:
-                rows_full = full.rows(dy, ws, "rows_dx")
+                rows_full = full.rows(dy, ws, "rows_dx", scratch=True)
                 full.apply(rows_full, stack_full, self._image(dx_all)[start:stop], None, ws)
 
         self._run(work)
         if want_w:
             dw = self.blobs[0].diff
             for part in parts:
-                dw += conv.weight_diff(part)
+                if part is not None:
+                    dw += conv.weight_diff(part)
 
     def _backward_direct(self, x, dy_all, dx_all, weights, parts, cached, start, stop, ws) -> None:
         dy = self._to_rows(self._rows_view(dy_all)[start:stop], ws)
@@ -581,7 +587,7 @@ class _ConvolutionBase(Layer):
         n = stop - start
         dy = dy_all.reshape((self.num, self.num_output) + tuple(self.out_spatial))[start:stop]
         rows, pixels = self.num_output * math.prod(self.geom.kernel), n * math.prod(self.in_spatial)
-        col = ws.matrix("fullcol", rows, pixels, dy.dtype, xp)
+        col = ws.scratch.matrix("fullcol", rows, pixels, dy.dtype, xp)
         shape = (self.num_output, *self.geom.kernel, n, *self.in_spatial)
         im2col(dy, self._full_geom, self.in_spatial, col.reshape(shape), ws, "fullcol_pad")
         dx = self._matmul(w, col.reshape(group, -1, pixels), ws, "fullgemm")

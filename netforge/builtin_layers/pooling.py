@@ -161,7 +161,7 @@ class PoolingLayer(Layer):
     def _zeroed_grad(self, diff: Any, ws: Workspace) -> Any:
         """A zeroed gradient buffer shaped like ``_padded``'s (``diff`` itself if no pad)."""
         shape = self._padded_shape(diff.shape)
-        buf = diff if shape == diff.shape else ws.get("grad", shape, diff.dtype, self.xp)
+        buf = diff if shape == diff.shape else ws.scratch.get("grad", shape, diff.dtype, self.xp)
         buf.fill(0)
         return buf
 
@@ -203,8 +203,8 @@ class PoolingLayer(Layer):
 
         def work(start: int, stop: int, ws: Workspace) -> None:
             best, arg = best_all[start:stop], self.argmax[start:stop]
-            greater = ws.get("greater", best.shape, np.bool_, xp)
-            step = ws.get("step", best.shape, dtype, xp)
+            greater = ws.scratch.get("greater", best.shape, np.bool_, xp)
+            step = ws.scratch.get("step", best.shape, dtype, xp)
             padded = self._padded(x[start:stop], lowest, ws)
             views = [view for _, view in self._windows(padded)]
             _first_maximum(xp, views, best, arg, greater, step)
@@ -232,15 +232,15 @@ class PoolingLayer(Layer):
             count = (stop - start) * planes
             phases = lay.load(x[start:stop], ws, lowest)
             size = lay.rows * count * lay.width
-            row_max = ws.get("row_max", (size,), x.dtype, np)
+            row_max = ws.scratch.get("row_max", (size,), x.dtype, np)
             row_arg = ws.get(f"row_arg{start}", (size,), dtype, np)
-            greater = ws.get("greater", (size,), np.bool_, np)
-            step = ws.get("step", (size,), dtype, np)
+            greater = ws.scratch.get("greater", (size,), np.bool_, np)
+            step = ws.scratch.get("step", (size,), dtype, np)
             columns = [lay.column_view(phases, k, size) for k in range(kw)]
             _first_maximum(np, columns, row_max, row_arg, greater, step)
             row_max = row_max.reshape(lay.rows, count, lay.width)
             shape = (self.out[0], count, lay.width)
-            best = ws.get("best", shape, x.dtype, np)
+            best = ws.scratch.get("best", shape, x.dtype, np)
             arg = ws.get(f"arg{start}", shape, dtype, np)
             greater, step = greater[: best.size].reshape(shape), step[: best.size].reshape(shape)
             span = sh * (self.out[0] - 1) + 1
@@ -310,13 +310,13 @@ class PoolingLayer(Layer):
         count = (stop - start) * x.shape[1]
         phases = lay.load(x[start:stop], ws, 0.0)
         size = lay.rows * count * lay.width
-        row_sum = ws.get("row_sum", (size,), x.dtype, np)
+        row_sum = ws.scratch.get("row_sum", (size,), x.dtype, np)
         np.copyto(row_sum, lay.column_view(phases, 0, size))
         for k in range(1, kw):
             np.add(row_sum, lay.column_view(phases, k, size), out=row_sum)
         row_sum = row_sum.reshape(lay.rows, count, lay.width)
         span = sh * (self.out[0] - 1) + 1
-        total = ws.get("total", (self.out[0], count, lay.width), x.dtype, np)
+        total = ws.scratch.get("total", (self.out[0], count, lay.width), x.dtype, np)
         np.copyto(total, row_sum[0:span:sh])
         for k in range(1, kh):
             np.add(total, row_sum[k : k + span : sh], out=total)
@@ -380,7 +380,7 @@ class PoolingLayer(Layer):
         def work(start: int, stop: int, ws: Workspace) -> None:
             dy, diff = dy_all[start:stop], diff_all[start:stop]
             grad = self._zeroed_grad(diff, ws)
-            routed = ws.get("routed", dy.shape, dy.dtype, xp)
+            routed = ws.scratch.get("routed", dy.shape, dy.dtype, xp)
             if divisor is not None:
                 xp.multiply(dy, divisor, out=routed)
             for number, view in self._windows(grad):
@@ -402,10 +402,10 @@ class PoolingLayer(Layer):
         arg = ws.get(f"arg{start}", shape, np.uint8 if max(kh, kw) <= 256 else np.uint32, np)
         size = lay.rows * count * lay.width
         row_arg = ws.get(f"row_arg{start}", (size,), arg.dtype, np)
-        rows = ws.get("row_grad", (lay.rows, count, lay.width), dy.dtype, np)
+        rows = ws.scratch.get("row_grad", (lay.rows, count, lay.width), dy.dtype, np)
         rows.fill(0)
-        chosen = ws.get("chosen", (size,), np.bool_, np)
-        routed = ws.get("routed", (size,), dy.dtype, np)
+        chosen = ws.scratch.get("chosen", (size,), np.bool_, np)
+        routed = ws.scratch.get("routed", (size,), dy.dtype, np)
         span = sh * (self.out[0] - 1) + 1
         for k in range(kh):
             mask, part = chosen[: dy.size].reshape(shape), routed[: dy.size].reshape(shape)
@@ -427,7 +427,7 @@ class PoolingLayer(Layer):
         ``divisor`` if given; windows past the output width are padding of the layout, and
         their gradient is zero."""
         count = (stop - start) * dy_all.shape[1]
-        dy = ws.get("dy", (self.out[0], count, self.layout.width), dy_all.dtype, np)
+        dy = ws.scratch.get("dy", (self.out[0], count, self.layout.width), dy_all.dtype, np)
         dy[..., self.out[1] :] = 0
         top = dy_all[start:stop].reshape(count, *self.out).transpose(1, 0, 2)
         if divisor is None:
@@ -442,7 +442,7 @@ class PoolingLayer(Layer):
         its columns (one add per kernel column)."""
         lay, (kh, kw), (sh, _) = self.layout, self.kernel, self.stride
         dy = self._laid_out_top_grad(dy_all, start, stop, ws, divisor)
-        rows = ws.get("row_grad", (lay.rows, dy.shape[1], lay.width), dy.dtype, np)
+        rows = ws.scratch.get("row_grad", (lay.rows, dy.shape[1], lay.width), dy.dtype, np)
         rows.fill(0)
         span = sh * (self.out[0] - 1) + 1
         for k in range(kh):
@@ -539,7 +539,7 @@ class _PhaseLayout(NamedTuple):
         return buf
 
     def zeroed(self, count: int, dtype: Any, ws: Workspace) -> Any:
-        buf = ws.get("phase_grad", (self._length(count),), dtype, np)
+        buf = ws.scratch.get("phase_grad", (self._length(count),), dtype, np)
         buf.fill(0)
         return buf
 
