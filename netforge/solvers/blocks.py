@@ -26,7 +26,6 @@ reads the weights, gradients and history once and writes the weights and history
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
@@ -34,6 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from netforge._blas import set_blas_threads
+from netforge.builtin_layers._threads import WORKERS
 
 #: Elements per block on numpy: 128 Ki, 512 KiB per float32 array. Each operation of an
 #: update touches two or three of a block's arrays, which stay in the core's L2 (1 MiB here)
@@ -121,7 +121,9 @@ class ParamBlocks:
                 pieces.append([i, *(a[start : start + self.block] for a in flat)])
         threads = 1
         if self.xp is np:
-            threads = min(MAX_THREADS, os.cpu_count() or 1, len(pieces) // BLOCKS_PER_THREAD)
+            # The cores this process may run on, not the machine's: a data-parallel rank
+            # pinned to one core would otherwise run two update threads on it.
+            threads = min(MAX_THREADS, WORKERS, len(pieces) // BLOCKS_PER_THREAD)
             threads = max(1, threads)
         size = max((p[2].size for p in pieces), default=0)
         scratch = [
