@@ -6,7 +6,6 @@ finiteness check sees a NaN in any block; restored or replaced arrays are picked
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 
@@ -31,7 +30,7 @@ def small_blocks(monkeypatch):
 
 
 def expected_lanes() -> int:
-    return min(3, len(os.sched_getaffinity(0)))
+    return min(3, blocks.WORKERS)
 
 
 @pytest.mark.parametrize("case", ["l2_mults", "l1", "iter_size"])
