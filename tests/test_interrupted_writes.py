@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 
 import lmdb
 import numpy as np
@@ -17,6 +18,7 @@ from netforge.data import convert as conv
 from netforge.data.db import INCOMPLETE, staging_path
 from netforge.errors import DataError, DivergenceError, ShapeError
 from netforge.proto import pb
+from netforge.solvers import guard
 from netforge.solvers.snapshot import clean_leftovers
 
 
@@ -196,6 +198,27 @@ def test_divergence_saves_the_last_good_state_which_resumes_at_a_lower_rate(tmp_
     lower.step(40)
     assert lower.iter == good + 40 and np.isfinite(resumed).all()
     assert np.mean(resumed[-8:]) < np.mean(resumed[:8])
+
+
+def test_the_last_good_state_is_kept_in_a_temporary_file_not_in_memory(tmp_path):
+    solver = make_solver(tmp_path, "SGD", "base_lr: 0.01 momentum: 0.9", dtype=np.float32)
+    solver.step(2)
+    weights = solver.net.params["innerprod"][0].data.copy()
+    solver.step(1)  # keeps the state it started from, then updates
+    kept = solver._last_good
+    assert kept._arrays is None and kept._file is not None
+    assert kept._file.seek(0, 2) == kept.size  # weights and history, nothing else
+    assert kept.restore() and solver.iter == 2
+    np.testing.assert_array_equal(solver.net.params["innerprod"][0].data, weights)
+
+
+def test_no_room_for_the_last_good_state_warns_and_trains_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(guard.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(9, 9, 0))
+    solver = make_solver(tmp_path, "SGD", "base_lr: 0.01 momentum: 0.9", dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="netforge"):
+        solver.step(3)
+    assert solver.iter == 3 and not solver._last_good.enabled
+    assert "keeping the last good state needs" in caplog.text and "TMPDIR" in caplog.text
 
 
 def test_interrupted_hdf5_conversion_leaves_no_listing_of_mixed_parts(tmp_path, monkeypatch):

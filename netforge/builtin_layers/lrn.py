@@ -110,7 +110,7 @@ class LRNLayer(Layer):
         ratio = self._summand(dy.shape, dy.dtype)
         xp.multiply(dy, y, out=ratio)
         xp.divide(ratio, self.scale, out=ratio)
-        summed = self.ws.get("summed", dy.shape, dy.dtype, xp)
+        summed = self.ws.scratch.get("summed", dy.shape, dy.dtype, xp)
         self._window_sum(summed)
         summed *= x
         summed *= -2.0 * self.alpha * self.beta / self.norm
