@@ -680,7 +680,9 @@ def _stochastic_reference(x, kernel, stride, u):
 
 
 def test_stochastic_pooling_train_and_test(backend):
-    x = RNG.uniform(0.1, 1.0, size=(2, 3, 6, 5))
+    # Its own generator: with the module's, the inputs depended on which tests ran first,
+    # and some draws put a running sum within the finite-difference step of its threshold.
+    x = np.random.default_rng(5).uniform(0.1, 1.0, size=(2, 3, 6, 5))
     text = 'type: "Pooling" pooling_param { pool: STOCHASTIC kernel_size: 3 stride: 2 }'
     layer, bottom, top = build(text, [x], backend=backend)
     (y,) = forward(layer, bottom, top)
