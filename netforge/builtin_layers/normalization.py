@@ -3,6 +3,11 @@
 Each computes what Caffe's layer of the same type computes, forward and backward
 (src/caffe/layers/{batch_norm,mvn,scale,bias}_layer.cpp), and may run in place. Caffe's
 BatchNorm has no affine part; its models follow it with ``Scale { bias_term: true }``.
+
+On numpy, BatchNorm, Scale and Bias run numba's fused kernels when the jit extra is
+installed (``norm_kernels``); otherwise, and on cupy, the whole-array code here, which
+reduces per channel through BLAS and einsum rather than numpy's strided sum over axes (0, 2)
+and writes into kept buffers rather than fresh temporaries.
 """
 
 from __future__ import annotations
@@ -12,10 +17,31 @@ from collections.abc import Sequence
 from typing import Any
 
 from netforge.blob import Blob
+from netforge.builtin_layers import norm_kernels
 from netforge.builtin_layers.common import canonical_axis
 from netforge.filler import filler_or
 from netforge.layer import Layer, register
 from netforge.proto import pb
+
+#: Shortest rows that ``_channel_sums`` sums through BLAS: below it, one call per row costs
+#: more than numpy's strided loop ((64, 4096, 1): 1.5 ms through BLAS, 0.04 by numpy).
+_BLAS_ROW = 32
+
+
+def _channel_sums(xp: Any, a: Any) -> Any:
+    """Per-channel sums of an (outer, C, inner) array: a matrix-vector product with ones and
+    a sum over the outer axis. numpy's sum over axes (0, 2) is a strided loop, 2-3x slower
+    ((8, 256, 3136) float32: 1.0 ms against 2.5)."""
+    if a.shape[2] < _BLAS_ROW:
+        return a.sum(axis=(0, 2))
+    return (a @ xp.ones(a.shape[2], a.dtype)).sum(axis=0)
+
+
+def _channel_dots(xp: Any, a: Any, b: Any) -> Any:
+    """Per-channel Σ a·b of two (outer, C, inner) arrays, in one pass without the temporary
+    a·b (einsum's sum of products; (8, 256, 3136) float32: 2.7 ms, against 6.0 for
+    ``(a * b).sum(axis=(0, 2))``)."""
+    return xp.einsum("ncs,ncs->c", a, b)
 
 
 @register("BatchNorm")
@@ -71,7 +97,7 @@ class BatchNormLayer(Layer):
                     "normaliser are statistics, not learned: remove the param specs or set "
                     "lr_mult: 0"
                 )
-        self._x_norm: Any = None
+        self._centered: Any = None
         self._std: Any = None
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -89,6 +115,7 @@ class BatchNormLayer(Layer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         x = self._by_channel(bottom[0].data)
+        y = self._by_channel(top[0].data)
         mean_sum, var_sum, norm = (b.data.reshape(-1) for b in self.blobs)
         if self.use_global_stats:
             # Caffe's 1/blob2, or 0 when blob2 is 0, as a device expression (no host sync):
@@ -96,30 +123,36 @@ class BatchNormLayer(Layer):
             empty = norm == 0
             factor = xp.logical_not(empty) / (norm + empty)
             mean, var = factor * mean_sum, factor * var_sum
-            # An affine map written straight into the top, two passes over it: backward
-            # needs only std, so no normalised copy is kept (three passes and a buffer).
-            std = xp.sqrt(var + self.eps)
-            self._std = std[:, None]
-            y = self._by_channel(top[0].data)
-            xp.multiply(x, (1 / std)[:, None], out=y)
-            y -= (mean / std)[:, None]
+            # An affine map written straight into the top: backward needs only std, so no
+            # normalised copy is kept.
+            self._std = xp.sqrt(var + self.eps)
+            scale = 1 / self._std
+            if norm_kernels.usable(x, y, scale):
+                norm_kernels.channel_affine(x, scale, -mean * scale, y)
+            else:
+                xp.multiply(x, scale[:, None], out=y)
+                y -= (mean * scale)[:, None]
             return
-        mean = x.mean(axis=(0, 2))
-        # x_norm is kept apart from the top (a later in-place layer may overwrite the top's
-        # data) in a buffer reused across passes; it holds x − mean until divided by std.
-        if self._x_norm is None or self._x_norm.shape != x.shape:
-            self._x_norm = xp.empty_like(x)
-        x_norm = self._x_norm
-        xp.subtract(x, mean[:, None], out=x_norm)
-        var = xp.square(x_norm).mean(axis=(0, 2))
+        # x − mean is kept apart from the top (a later in-place layer may overwrite the top's
+        # data) in a buffer reused across passes; backward needs nothing else but std.
+        centered = self._centered
+        if centered is None or type(centered) is not type(x) or centered.shape != x.shape:
+            centered = self._centered = xp.empty_like(x)
         m = x.size // self.channels
+        kernels = norm_kernels.usable(x, y, centered)
+        if kernels:
+            mean, var = norm_kernels.batch_norm_train_forward(x, y, centered, self.eps)
+        else:
+            mean = _channel_sums(xp, x) / m
+            xp.subtract(x, mean[:, None], out=centered)
+            var = _channel_dots(xp, centered, centered) / m
         correction = m / (m - 1) if m > 1 else 1.0
         norm[...] = self.maf * norm + 1
         mean_sum[...] = self.maf * mean_sum + mean
         var_sum[...] = self.maf * var_sum + correction * var
-        self._std = xp.sqrt(var + self.eps)[:, None]
-        x_norm /= self._std
-        top[0].data[...] = x_norm.reshape(top[0].shape)
+        self._std = xp.sqrt(var + self.eps).astype(x.dtype, copy=False)
+        if not kernels:
+            xp.divide(centered, self._std[:, None], out=y)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
@@ -129,17 +162,29 @@ class BatchNormLayer(Layer):
         xp = self.xp
         dy = self._by_channel(top[0].diff)
         dx = self._by_channel(bottom[0].diff)
+        std = self._std
         if self.use_global_stats:
-            xp.divide(dy, self._std, out=dx)
+            scale = 1 / std
+            if norm_kernels.usable(dy, dx, scale):
+                norm_kernels.channel_affine(dy, scale, xp.zeros_like(scale), dx)
+            else:
+                xp.divide(dy, std[:, None], out=dx)
             return
-        y = self._x_norm
-        mean_dy = dy.mean(axis=(0, 2), keepdims=True)
-        # One temporary: dy·y, then y·mean(dy·y), then the whole numerator.
-        work = dy * y
-        xp.multiply(y, work.mean(axis=(0, 2), keepdims=True), out=work)
+        centered = self._centered
+        if norm_kernels.usable(dy, dx, centered, std):
+            norm_kernels.batch_norm_train_backward(dy, centered, std, dx)
+            return
+        # (dy − mean(dy) − y·mean(dy·y)) / std with y = (x − mean) / std, from x − mean:
+        # y·mean(dy·y) = (x − mean)·mean(dy·(x − mean)) / std².
+        m = dy.size // self.channels
+        mean_dy = _channel_sums(xp, dy) / m
+        slope = _channel_dots(xp, dy, centered) / (m * std * std)
+        # Built in dx itself unless dx is dy (in place), which is still to be read.
+        work = xp.empty_like(dy) if top[0] is bottom[0] else dx
+        xp.multiply(centered, slope[:, None], out=work)
+        work += mean_dy[:, None]
         xp.subtract(dy, work, out=work)
-        work -= mean_dy
-        xp.divide(work, self._std, out=dx)
+        xp.divide(work, std[:, None], out=dx)
 
 
 @register("MVN")
@@ -227,9 +272,9 @@ def _broadcast_dims(layer: Layer, bottom: Blob, axis: int, operand: Blob) -> tup
     )
 
 
-def _sum_to(array: Any, dims: tuple[int, int, int], shape: tuple[int, ...]) -> Any:
+def _sum_to(xp: Any, array: Any, dims: tuple[int, int, int], shape: tuple[int, ...]) -> Any:
     """``array`` summed over the outer and inner axes of its ``dims`` view, as ``shape``."""
-    return array.reshape(dims).sum(axis=(0, 2)).reshape(shape)
+    return _channel_sums(xp, array.reshape(dims)).reshape(shape)
 
 
 @register("Bias")
@@ -257,21 +302,27 @@ class BiasLayer(Layer):
         top[0].reshape(bottom[0].shape)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        bias = self._bias.data.reshape(1, -1, 1)
-        top[0].data[...] = (bottom[0].data.reshape(self._dims) + bias).reshape(top[0].shape)
+        x = bottom[0].data.reshape(self._dims)
+        y = top[0].data.reshape(self._dims)
+        bias = self._bias.data.reshape(-1)
+        if norm_kernels.usable(x, y, bias):
+            norm_kernels.channel_affine(x, self.xp.ones_like(bias), bias, y)
+        else:
+            self.xp.add(x, bias[:, None], out=y)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
+        xp = self.xp
         dy = top[0].diff
         if len(bottom) == 1:
             if self.param_propagate_down[0]:
-                self.blobs[0].diff += _sum_to(dy, self._dims, self.blobs[0].shape)
+                self.blobs[0].diff += _sum_to(xp, dy, self._dims, self.blobs[0].shape)
         elif propagate_down[1]:
-            bottom[1].diff[...] = _sum_to(dy, self._dims, bottom[1].shape)
+            bottom[1].diff[...] = _sum_to(xp, dy, self._dims, bottom[1].shape)
         # In place, the bottom diff already is the top diff.
         if propagate_down[0] and top[0] is not bottom[0]:
-            bottom[0].diff[...] = dy
+            xp.copyto(bottom[0].diff, dy)
 
 
 @register("Scale")
@@ -315,46 +366,73 @@ class ScaleLayer(Layer):
         param = self.layer_param.scale_param
         self._scale = bottom[1] if len(bottom) > 1 else self.blobs[0]
         self._dims = _broadcast_dims(self, bottom[0], param.axis, self._scale)
+        self._bias_dims = None
         if param.bias_term:
             self._bias_dims = _broadcast_dims(self, bottom[0], param.axis, self.blobs[-1])
+        # The kernels take the bias per channel of the scale's view: they apply unless
+        # loaded weights lay the bias out otherwise.
+        self._fused = self._bias_dims in (None, self._dims)
         top[0].reshape(bottom[0].shape)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
-        x = bottom[0].data
-        self._x = None
+        x = bottom[0].data.reshape(self._dims)
+        y = top[0].data.reshape(self._dims)
+        scale = self._scale.data.reshape(-1)
+        bias = self.blobs[-1].data.reshape(-1) if self._bias_dims else None
+        self._x = kept = None
         if top[0] is bottom[0]:
             # In place, the scale's gradient needs the bottom as it was: kept in a buffer
             # reused across passes.
             kept = self._x_kept
-            if kept is None or type(kept) is not type(x) or kept.shape != x.shape:
-                self._x_kept = xp.empty_like(x)
-            self._x = self._x_kept
-            xp.copyto(self._x, x)
+            if kept is None or type(kept) is not type(x) or kept.shape != bottom[0].shape:
+                kept = self._x_kept = xp.empty_like(bottom[0].data)
+            self._x = kept
+            kept = kept.reshape(self._dims)
+        shift = xp.zeros_like(scale) if bias is None else bias
+        operands = (x, y, scale, shift) + ((kept,) if kept is not None else ())
+        if self._fused and norm_kernels.usable(*operands):
+            norm_kernels.channel_affine(x, scale, shift, y, kept)
+            return
+        if kept is not None:
+            xp.copyto(kept, x)
         # Written into the top, one pass per operation and no temporaries.
-        xp.multiply(
-            x.reshape(self._dims),
-            self._scale.data.reshape(1, -1, 1),
-            out=top[0].data.reshape(self._dims),
-        )
-        if self.layer_param.scale_param.bias_term:
+        xp.multiply(x, scale[:, None], out=y)
+        if bias is not None:
             y = top[0].data.reshape(self._bias_dims)
-            y += self.blobs[-1].data.reshape(1, -1, 1)
+            y += bias[:, None]
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
-        dy = top[0].diff
-        # Every gradient that reads dy comes before the bottom diff: in place, they share memory.
-        if self.layer_param.scale_param.bias_term and self.param_propagate_down[-1]:
+        xp = self.xp
+        dy = top[0].diff.reshape(self._dims)
+        x = (bottom[0].data if self._x is None else self._x).reshape(self._dims)
+        dx = bottom[0].diff.reshape(self._dims) if propagate_down[0] else None
+        scale = self._scale.data.reshape(-1)
+        learned = len(bottom) == 1
+        want_scale = self.param_propagate_down[0] if learned else propagate_down[1]
+        want_bias = self._bias_dims is not None and self.param_propagate_down[-1]
+        operands = (dy, x, scale) + ((dx,) if dx is not None else ())
+        if self._fused and (want_scale or want_bias) and norm_kernels.usable(*operands):
+            sums = norm_kernels.scale_backward(dy, x, scale, dx)
+            scale_diff, bias_diff = sums[:, 0], sums[:, 1]
+        else:
+            # Every gradient that reads dy comes before the bottom diff: in place, they
+            # share memory.
+            bias_diff = _channel_sums(xp, dy.reshape(self._bias_dims)) if want_bias else None
+            scale_diff = _channel_dots(xp, dy, x) if want_scale else None
+            if dx is not None:
+                if norm_kernels.usable(dy, dx, scale):
+                    norm_kernels.channel_affine(dy, scale, xp.zeros_like(scale), dx)
+                else:
+                    xp.multiply(dy, scale[:, None], out=dx)
+        if want_bias:
             bias = self.blobs[-1]
-            bias.diff += _sum_to(dy, self._bias_dims, bias.shape)
-        x = bottom[0].data if self._x is None else self._x
-        if len(bottom) == 1:
-            if self.param_propagate_down[0]:
-                self.blobs[0].diff += _sum_to(dy * x, self._dims, self.blobs[0].shape)
-        elif propagate_down[1]:
-            bottom[1].diff[...] = _sum_to(dy * x, self._dims, bottom[1].shape)
-        if propagate_down[0]:
-            scale = self._scale.data.reshape(1, -1, 1)
-            bottom[0].diff[...] = (dy.reshape(self._dims) * scale).reshape(bottom[0].shape)
+            bias.diff += bias_diff.reshape(bias.shape)
+        if want_scale:
+            target = self.blobs[0] if learned else bottom[1]
+            if learned:
+                target.diff += scale_diff.reshape(target.shape)
+            else:
+                target.diff[...] = scale_diff.reshape(target.shape)
