@@ -1,0 +1,241 @@
+"""Depthwise 2-D convolution (one input channel per group), computed without im2col.
+
+A Convolution with ``group`` equal to its input channels C and ``num_output`` = C·M (M
+filters per channel; MobileNet's 3×3 "/dw" layers have M = 1) does kh·kw multiply-adds per
+output. im2col + GEMM copies every input pixel kh·kw times and then runs C GEMMs of (M,
+kh·kw) by (kh·kw, pixels), far too thin for BLAS; at batch 1 they also run on one worker
+(``ConvolutionLayer._forward_one`` splits a group's output channels, and there is one).
+
+Here numba kernels (``_jit``: serial, GIL-free, compiled per dtype on first use, cached on
+disk) convolve each (item, channel) plane directly, the planes split among the worker pool
+(``_threads``) in (item, channel) ranges. A plane is first copied into its s_h·s_w stride
+phases, zero-padded (phase (a, b) holds padded pixels (s_h·u + a, s_w·v + b)), so that
+every tap (i, j) of every stride and dilation reads one phase at a fixed offset with unit
+stride. Over a block of output rows laid out at the phase's row width, a tap is then one
+contiguous multiply-add that the compiler vectorises; the few columns past the output
+width are computed and dropped. Backward is the same walk: the bottom gradient adds
+weight × top gradient into phase-shaped sums gathered back once per plane, and the weight
+gradient accumulates top gradient × input per tap elementwise (a scalar running sum would
+not vectorise under IEEE ordering), reduced once per plane. The top gradient's dropped
+columns are zero there, so they add nothing. (One difference from the GEMM path: an input
+pixel that no output reads, past the last full window, still meets a zero in the weight
+gradient, so an inf there gives NaN instead of being ignored.)
+
+``ConvolutionLayer`` uses ``DepthwiseConv`` on numpy when ``_jit.enabled()``; without
+numba, depthwise layers keep im2col + GEMM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from netforge.builtin_layers import _jit
+from netforge.builtin_layers._threads import WORKERS, run_chunks
+
+#: Output elements one pass over the kernel taps covers: a block of output rows whose
+#: accumulator stays in the first-level cache while every tap adds into it.
+BLOCK = 1024
+
+
+@_jit.kernel
+def _forward(x, w, bias, y, start, stop, stride, pad, dilation):  # pragma: no cover - numba
+    """y[n, c·M + m] = bias + Σ_ij w[c·M + m, i, j] · xpad[n, c, oh·s + i·d, ow·s + j·d]
+    for the planes q = n·C + c in [start, stop); ``bias`` of length 0 means none.
+
+    Each plane is first split into its s_h·s_w stride phases, zero-padded, so that
+    every tap (i, j) reads one phase at a fixed offset with unit stride: over a block of
+    output rows laid out at the phase's row width, a tap is one contiguous multiply-add
+    (the few columns past the output width are computed and dropped)."""
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    outputs, kh, kw = w.shape
+    mult = outputs // channels
+    out_h, out_w = y.shape[2], y.shape[3]
+    sh, sw = stride
+    ph, pw = pad
+    dh, dw = dilation
+    hq, wq = -(-(height + 2 * ph) // sh), -(-(width + 2 * pw) // sw)
+    # One spare row: the last output row's taps read a few elements past the phase.
+    phases = np.zeros((sh, sw, (hq + 1) * wq), x.dtype)
+    grid = phases.reshape(sh, sw, hq + 1, wq)
+    rows = max(1, BLOCK // wq)
+    acc = np.empty(rows * wq, y.dtype)
+    for q in range(start, stop):
+        n, c = q // channels, q % channels
+        plane = x[n, c]
+        for a in range(sh):
+            for b in range(sw):
+                h0, w0 = (a - ph) % sh, (b - pw) % sw
+                if h0 < height and w0 < width:
+                    u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
+                    cols = (width - w0 + sw - 1) // sw
+                    for h in range(h0, height, sh):
+                        grid[a, b, u0 + (h - h0) // sh, v0 : v0 + cols] = plane[h, w0::sw]
+        for m in range(mult):
+            o = c * mult + m
+            level = bias[o] if bias.shape[0] else 0
+            for r0 in range(0, out_h, rows):
+                r1 = min(out_h, r0 + rows)
+                count = (r1 - r0) * wq
+                block = acc[:count]
+                block[:] = level
+                for i in range(kh):
+                    a, ri = (i * dh) % sh, (i * dh) // sh
+                    for j in range(kw):
+                        b, cj = (j * dw) % sw, (j * dw) // sw
+                        src = phases[a, b, (r0 + ri) * wq + cj :]
+                        weight = w[o, i, j]
+                        for k in range(count):
+                            block[k] += weight * src[k]
+                for r in range(r1 - r0):
+                    y[n, o, r0 + r] = block[r * wq : r * wq + out_w]
+
+
+@_jit.kernel
+def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pragma: no cover
+    """The bottom gradient dx (overwritten, when it has planes) and the weight gradient
+    (added to ``dw_part``, when it has rows) of ``_forward`` for planes [start, stop), in
+    ``_forward``'s phase layout: dx accumulates per phase and is gathered back once per
+    plane; the weight gradient sums top gradient × input per tap elementwise into a
+    block-long buffer (a scalar running sum would not vectorise under IEEE ordering),
+    reduced once per plane. The top gradient's columns past the output width are zero,
+    so the dropped columns add nothing."""
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    outputs, kh, kw = w.shape
+    mult = outputs // channels
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    sh, sw = stride
+    ph, pw = pad
+    dh, dwl = dilation
+    want_dx = dx.shape[0] > 0
+    want_dw = dw_part.shape[0] > 0
+    hq, wq = -(-(height + 2 * ph) // sh), -(-(width + 2 * pw) // sw)
+    phases = np.zeros((sh, sw, (hq + 1) * wq), x.dtype)
+    grid = phases.reshape(sh, sw, hq + 1, wq)
+    dphases = np.zeros((sh, sw, (hq + 1) * wq), x.dtype)
+    dgrid = dphases.reshape(sh, sw, hq + 1, wq)
+    rows = max(1, BLOCK // wq)
+    grad = np.zeros(rows * wq, dy.dtype)
+    sums = np.zeros((kh, kw, rows * wq), dy.dtype)
+    for q in range(start, stop):
+        n, c = q // channels, q % channels
+        plane = x[n, c]
+        if want_dw:
+            for a in range(sh):
+                for b in range(sw):
+                    h0, w0 = (a - ph) % sh, (b - pw) % sw
+                    if h0 < height and w0 < width:
+                        u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
+                        cols = (width - w0 + sw - 1) // sw
+                        for h in range(h0, height, sh):
+                            grid[a, b, u0 + (h - h0) // sh, v0 : v0 + cols] = plane[h, w0::sw]
+        if want_dx:
+            dphases[:] = 0
+        for m in range(mult):
+            o = c * mult + m
+            if want_dw:
+                sums[:] = 0
+            for r0 in range(0, out_h, rows):
+                r1 = min(out_h, r0 + rows)
+                count = (r1 - r0) * wq
+                for r in range(r1 - r0):
+                    grad[r * wq : r * wq + out_w] = dy[n, o, r0 + r]
+                for i in range(kh):
+                    a, ri = (i * dh) % sh, (i * dh) // sh
+                    for j in range(kw):
+                        b, cj = (j * dwl) % sw, (j * dwl) // sw
+                        base = (r0 + ri) * wq + cj
+                        if want_dx:
+                            dst = dphases[a, b, base:]
+                            weight = w[o, i, j]
+                            for k in range(count):
+                                dst[k] += weight * grad[k]
+                        if want_dw:
+                            src = phases[a, b, base:]
+                            tap = sums[i, j]
+                            for k in range(count):
+                                tap[k] += grad[k] * src[k]
+            if want_dw:
+                for i in range(kh):
+                    for j in range(kw):
+                        dw_part[o, i, j] += sums[i, j].sum()
+        if want_dx:
+            target = dx[n, c]
+            for a in range(sh):
+                for b in range(sw):
+                    h0, w0 = (a - ph) % sh, (b - pw) % sw
+                    if h0 < height and w0 < width:
+                        u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
+                        cols = (width - w0 + sw - 1) // sw
+                        for h in range(h0, height, sh):
+                            target[h, w0::sw] = dgrid[a, b, u0 + (h - h0) // sh, v0 : v0 + cols]
+
+
+def is_depthwise(channels: int, group: int, spatial_axes: int) -> bool:
+    """Whether a Convolution is one these kernels run: 2-D, one input channel per group,
+    more than one channel (a single-channel convolution is an ordinary GEMM-shaped one)."""
+    return spatial_axes == 2 and group == channels > 1
+
+
+class DepthwiseConv:
+    """Forward and backward of one depthwise Convolution's geometry on numpy arrays:
+    ``x`` (N, C, H, W), weights (C·M, 1, kh, kw), top (N, C·M, Ho, Wo).
+
+    Forward at batch 1 against im2col + GEMM (``ConvolutionLayer._forward_one``, which
+    runs depthwise layers on one worker since each group has one output row), MobileNet
+    v1's 3×3 layers, float32, ms per call, medians of alternating runs on a shared 2-core
+    machine: see the figures in ``tools/bench_depthwise.py``'s docstring.
+    """
+
+    def __init__(
+        self,
+        stride: tuple[int, int],
+        pad: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> None:
+        self.stride, self.pad, self.dilation = stride, pad, dilation
+
+    def _chunks(self, planes: int) -> list[tuple[int, int]]:
+        """(item, channel) plane ranges, one per worker."""
+        count = min(WORKERS, planes)
+        return [(k * planes // count, (k + 1) * planes // count) for k in range(count)]
+
+    def forward(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, y: np.ndarray) -> None:
+        """y (overwritten) = the convolution of x by weights w, plus bias when given."""
+        flat_w = w.reshape(w.shape[0], w.shape[2], w.shape[3])
+        level = bias if bias is not None else np.empty(0, x.dtype)
+        geometry = (self.stride, self.pad, self.dilation)
+
+        def work(start: int, stop: int, _worker: int) -> None:
+            _forward(x, flat_w, level, y, start, stop, *geometry)
+
+        run_chunks(np, work, self._chunks(x.shape[0] * x.shape[1]))
+
+    def backward(
+        self,
+        x: np.ndarray,
+        dy: np.ndarray,
+        w: np.ndarray,
+        dx: np.ndarray | None,
+        dw: np.ndarray | None,
+    ) -> None:
+        """dx (overwritten) and dw (added to), whichever is given, from the top gradient."""
+        flat_w = w.reshape(w.shape[0], w.shape[2], w.shape[3])
+        chunks = self._chunks(x.shape[0] * x.shape[1])
+        none = np.empty((0, 1, 1, 1), x.dtype)
+        parts = (
+            np.zeros((len(chunks),) + flat_w.shape, x.dtype)
+            if dw is not None
+            else np.empty((len(chunks), 0, 1, 1), x.dtype)
+        )
+        geometry = (self.stride, self.pad, self.dilation)
+
+        def work(start: int, stop: int, worker: int) -> None:
+            target = dx if dx is not None else none
+            _backward(x, dy, flat_w, target, parts[worker], start, stop, *geometry)
+
+        run_chunks(np, work, chunks)
+        if dw is not None:
+            # In chunk order, so that the sum is the same on every run.
+            flat_dw = dw.reshape(flat_w.shape)
+            for part in parts:
+                flat_dw += part
