@@ -96,5 +96,23 @@ def query(measure: bool = True) -> dict[str, Any]:
         "numpy": np.__version__,
         "blas": blas_info(),
         "gemm_gflops_float32": gemm_gflops() if measure else None,
+        "jit": jit_info(),
         "gpus": gpu_info(),
+    }
+
+
+def jit_info() -> dict[str, Any]:
+    """Whether the layers use numba's compiled CPU kernels (the jit extra), and why not."""
+    from netforge.builtin_layers import _jit
+    from netforge.errors import ConfigError
+
+    setting = os.environ.get(_jit.SETTING, "auto")
+    try:
+        module = _jit.numba()
+    except ConfigError as exc:
+        return {"setting": setting, "numba": None, "enabled": False, "reason": str(exc)}
+    return {
+        "setting": setting,
+        "numba": module.__version__ if module is not None else None,
+        "enabled": module is not None,
     }

@@ -55,3 +55,18 @@ def test_a_kernel_compiles_per_dtype_and_computes_what_numpy_does():
     for dtype in (np.float32, np.float64):
         x = np.arange(10, dtype=dtype)
         assert scaled_sum(x, dtype(2)) == pytest.approx(90.0)
+
+
+def test_device_query_reports_the_kernels_and_how_to_change_them(monkeypatch):
+    from click.testing import CliRunner
+
+    from netforge.cli.main import cli
+
+    monkeypatch.setenv("NETFORGE_JIT", "0")
+    _jit.numba.cache_clear()
+    try:
+        result = CliRunner().invoke(cli, ["device-query"])
+    finally:
+        _jit.numba.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "compiled CPU kernels: off (NETFORGE_JIT=0)" in result.output

@@ -54,6 +54,11 @@ def device_query(gpu_ids: str, as_json: bool) -> None:
             "(idle BLAS threads sleep instead of spinning)"
         )
     click.echo(f"  float32 GEMM (1024^3): {report['gemm_gflops_float32']:.1f} GFLOP/s")
+    jit = report["jit"]
+    if jit["enabled"]:
+        click.echo(f"compiled CPU kernels: numba {jit['numba']} ({_jit_note(jit)})")
+    else:
+        click.echo(f"compiled CPU kernels: off ({jit.get('reason') or _jit_note(jit)})")
     if not report["gpus"]:
         click.echo("GPU: none (cupy not installed or no CUDA device)")
     for gpu in report["gpus"]:
@@ -63,3 +68,12 @@ def device_query(gpu_ids: str, as_json: bool) -> None:
             f"driver {gpu['driver_version']}, CUDA runtime {gpu['runtime_version']}, "
             f"cupy {gpu['cupy_version']}"
         )
+
+
+def _jit_note(jit: dict) -> str:
+    """Why the compiled kernels are on or off, for ``device-query``'s line."""
+    if jit["enabled"]:
+        return f"NETFORGE_JIT={jit['setting']}; 0 turns them off"
+    if jit["numba"] is None and jit["setting"].lower() not in ("0", "off", "false", "no"):
+        return "numba is not installed: pip install 'netforge[jit]'"
+    return f"NETFORGE_JIT={jit['setting']}"
