@@ -653,6 +653,19 @@ def test_global_pooling(backend):
     np.testing.assert_allclose(y, x.max(axis=(2, 3), keepdims=True))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("params", ["global_pooling: true", "kernel_h: 6 kernel_w: 5 stride: 3"])
+def test_ave_pooling_of_one_window_per_plane(params, dtype, backend):
+    """A window covering the whole plane (global pooling, or a kernel the plane's size)
+    takes the one-matrix-vector-product path on numpy: the mean, and its gradient."""
+    x = RNG.normal(size=(3, 4, 6, 5))
+    text = f'type: "Pooling" pooling_param {{ pool: AVE {params} }}'
+    (y,) = run(text, [x], backend=backend, dtype=dtype)
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, x.mean(axis=(2, 3), keepdims=True), rtol=tol, atol=tol)
+    check_gradient(text, [x], backend=backend)
+
+
 def test_global_max_pooling_mask_over_a_large_window(backend):
     x = distinct(2, 2, 17, 16)  # 272 offsets: more than a byte can number
     y, mask = run(
