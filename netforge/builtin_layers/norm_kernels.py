@@ -6,22 +6,43 @@ operation, a fresh temporary between some, and reduces over axes (0, 2) with a s
 loop; these kernels fuse the passes and split the channels between the workers
 (``_threads.run_chunks``), so both cores run.
 
-Passes over memory, per layer call (r: read, w: written):
+Passes over memory per call (r: arrays read, w: written; "cached": a channel's second read
+while it fits in L2, 100 kB per channel of (8, 256, 56, 56) float32):
 
 - BatchNorm with batch statistics, forward: per channel, a sum, a sum of squared deviations
-  and the write of x − mean and of y: x is read three times, but the second and third reads
-  of a channel come from cache while it fits (a channel of (8, 256, 56, 56) is 100 kB), so
-  about 1r + 2w, against numpy's 4r + 2w and a BLAS reduction. Backward: the sums of dy and
-  dy·(x − mean), then dx: 2r + 1w (the second from cache).
-- BatchNorm with global statistics, and Scale, Bias: y = x·a + b per channel, 1r + 1w
-  (Scale in place also writes its kept copy of x: 1r + 2w); numpy's BatchNorm takes 2r + 2w.
-- Scale backward: Σ dy·x, Σ dy and dx = dy·s in one pass, 2r + 1w, against numpy's
-  3r + 1w in three calls.
+  about the mean, and the write of x − mean (kept for backward) and of y: 1r + 2 cached r +
+  2w, against numpy's 4r + 2w (BLAS sum, subtract, einsum, divide). Backward: the sums of dy
+  and dy·(x − mean), then dx: 2r + 2 cached r + 1w, against numpy's 8r + 4w.
+- y = x·a + b per channel (BatchNorm with global statistics, Scale, Bias forward; BatchNorm's
+  global-statistics backward and a frozen Scale's, with b = 0): 1r + 1w, and Scale in place
+  also writes its kept copy of x in the same pass (1r + 2w); numpy takes 2r + 2w or 3r + 3w.
+- Scale backward: Σ dy·x, Σ dy and dx = dy·s in one pass, 2r + 1w, against numpy's 4r + 1w.
 
 Sums add up in float64 (the data's values and products converted one by one), so a float32
 channel of millions of values loses nothing to rounding; the variance is Caffe's
 E[(x − mean)²], not E[x²] − E[x]². The kernels are compiled with ``_jit.VECTOR_SUMS``:
 reassociation lets LLVM vectorise the sums (3x faster than one add per cycle's latency).
+
+Measured with ``tools/bench_norm.py`` (float32, in place, ms per call, numpy path → kernels,
+median of 5 alternating rounds on the shared 2-core machine, load 1.5-2.5), forward/backward:
+
+- (8, 64, 56, 56): BatchNorm TRAIN 1.8 → 1.2 / 3.0 → 0.5, TEST 0.8 → 0.3 / 0.5 → 0.3,
+  Scale 1.3 → 0.6 / 1.4 → 0.5
+- (8, 256, 56, 56): BatchNorm TRAIN 11 → 3.4 / 15 → 2.4, TEST 5.8 → 1.0 / 2.4 → 0.9,
+  Scale 10 → 3.1 / 5.3 → 2.3
+- (8, 512, 28, 28): BatchNorm TRAIN 6.0 → 1.9 / 7.7 → 2.3, TEST 2.2 → 0.5 / 1.6 → 0.7,
+  Scale 4.4 → 1.6 / 3.6 → 2.5
+- (8, 2048, 7, 7): BatchNorm TRAIN 1.3 → 1.0 / 1.4 → 0.6, TEST 0.7 → 0.3 / 0.3 → 0.2,
+  Scale 1.1 → 0.4 / 0.7 → 0.5
+- (1, 256, 56, 56): BatchNorm TRAIN 1.0 → 0.5 / 1.3 → 0.3, TEST 0.6 → 0.2 / 0.3 → 0.2,
+  Scale 0.7 → 0.3 / 0.6 → 0.4
+- (1, 2048, 7, 7): BatchNorm TRAIN 0.16 → 0.20 / 0.18 → 0.08, TEST 0.08 → 0.04 /
+  0.04 → 0.03, Scale 0.08 → 0.04 / 0.10 → 0.08
+
+Bias forward gains as Scale's does (batch 8, 256 × 56²: 3.4 → 0.6 ms); its backward is a
+BLAS sum on both paths. In ResNet-50's training at batch 8 (one run of three iterations
+each, ``netforge.timing.time_net`` summed per layer type), BatchNorm went from 161/235 ms
+forward/backward on the numpy path to 75/43 on the kernels, Scale from 109/104 to 40/53.
 """
 
 from __future__ import annotations
@@ -33,10 +54,13 @@ import numpy as np
 from netforge.builtin_layers import _jit
 from netforge.builtin_layers._threads import WORKERS, run_chunks
 
-#: Fewest values worth splitting between the workers: waking a pooled thread costs about
-#: 0.1 ms on this kind of virtual machine, which a one-pass kernel over fewer values does not
-#: repay (measured: (1, 64, 56, 56) BatchNorm forward 0.06 ms on one worker, 0.16 on two).
-SPLIT_MIN = 1 << 19
+#: Least work, in values times passes over them, worth splitting between the workers:
+#: handing a range to the pooled thread cost 0.15-0.2 ms on the shared 2-core machine, which
+#: half of a smaller call does not repay. Measured, float32 in place, one worker / two:
+#: y = x·a + b (1 pass) on 0.8 M values 0.12 / 0.27 ms, on 3.2 M 0.66 / 0.59; BatchNorm's
+#: batch-statistics forward (3 passes) on 0.8 M (1, 256, 56, 56) 0.43 / 0.39, on
+#: (8, 256, 56, 56) 7.1 / 4.4.
+SPLIT_MIN = 1 << 21
 
 
 def usable(*arrays: Any) -> bool:
@@ -51,13 +75,21 @@ def usable(*arrays: Any) -> bool:
     ) and first.dtype in (np.float32, np.float64)
 
 
-def _run(work: Any, channels: int, count: int) -> None:
-    """``work(start, stop)`` over channel ranges: one range per worker when there are
-    ``SPLIT_MIN`` values or more, else the whole range here."""
-    parts = WORKERS if count >= SPLIT_MIN else 1
+def _run(work: Any, channels: int, count: int, passes: int) -> None:
+    """``work(start, stop)`` over channel ranges: one range per worker when ``passes`` over
+    ``count`` values come to ``SPLIT_MIN`` or more, else the whole range here."""
+    parts = WORKERS if count * passes >= SPLIT_MIN else 1
     chunks = [(w * channels // parts, (w + 1) * channels // parts) for w in range(parts)]
     chunks = [(start, stop) for start, stop in chunks if stop > start]
     run_chunks(np, lambda start, stop, _worker: work(start, stop), chunks)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are views of the same memory (an in-place layer's bottom and
+    top). The kernels then write through the array they read: with two names for one
+    memory, LLVM's overlap check sends every loop to its scalar version, 3-5x slower
+    ((8, 64, 3136) float32 y = x·a + b: 0.78 ms aliased, 0.15 through one name)."""
+    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
 
 def batch_norm_train_forward(
@@ -68,10 +100,14 @@ def batch_norm_train_forward(
     mean and biased variance, float64."""
     channels = x.shape[1]
     mean, var = np.empty(channels), np.empty(channels)
+    in_place = _same(x, y)
     _run(
-        lambda start, stop: _batch_norm_train_forward(x, y, centered, eps, mean, var, start, stop),
+        lambda start, stop: _batch_norm_train_forward(
+            x, y, centered, in_place, eps, mean, var, start, stop
+        ),
         channels,
         x.size,
+        3,
     )
     return mean, var
 
@@ -81,10 +117,14 @@ def batch_norm_train_backward(
 ) -> None:
     """The batch-statistics gradient into ``dx`` (which may be ``dy``), from the kept
     x − mean and the per-channel ``std`` = sqrt(var + eps), shape (C,)."""
+    in_place = _same(dy, dx)
     _run(
-        lambda start, stop: _batch_norm_train_backward(dy, centered, std, dx, start, stop),
+        lambda start, stop: _batch_norm_train_backward(
+            dy, centered, std, dx, in_place, start, stop
+        ),
         dy.shape[1],
         dy.size,
+        2,
     )
 
 
@@ -97,12 +137,13 @@ def channel_affine(
 ) -> None:
     """y = x·scale[c] + shift[c] over (outer, C, inner) arrays (``y`` may be ``x``); with
     ``kept``, x is also copied there in the same pass (Scale in place)."""
-    keep = kept is not None
-    target = kept if keep else y
+    mode = _SEPARATE if not _same(x, y) else _IN_PLACE if kept is None else _KEEP
+    target = y if kept is None else kept
     _run(
-        lambda start, stop: _channel_affine(x, scale, shift, y, target, keep, start, stop),
+        lambda start, stop: _channel_affine(x, scale, shift, y, target, mode, start, stop),
         x.shape[1],
         x.size,
+        1,
     )
 
 
@@ -113,19 +154,27 @@ def scale_backward(
     sums, Σ dy·x and Σ dy per channel, and writes dx = dy·scale[c] unless ``dx`` is None
     (``dx`` may be ``dy``)."""
     sums = np.empty((dy.shape[1], 2))
-    write = dx is not None
-    target = dx if write else dy
+    if dx is None:
+        mode, dx = _NONE, dy
+    else:
+        mode = _IN_PLACE if _same(dy, dx) else _SEPARATE
     _run(
-        lambda start, stop: _scale_backward(dy, x, scale, target, sums, write, start, stop),
+        lambda start, stop: _scale_backward(dy, x, scale, dx, sums, mode, start, stop),
         dy.shape[1],
         dy.size,
+        2,
     )
     return sums
 
 
 # -- kernels: serial over channels start..stop - 1 of (outer, channels, inner) arrays ---------
+#: How a kernel writes its output: not at all, to its own array, over its input (in place),
+#: over its input after copying the input to a kept array.
+_NONE, _SEPARATE, _IN_PLACE, _KEEP = 0, 1, 2, 3
+
+
 @_jit.kernel(fastmath=_jit.VECTOR_SUMS)
-def _batch_norm_train_forward(x, y, centered, eps, mean, var, start, stop):
+def _batch_norm_train_forward(x, y, centered, in_place, eps, mean, var, start, stop):
     outer, _, inner = x.shape
     count = outer * inner
     for c in range(start, stop):
@@ -144,14 +193,20 @@ def _batch_norm_train_forward(x, y, centered, eps, mean, var, start, stop):
         var[c] = total / count
         inv_std = x.dtype.type(1.0 / np.sqrt(var[c] + eps))
         for n in range(outer):
-            for i in range(inner):
-                d = x[n, c, i] - center
-                centered[n, c, i] = d
-                y[n, c, i] = d * inv_std
+            if in_place:
+                for i in range(inner):
+                    d = x[n, c, i] - center
+                    centered[n, c, i] = d
+                    x[n, c, i] = d * inv_std
+            else:
+                for i in range(inner):
+                    d = x[n, c, i] - center
+                    centered[n, c, i] = d
+                    y[n, c, i] = d * inv_std
 
 
 @_jit.kernel(fastmath=_jit.VECTOR_SUMS)
-def _batch_norm_train_backward(dy, centered, std, dx, start, stop):
+def _batch_norm_train_backward(dy, centered, std, dx, in_place, start, stop):
     # dx = (dy − mean(dy) − (x − mean)·mean(dy·(x − mean)) / std²) / std
     outer, _, inner = dy.shape
     count = outer * inner
@@ -168,36 +223,49 @@ def _batch_norm_train_backward(dy, centered, std, dx, start, stop):
         shift = dy.dtype.type(sum_dy / count / s)
         slope = dy.dtype.type(sum_dyx / count / (s * s * s))
         for n in range(outer):
-            for i in range(inner):
-                dx[n, c, i] = dy[n, c, i] * inv_std - centered[n, c, i] * slope - shift
+            if in_place:
+                for i in range(inner):
+                    dy[n, c, i] = dy[n, c, i] * inv_std - centered[n, c, i] * slope - shift
+            else:
+                for i in range(inner):
+                    dx[n, c, i] = dy[n, c, i] * inv_std - centered[n, c, i] * slope - shift
 
 
 @_jit.kernel(fastmath=_jit.VECTOR_SUMS)
-def _channel_affine(x, scale, shift, y, kept, keep, start, stop):
+def _channel_affine(x, scale, shift, y, kept, mode, start, stop):
     outer, _, inner = x.shape
     for n in range(outer):
         for c in range(start, stop):
             a = scale[c]
             b = shift[c]
-            if keep:
+            if mode == _KEEP:
                 for i in range(inner):
                     v = x[n, c, i]
                     kept[n, c, i] = v
-                    y[n, c, i] = v * a + b
+                    x[n, c, i] = v * a + b
+            elif mode == _IN_PLACE:
+                for i in range(inner):
+                    x[n, c, i] = x[n, c, i] * a + b
             else:
                 for i in range(inner):
                     y[n, c, i] = x[n, c, i] * a + b
 
 
 @_jit.kernel(fastmath=_jit.VECTOR_SUMS)
-def _scale_backward(dy, x, scale, dx, sums, write, start, stop):
+def _scale_backward(dy, x, scale, dx, sums, mode, start, stop):
     outer, _, inner = dy.shape
     for c in range(start, stop):
         a = scale[c]
         sum_dyx = 0.0
         sum_dy = 0.0
         for n in range(outer):
-            if write:
+            if mode == _IN_PLACE:
+                for i in range(inner):
+                    g = dy[n, c, i]
+                    sum_dyx += g * x[n, c, i]
+                    sum_dy += g
+                    dy[n, c, i] = g * a
+            elif mode == _SEPARATE:
                 for i in range(inner):
                     g = dy[n, c, i]
                     sum_dyx += g * x[n, c, i]
