@@ -31,6 +31,8 @@ CASES = [
     (3, 2, 2, 8, 7, (3, 2), (2, 1), (1, 2), (2, 1), True),
     (1, 3, 2, 11, 9, (5, 5), (3, 2), (2, 0), (1, 2), False),
     (2, 2, 3, 5, 6, (1, 1), (2, 2), (0, 1), (1, 1), True),
+    # More output rows than one block of the kernels' accumulator holds (depthwise.BLOCK).
+    (2, 3, 1, 45, 40, (3, 3), (1, 1), (1, 1), (1, 1), True),
 ]
 
 

@@ -36,6 +36,10 @@ from netforge.builtin_layers._threads import WORKERS, run_chunks
 #: accumulator stays in the first-level cache while every tap adds into it.
 BLOCK = 1024
 
+#: Partial sums per weight in the weight gradient: wide enough to vectorise, short enough
+#: that zeroing and reducing them once per plane costs little next to the taps.
+LANES = 64
+
 
 @_jit.kernel
 def _forward(x, w, bias, y, start, stop, stride, pad, dilation):  # pragma: no cover - numba
@@ -57,7 +61,7 @@ def _forward(x, w, bias, y, start, stop, stride, pad, dilation):  # pragma: no c
     # One spare row: the last output row's taps read a few elements past the phase.
     phases = np.zeros((sh, sw, (hq + 1) * wq), x.dtype)
     grid = phases.reshape(sh, sw, hq + 1, wq)
-    rows = max(1, BLOCK // wq)
+    rows = max(1, min(out_h, BLOCK // wq))
     acc = np.empty(rows * wq, y.dtype)
     for q in range(start, stop):
         n, c = q // channels, q % channels
@@ -113,9 +117,9 @@ def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pra
     grid = phases.reshape(sh, sw, hq + 1, wq)
     dphases = np.zeros((sh, sw, (hq + 1) * wq), x.dtype)
     dgrid = dphases.reshape(sh, sw, hq + 1, wq)
-    rows = max(1, BLOCK // wq)
+    rows = max(1, min(out_h, BLOCK // wq))
     grad = np.zeros(rows * wq, dy.dtype)
-    sums = np.zeros((kh, kw, rows * wq), dy.dtype)
+    sums = np.zeros((kh, kw, LANES), dy.dtype)
     for q in range(start, stop):
         n, c = q // channels, q % channels
         plane = x[n, c]
@@ -150,14 +154,22 @@ def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pra
                             for k in range(count):
                                 dst[k] += weight * grad[k]
                         if want_dw:
-                            src = phases[a, b, base:]
                             tap = sums[i, j]
-                            for k in range(count):
-                                tap[k] += grad[k] * src[k]
+                            for k0 in range(0, count, LANES):
+                                src = phases[a, b, base + k0 :]
+                                part = grad[k0:]
+                                for k in range(min(LANES, count - k0)):
+                                    tap[k] += part[k] * src[k]
             if want_dw:
                 for i in range(kh):
                     for j in range(kw):
-                        dw_part[o, i, j] += sums[i, j].sum()
+                        tap = sums[i, j]
+                        # Halved elementwise first: a scalar sum runs at one add per latency.
+                        for k in range(LANES // 2):
+                            tap[k] += tap[LANES // 2 + k]
+                        for k in range(LANES // 4):
+                            tap[k] += tap[LANES // 4 + k]
+                        dw_part[o, i, j] += tap[: LANES // 4].sum()
         if want_dx:
             target = dx[n, c]
             for a in range(sh):
