@@ -127,8 +127,9 @@ class BatchNormLayer(Layer):
             # normalised copy is kept.
             self._std = xp.sqrt(var + self.eps)
             scale = 1 / self._std
-            if norm_kernels.usable(x, y, scale):
-                norm_kernels.channel_affine(x, scale, -mean * scale, y)
+            shift = -mean * scale
+            if norm_kernels.usable(x, y, scale, shift):
+                norm_kernels.channel_affine(x, scale, shift, y)
             else:
                 xp.multiply(x, scale[:, None], out=y)
                 y -= (mean * scale)[:, None]
