@@ -135,11 +135,13 @@ def test_batch_norm_float32_variance_about_a_far_mean(path):
     np.testing.assert_allclose(y, bn_forward(x32)[0], rtol=0, atol=1e-2)
 
 
+@pytest.mark.parametrize("norm", [2.0, 0.0])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_batch_norm_global_statistics(dtype, in_place, path):
+def test_batch_norm_global_statistics(norm, dtype, in_place, path):
+    """mean = blob0 / blob2 and var = blob1 / blob2, both 0 when blob2 is 0 (Caffe)."""
     x, dy = data((3, 4, 5, 6)), data((3, 4, 5, 6), seed=1)
-    mean_sum, var_sum, norm = np.array([1.0, -2.0, 0.5, 4.0]), np.array([4.0, 1.0, 9.0, 2.0]), 2.0
+    mean_sum, var_sum = np.array([1.0, -2.0, 0.5, 4.0]), np.array([4.0, 1.0, 9.0, 2.0])
 
     def load(layer):
         for blob, values in zip(layer.blobs, (mean_sum, var_sum, [norm])):
@@ -150,10 +152,10 @@ def test_batch_norm_global_statistics(dtype, in_place, path):
     )
     expect_path(path, "channel_affine")
     x = x.astype(dtype).astype(np.float64)
-    std = np.sqrt(var_sum / norm + BN_EPS).reshape(1, 4, 1, 1)
-    np.testing.assert_allclose(
-        y, (x - (mean_sum / norm).reshape(1, 4, 1, 1)) / std, **TOLERANCE[dtype]
-    )
+    factor = 1 / norm if norm else 0.0
+    mean = (factor * mean_sum).reshape(1, 4, 1, 1)
+    std = np.sqrt(factor * var_sum + BN_EPS).reshape(1, 4, 1, 1)
+    np.testing.assert_allclose(y, (x - mean) / std, **TOLERANCE[dtype])
     np.testing.assert_allclose(dx, dy.astype(dtype) / std, **TOLERANCE[dtype])
 
 
