@@ -24,20 +24,20 @@ E[(x − mean)²], not E[x²] − E[x]². The kernels are compiled with ``_jit.V
 reassociation lets LLVM vectorise the sums (3x faster than one add per cycle's latency).
 
 Measured with ``tools/bench_norm.py`` (float32, in place, ms per call, numpy path → kernels,
-median of 5 alternating rounds on the shared 2-core machine, load 1.5-2.5), forward/backward:
+median of 5 alternating rounds on the shared 2-core machine, load 2.5-3), forward/backward:
 
-- (8, 64, 56, 56): BatchNorm TRAIN 1.8 → 1.2 / 3.0 → 0.5, TEST 0.8 → 0.3 / 0.5 → 0.3,
-  Scale 1.3 → 0.6 / 1.4 → 0.5
-- (8, 256, 56, 56): BatchNorm TRAIN 11 → 3.4 / 15 → 2.4, TEST 5.8 → 1.0 / 2.4 → 0.9,
-  Scale 10 → 3.1 / 5.3 → 2.3
-- (8, 512, 28, 28): BatchNorm TRAIN 6.0 → 1.9 / 7.7 → 2.3, TEST 2.2 → 0.5 / 1.6 → 0.7,
-  Scale 4.4 → 1.6 / 3.6 → 2.5
-- (8, 2048, 7, 7): BatchNorm TRAIN 1.3 → 1.0 / 1.4 → 0.6, TEST 0.7 → 0.3 / 0.3 → 0.2,
-  Scale 1.1 → 0.4 / 0.7 → 0.5
-- (1, 256, 56, 56): BatchNorm TRAIN 1.0 → 0.5 / 1.3 → 0.3, TEST 0.6 → 0.2 / 0.3 → 0.2,
-  Scale 0.7 → 0.3 / 0.6 → 0.4
-- (1, 2048, 7, 7): BatchNorm TRAIN 0.16 → 0.20 / 0.18 → 0.08, TEST 0.08 → 0.04 /
-  0.04 → 0.03, Scale 0.08 → 0.04 / 0.10 → 0.08
+- (8, 64, 56, 56): BatchNorm TRAIN 1.4 → 0.7 / 2.8 → 0.6, TEST 0.8 → 0.16 / 0.4 → 0.15,
+  Scale 1.1 → 0.3 / 1.0 → 0.5
+- (8, 256, 56, 56): BatchNorm TRAIN 9.7 → 3.6 / 16 → 4.1, TEST 4.3 → 0.8 / 2.2 → 1.4,
+  Scale 8.1 → 2.5 / 6.4 → 3.3
+- (8, 512, 28, 28): BatchNorm TRAIN 4.1 → 2.5 / 6.4 → 0.9, TEST 1.7 → 0.4 / 0.8 → 0.4,
+  Scale 2.6 → 0.8 / 2.7 → 1.1
+- (8, 2048, 7, 7): BatchNorm TRAIN 0.92 → 0.86 / 1.2 → 0.5, TEST 0.5 → 0.15 / 0.25 → 0.12,
+  Scale 0.6 → 0.2 / 0.6 → 0.4
+- (1, 256, 56, 56): BatchNorm TRAIN 1.1 → 0.6 / 1.2 → 0.2, TEST 0.43 → 0.11 / 0.22 → 0.10,
+  Scale 0.5 → 0.13 / 0.6 → 0.3
+- (1, 2048, 7, 7): BatchNorm TRAIN 0.16 → 0.14 / 0.19 → 0.08, TEST 0.09 → 0.05 /
+  0.036 → 0.030, Scale 0.09 → 0.04 / 0.10 → 0.07
 
 Bias forward gains as Scale's does (batch 8, 256 × 56²: 3.4 → 0.6 ms); its backward is a
 BLAS sum on both paths. In ResNet-50's training at batch 8 (one run of three iterations
