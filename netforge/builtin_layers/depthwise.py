@@ -73,7 +73,10 @@ def _forward(x, w, bias, y, start, stop, stride, pad, dilation):  # pragma: no c
                     u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
                     cols = (width - w0 + sw - 1) // sw
                     for h in range(h0, height, sh):
-                        grid[a, b, u0 + (h - h0) // sh, v0 : v0 + cols] = plane[h, w0::sw]
+                        dst = grid[a, b, u0 + (h - h0) // sh, v0:]
+                        src = plane[h, w0:]
+                        for t in range(cols):
+                            dst[t] = src[t * sw]
         for m in range(mult):
             o = c * mult + m
             level = bias[o] if bias.shape[0] else 0
@@ -91,7 +94,10 @@ def _forward(x, w, bias, y, start, stop, stride, pad, dilation):  # pragma: no c
                         for k in range(count):
                             block[k] += weight * src[k]
                 for r in range(r1 - r0):
-                    y[n, o, r0 + r] = block[r * wq : r * wq + out_w]
+                    dst = y[n, o, r0 + r]
+                    src = block[r * wq :]
+                    for t in range(out_w):
+                        dst[t] = src[t]
 
 
 @_jit.kernel
@@ -131,7 +137,10 @@ def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pra
                         u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
                         cols = (width - w0 + sw - 1) // sw
                         for h in range(h0, height, sh):
-                            grid[a, b, u0 + (h - h0) // sh, v0 : v0 + cols] = plane[h, w0::sw]
+                            dst = grid[a, b, u0 + (h - h0) // sh, v0:]
+                            src = plane[h, w0:]
+                            for t in range(cols):
+                                dst[t] = src[t * sw]
         if want_dx:
             dphases[:] = 0
         for m in range(mult):
@@ -142,7 +151,10 @@ def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pra
                 r1 = min(out_h, r0 + rows)
                 count = (r1 - r0) * wq
                 for r in range(r1 - r0):
-                    grad[r * wq : r * wq + out_w] = dy[n, o, r0 + r]
+                    dst = grad[r * wq :]
+                    src = dy[n, o, r0 + r]
+                    for t in range(out_w):
+                        dst[t] = src[t]
                 for i in range(kh):
                     a, ri = (i * dh) % sh, (i * dh) // sh
                     for j in range(kw):
@@ -179,7 +191,10 @@ def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pra
                         u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
                         cols = (width - w0 + sw - 1) // sw
                         for h in range(h0, height, sh):
-                            target[h, w0::sw] = dgrid[a, b, u0 + (h - h0) // sh, v0 : v0 + cols]
+                            dst = target[h, w0:]
+                            src = dgrid[a, b, u0 + (h - h0) // sh, v0:]
+                            for t in range(cols):
+                                dst[t * sw] = src[t]
 
 
 def is_depthwise(channels: int, group: int, spatial_axes: int) -> bool:
