@@ -132,7 +132,7 @@ class BatchNormLayer(Layer):
                 norm_kernels.channel_affine(x, scale, shift, y)
             else:
                 xp.multiply(x, scale[:, None], out=y)
-                y -= (mean * scale)[:, None]
+                y += shift[:, None]
             return
         # x − mean is kept apart from the top (a later in-place layer may overwrite the top's
         # data) in a buffer reused across passes; backward needs nothing else but std.
@@ -431,9 +431,7 @@ class ScaleLayer(Layer):
         if want_bias:
             bias = self.blobs[-1]
             bias.diff += bias_diff.reshape(bias.shape)
-        if want_scale:
-            target = self.blobs[0] if learned else bottom[1]
-            if learned:
-                target.diff += scale_diff.reshape(target.shape)
-            else:
-                target.diff[...] = scale_diff.reshape(target.shape)
+        if want_scale and learned:
+            self.blobs[0].diff += scale_diff.reshape(self.blobs[0].shape)
+        elif want_scale:
+            bottom[1].diff[...] = scale_diff.reshape(bottom[1].shape)
