@@ -205,12 +205,15 @@ def is_depthwise(channels: int, group: int, spatial_axes: int) -> bool:
 
 class DepthwiseConv:
     """Forward and backward of one depthwise Convolution's geometry on numpy arrays:
-    ``x`` (N, C, H, W), weights (C·M, 1, kh, kw), top (N, C·M, Ho, Wo).
+    ``x`` (N, C, H, W), weights (C·M, 1, kh, kw), top (N, C·M, Ho, Wo), all contiguous.
 
-    Forward at batch 1 against im2col + GEMM (``ConvolutionLayer._forward_one``, which
-    runs depthwise layers on one worker since each group has one output row), MobileNet
-    v1's 3×3 layers, float32, ms per call, medians of alternating runs on a shared 2-core
-    machine: see the figures in ``tools/bench_depthwise.py``'s docstring.
+    MobileNet v1's thirteen 3×3 depthwise layers, float32, ms per call summed over the
+    layers, median [lowest-highest] of rounds alternating the kernels, im2col + GEMM (the
+    kernels switched off) and PyTorch 2.13's grouped conv2d, on one shared 2-core machine
+    at load 2-2.4 (``tools/bench_depthwise.py``): batch-1 forward 5.5 [5.4-5.8] against
+    14.3 [13.7-15.1] and PyTorch 5.1 [3.3-9.4] (conv2_1/dw 0.50, 2.08, 0.40; conv6/dw 0.30,
+    0.87, 0.13: small planes still pay a fixed cost per plane); batch-8 forward + backward
+    185 [174-191] against 639 [594-682] and PyTorch 1309 [1193-1389].
     """
 
     def __init__(
