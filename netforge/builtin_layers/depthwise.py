@@ -22,7 +22,9 @@ pixel that no output reads, past the last full window, still meets a zero in the
 gradient, so an inf there gives NaN instead of being ignored.)
 
 ``ConvolutionLayer`` uses ``DepthwiseConv`` on numpy when ``_jit.enabled()``; without
-numba, depthwise layers keep im2col + GEMM.
+numba, depthwise layers keep im2col + GEMM. Compiling costs about 2 s per kernel and dtype
+the first time on a machine (forward 2.2 s, backward 2.4 s for float32 here); later runs
+load them from numba's cache in milliseconds (plus importing numba, about 0.7 s).
 """
 
 from __future__ import annotations
