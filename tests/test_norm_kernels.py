@@ -308,3 +308,23 @@ def test_usable_only_for_contiguous_float_numpy_arrays(monkeypatch):
     assert not norm_kernels.usable(a, a[:, :, ::2])
     monkeypatch.setattr(_jit, "enabled", lambda: False)
     assert not norm_kernels.usable(a)
+
+
+def test_kernels_over_one_memory_through_two_names():
+    """In place through a second view of the input (not the object itself: the scalar
+    loops) gives what the one-name loops and the formulas give."""
+    if not _jit.enabled():
+        pytest.skip("numba (the jit extra) is not installed or NETFORGE_JIT=0")
+    x = data((2, 3, 40)).astype(np.float32)
+    scale, shift = np.float32([0.5, 2.0, -1.0]), np.float32([1.0, 0.0, 3.0])
+    want = x * scale[:, None] + shift[:, None]
+    for target in (lambda a: a, lambda a: a.reshape(a.shape)):
+        y = x.copy()
+        norm_kernels.channel_affine(y, scale, shift, target(y))
+        np.testing.assert_allclose(y, want, rtol=1e-6)
+        y, centered = x.copy(), np.empty_like(x)
+        mean, var = norm_kernels.batch_norm_train_forward(y, target(y), centered, BN_EPS)
+        x64 = x.astype(np.float64)
+        np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=1e-6)
+        np.testing.assert_allclose(var, x64.var(axis=(0, 2)), rtol=1e-5)
+        np.testing.assert_allclose(y, bn_forward(x64)[0], rtol=1e-5, atol=1e-5)

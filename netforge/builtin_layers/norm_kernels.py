@@ -18,6 +18,12 @@ while it fits in L2, 100 kB per channel of (8, 256, 56, 56) float32):
   also writes its kept copy of x in the same pass (1r + 2w); numpy takes 2r + 2w or 3r + 3w.
 - Scale backward: Σ dy·x, Σ dy and dx = dy·s in one pass, 2r + 1w, against numpy's 4r + 1w.
 
+In place, the caller passes the input array itself as the output (``y is x``), and the
+kernels write through the one name they read: with two names for one memory, LLVM's
+overlap check sends every loop to its scalar version, 3-5x slower ((8, 64, 3136) float32
+y = x·a + b: 0.78 ms through two names, 0.15 through one). Two distinct arrays over one
+memory still give the right values, at that scalar speed.
+
 Sums add up in float64 (the data's values and products converted one by one), so a float32
 channel of millions of values loses nothing to rounding; the variance is Caffe's
 E[(x − mean)²], not E[x²] − E[x]². The kernels are compiled with ``_jit.VECTOR_SUMS``:
@@ -78,29 +84,24 @@ def usable(*arrays: Any) -> bool:
 def _run(work: Any, channels: int, count: int, passes: int) -> None:
     """``work(start, stop)`` over channel ranges: one range per worker when ``passes`` over
     ``count`` values come to ``SPLIT_MIN`` or more, else the whole range here."""
-    parts = WORKERS if count * passes >= SPLIT_MIN else 1
+    if count * passes < SPLIT_MIN:
+        work(0, channels)
+        return
+    parts = WORKERS
     chunks = [(w * channels // parts, (w + 1) * channels // parts) for w in range(parts)]
     chunks = [(start, stop) for start, stop in chunks if stop > start]
     run_chunks(np, lambda start, stop, _worker: work(start, stop), chunks)
-
-
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether ``a`` and ``b`` are views of the same memory (an in-place layer's bottom and
-    top). The kernels then write through the array they read: with two names for one
-    memory, LLVM's overlap check sends every loop to its scalar version, 3-5x slower
-    ((8, 64, 3136) float32 y = x·a + b: 0.78 ms aliased, 0.15 through one name)."""
-    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
 
 def batch_norm_train_forward(
     x: np.ndarray, y: np.ndarray, centered: np.ndarray, eps: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """BatchNorm with batch statistics on (N, C, rest) arrays: writes ``centered`` = x − mean
-    and ``y`` = (x − mean) / sqrt(var + eps) (``y`` may be ``x``); returns the per-channel
-    mean and biased variance, float64."""
+    and ``y`` = (x − mean) / sqrt(var + eps) (``y`` may be ``x`` itself: in place); returns
+    the per-channel mean and biased variance, float64."""
     channels = x.shape[1]
     mean, var = np.empty(channels), np.empty(channels)
-    in_place = _same(x, y)
+    in_place = x is y
     _run(
         lambda start, stop: _batch_norm_train_forward(
             x, y, centered, in_place, eps, mean, var, start, stop
@@ -115,9 +116,9 @@ def batch_norm_train_forward(
 def batch_norm_train_backward(
     dy: np.ndarray, centered: np.ndarray, std: np.ndarray, dx: np.ndarray
 ) -> None:
-    """The batch-statistics gradient into ``dx`` (which may be ``dy``), from the kept
-    x − mean and the per-channel ``std`` = sqrt(var + eps), shape (C,)."""
-    in_place = _same(dy, dx)
+    """The batch-statistics gradient into ``dx`` (``dx`` may be ``dy`` itself: in place),
+    from the kept x − mean and the per-channel ``std`` = sqrt(var + eps), shape (C,)."""
+    in_place = dy is dx
     _run(
         lambda start, stop: _batch_norm_train_backward(
             dy, centered, std, dx, in_place, start, stop
@@ -135,9 +136,9 @@ def channel_affine(
     y: np.ndarray,
     kept: np.ndarray | None = None,
 ) -> None:
-    """y = x·scale[c] + shift[c] over (outer, C, inner) arrays (``y`` may be ``x``); with
-    ``kept``, x is also copied there in the same pass (Scale in place)."""
-    mode = _SEPARATE if not _same(x, y) else _IN_PLACE if kept is None else _KEEP
+    """y = x·scale[c] + shift[c] over (outer, C, inner) arrays (``y`` may be ``x`` itself:
+    in place); with ``kept``, x is also copied there in the same pass (Scale in place)."""
+    mode = _SEPARATE if x is not y else _IN_PLACE if kept is None else _KEEP
     target = y if kept is None else kept
     _run(
         lambda start, stop: _channel_affine(x, scale, shift, y, target, mode, start, stop),
@@ -152,12 +153,12 @@ def scale_backward(
 ) -> np.ndarray:
     """Scale's gradients over (outer, C, inner) arrays in one pass: returns (C, 2) float64
     sums, Σ dy·x and Σ dy per channel, and writes dx = dy·scale[c] unless ``dx`` is None
-    (``dx`` may be ``dy``)."""
+    (``dx`` may be ``dy`` itself)."""
     sums = np.empty((dy.shape[1], 2))
     if dx is None:
         mode, dx = _NONE, dy
     else:
-        mode = _IN_PLACE if _same(dy, dx) else _SEPARATE
+        mode = _IN_PLACE if dy is dx else _SEPARATE
     _run(
         lambda start, stop: _scale_backward(dy, x, scale, dx, sums, mode, start, stop),
         dy.shape[1],

@@ -115,7 +115,8 @@ class BatchNormLayer(Layer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         x = self._by_channel(bottom[0].data)
-        y = self._by_channel(top[0].data)
+        # In place, the same array object: the kernels then write through one name.
+        y = x if top[0] is bottom[0] else self._by_channel(top[0].data)
         mean_sum, var_sum, norm = (b.data.reshape(-1) for b in self.blobs)
         if self.use_global_stats:
             # Caffe's 1/blob2, or 0 when blob2 is 0, as a device expression (no host sync):
@@ -162,7 +163,7 @@ class BatchNormLayer(Layer):
             return
         xp = self.xp
         dy = self._by_channel(top[0].diff)
-        dx = self._by_channel(bottom[0].diff)
+        dx = dy if top[0] is bottom[0] else self._by_channel(bottom[0].diff)
         std = self._std
         if self.use_global_stats:
             scale = 1 / std
@@ -304,7 +305,7 @@ class BiasLayer(Layer):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x = bottom[0].data.reshape(self._dims)
-        y = top[0].data.reshape(self._dims)
+        y = x if top[0] is bottom[0] else top[0].data.reshape(self._dims)
         bias = self._bias.data.reshape(-1)
         if norm_kernels.usable(x, y, bias):
             norm_kernels.channel_affine(x, self.xp.ones_like(bias), bias, y)
@@ -378,7 +379,7 @@ class ScaleLayer(Layer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         x = bottom[0].data.reshape(self._dims)
-        y = top[0].data.reshape(self._dims)
+        y = x if top[0] is bottom[0] else top[0].data.reshape(self._dims)
         scale = self._scale.data.reshape(-1)
         bias = self.blobs[-1].data.reshape(-1) if self._bias_dims else None
         self._x = kept = None
@@ -409,7 +410,9 @@ class ScaleLayer(Layer):
         xp = self.xp
         dy = top[0].diff.reshape(self._dims)
         x = (bottom[0].data if self._x is None else self._x).reshape(self._dims)
-        dx = bottom[0].diff.reshape(self._dims) if propagate_down[0] else None
+        dx = None
+        if propagate_down[0]:
+            dx = dy if top[0] is bottom[0] else bottom[0].diff.reshape(self._dims)
         scale = self._scale.data.reshape(-1)
         learned = len(bottom) == 1
         want_scale = self.param_propagate_down[0] if learned else propagate_down[1]
