@@ -275,9 +275,13 @@ class _ConvolutionBase(Layer):
         over the kernel taps of shifted input views times per-channel weights, measured
         slower on MobileNet v1's 3×3 layers at batch 1 (15.0-16.4 ms against 11.2-13.7 for
         all thirteen, on one shared 2-core machine)."""
-        if self.xp is not np or self.transposed or not _jit.enabled():
+        if self.xp is not np or self.transposed:
             return None
+        # Depthwise first: asking ``_jit`` imports numba (116 MB resident), which a net without
+        # depthwise layers must not pay for.
         if not is_depthwise(self.channels, self.group, len(self.geom.kernel)):
+            return None
+        if not _jit.enabled():
             return None
         geom = self.geom
         return DepthwiseConv(geom.stride, geom.pad, geom.dilation)
