@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from netforge import fusion
 from netforge.atomic import atomic_write
 from netforge.backend import Backend, default_backend, mode_version, to_numpy
 from netforge.blob import Blob
@@ -300,6 +301,8 @@ class Net(PycaffeNetMethods):
         for layer in self.layers:
             self.layer_dict.setdefault(layer.name, layer)
         self.params = {ly.name: list(ly.blobs) for ly in self.layers if ly.blobs}
+        #: the runs forward fuses, planned at the first forward that may fuse
+        self._fusion: dict[int, fusion.FusedRun] | None = None
 
     @staticmethod
     def _out_of_memory(layer: Layer, bottom: Sequence[Blob]) -> ShapeError:
@@ -453,7 +456,13 @@ class Net(PycaffeNetMethods):
             self.follow_mode()
         loss = 0.0  # a device scalar once a loss is added: one host sync, at the end
         before, after = self._hooks["before_forward"], self._hooks["after_forward"]
-        for i in range(start, end + 1):
+        runs = self._fused_runs(bool(before or after))
+        i = start
+        while i <= end:
+            run = runs.get(i)
+            if run is not None and run.last <= end and self._forward_fused(run):
+                i = run.last + 1
+                continue
             for hook in before:
                 hook(i)
             layer = self.layers[i]
@@ -469,7 +478,27 @@ class Net(PycaffeNetMethods):
                 self._log_forward(i)
             for hook in after:
                 hook(i)
+            i += 1
         return float(loss)
+
+    def _forward_fused(self, run: fusion.FusedRun) -> bool:
+        """``run.forward``, whose first pass may allocate the blob: out of memory names
+        the run's first layer, as that layer's own forward would."""
+        try:
+            return run.forward(self)
+        except MemoryError:
+            bottom = self._blobs_of(self.layer_bottoms[run.first])
+            raise self._out_of_memory(run.batch_norm, bottom) from None
+
+    def _fused_runs(self, hooked: bool) -> dict[int, fusion.FusedRun]:
+        """The layer runs that forward applies in one pass (``netforge.fusion``), by first
+        index: none while forward hooks are registered (``hooked``) or ``debug_info`` is on,
+        which must see every layer, or when ``NETFORGE_FUSE`` is 0."""
+        if hooked or self.debug_info or not fusion.enabled():
+            return {}
+        if self._fusion is None:
+            self._fusion = fusion.plan(self)
+        return self._fusion
 
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
         """Backpropagate from layer ``start`` down to ``end`` (inclusive)."""

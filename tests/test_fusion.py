@@ -1,0 +1,354 @@
+"""netforge.fusion: BatchNorm → Scale → ReLU runs of a deploy net applied in one pass give
+what the layers one by one give, against a float64 formula, on numba's kernels and on the
+numpy path; and every case that must see the layers one by one runs them."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from netforge import fusion
+from netforge.backend import to_numpy
+from netforge.builtin_layers import _jit, norm_kernels
+from netforge.net import Net
+from netforge.proto import pb
+from netforge.prototxt import parse_text
+from netforge.timing import time_net
+
+CHANNELS = 6
+SHAPE = (2, 5, 5, 4)
+#: float32 against the float64 formula: a few ulps of the values' scale (about 10)
+TOLERANCE = {np.float32: {"rtol": 3e-5, "atol": 3e-5}, np.float64: {"rtol": 1e-12, "atol": 1e-12}}
+#: Each case: the chain after the 1x1 convolution, as ``chain_text``'s keyword arguments.
+CASES = {
+    "bn_scale_relu": {},
+    "bn_test_default_scale_leaky": {"global_stats": None, "slope": 0.2},
+    "bn_scale": {"slope": None},
+    "scale_without_bias_negative_slope": {"bias": False, "slope": -0.5},
+    "bn_relu": {"scale": False},
+    "bn_alone": {"scale": False, "slope": None},
+    "bn_zero_normaliser": {"normaliser": 0.0},
+    "bn_out_of_place": {"out_of_place": True, "slope": 0.1},
+}
+
+
+def chain_text(
+    *,
+    scale: bool = True,
+    bias: bool = True,
+    slope: float | None = 0.0,
+    global_stats: bool | None = True,
+    out_of_place: bool = False,
+    conv: bool = True,
+    force_backward: bool = False,
+    normaliser: float = 2.5,
+) -> str:
+    """A deploy net: Input, a 1x1 Convolution (or none), BatchNorm (eps 1e-3), then Scale and
+    ReLU in place on the BatchNorm's top when asked. ``normaliser`` is read by ``fill``."""
+    blob = "bn" if out_of_place else "x"
+    stats = "" if global_stats is None else f"use_global_stats: {str(global_stats).lower()}"
+    dims = " ".join(f"dim: {d}" for d in SHAPE)
+    lines = [
+        f"name: 'chain' force_backward: {str(force_backward).lower()}",
+        f"layer {{ name: 'data' type: 'Input' top: '{'data' if conv else 'x'}' "
+        f"input_param {{ shape {{ {dims} }} }} }}",
+    ]
+    if conv:
+        lines.append(
+            "layer { name: 'conv' type: 'Convolution' bottom: 'data' top: 'x' "
+            f"convolution_param {{ num_output: {CHANNELS} kernel_size: 1 }} }}"
+        )
+    lines.append(
+        f"layer {{ name: 'bn' type: 'BatchNorm' bottom: 'x' top: '{blob}' "
+        f"batch_norm_param {{ eps: 1e-3 {stats} }} }}"
+    )
+    if scale:
+        lines.append(
+            f"layer {{ name: 'scale' type: 'Scale' bottom: '{blob}' top: '{blob}' "
+            f"scale_param {{ bias_term: {str(bias).lower()} }} }}"
+        )
+    if slope is not None:
+        lines.append(
+            f"layer {{ name: 'relu' type: 'ReLU' bottom: '{blob}' top: '{blob}' "
+            f"relu_param {{ negative_slope: {slope} }} }}"
+        )
+    return "\n".join(lines)
+
+
+def build(dtype=np.float32, phase=pb.TEST, backend=None, **case) -> Net:
+    """The net of ``chain_text(**case)`` with random parameters (``fill``)."""
+    net = Net(
+        parse_text(chain_text(**case), pb.NetParameter),
+        phase=phase,
+        dtype=dtype,
+        backend=backend,
+        rng=np.random.default_rng(0),
+    )
+    fill(net, case.get("normaliser", 2.5))
+    return net
+
+
+def fill(net: Net, normaliser: float, seed: int = 1) -> None:
+    """Random weights; BatchNorm's sums as Caffe keeps them, scaled by ``normaliser``; Scale
+    factors of both signs."""
+    rng = np.random.default_rng(seed)
+    for name, blobs in net.params.items():
+        if name == "bn":
+            blobs[0].data[...] = normaliser * rng.normal(size=blobs[0].shape)
+            blobs[1].data[...] = normaliser * rng.uniform(0.2, 2.0, blobs[1].shape)
+            blobs[2].data[...] = normaliser
+        else:
+            for blob in blobs:
+                blob.data[...] = rng.normal(size=blob.shape)
+
+
+def reference(net: Net, x: np.ndarray, relu: bool = True) -> np.ndarray:
+    """The chain's output in float64 (without the ReLU unless ``relu``), from the formulas
+    of Caffe's layers and the net's parameters as they are now."""
+    params = {
+        name: [np.asarray(to_numpy(b.data), np.float64) for b in blobs]
+        for name, blobs in net.params.items()
+    }
+    v = np.asarray(x, np.float64)
+    if "conv" in params:
+        weight, bias = params["conv"]
+        v = np.einsum("oc,nchw->nohw", weight[:, :, 0, 0], v) + bias[None, :, None, None]
+    mean_sum, var_sum, norm = params["bn"]
+    factor = 0.0 if norm[0] == 0 else 1.0 / norm[0]
+    v = (v - factor * mean_sum[None, :, None, None]) / np.sqrt(
+        factor * var_sum[None, :, None, None] + float(np.float32(1e-3))
+    )
+    if "scale" in params:
+        v = v * params["scale"][0][None, :, None, None]
+        if len(params["scale"]) > 1:
+            v = v + params["scale"][1][None, :, None, None]
+    if relu and "relu" in net.layer_dict:
+        slope = net.layer_dict["relu"].slope
+        v = np.maximum(v, 0) + slope * np.minimum(v, 0)
+    return v
+
+
+def output(net: Net) -> np.ndarray:
+    """A copy of the chain's output (the last layer's top)."""
+    return np.array(to_numpy(net.blobs[net.layer_tops[-1][0]].data), copy=True)
+
+
+def count_forwards(net: Net, monkeypatch) -> dict[str, int]:
+    """Per layer name, the calls of its own forward from now on."""
+    counts = dict.fromkeys(net.layer_names, 0)
+    for layer in net.layers:
+
+        def counted(bottom, top, _layer=layer, _forward=layer.forward):
+            counts[_layer.name] += 1
+            return _forward(bottom, top)
+
+        monkeypatch.setattr(layer, "forward", counted)
+    return counts
+
+
+@pytest.fixture(params=["kernels", "kernels-split", "numpy"])
+def path(request, monkeypatch):
+    """Each test body runs on numba's kernels (one worker, then the channels split between
+    the workers) and on the numpy path; returns the path and the kernel entry points
+    called, so that each test shows which path ran."""
+    called: list[str] = []
+    if request.param == "numpy":
+        monkeypatch.setattr(_jit, "enabled", lambda: False)
+    elif not _jit.enabled():
+        pytest.skip("numba (the jit extra) is not installed or NETFORGE_JIT=0")
+    if request.param == "kernels-split":
+        monkeypatch.setattr(norm_kernels, "SPLIT_MIN", 1)
+    for name in ("batch_norm_fold", "channel_affine"):
+        function = getattr(norm_kernels, name)
+
+        def spy(*args, _name=name, _function=function, **kwargs):
+            called.append(_name)
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(norm_kernels, name, spy)
+    return request.param, called
+
+
+def unfused_forward(net: Net, monkeypatch, **inputs) -> np.ndarray:
+    with monkeypatch.context() as patch:
+        patch.setenv(fusion.SETTING, "0")
+        net.forward(**inputs)
+    return output(net)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_chain_matches_layers_and_formula(case, dtype, path, monkeypatch) -> None:
+    net = build(dtype, **CASES[case])
+    x = np.random.default_rng(2).normal(size=SHAPE) * 3
+    expected = reference(net, x)
+    counts = count_forwards(net, monkeypatch)
+    unfused = unfused_forward(net, monkeypatch, data=x)
+    assert all(counts.values()), counts  # NETFORGE_FUSE=0: every layer ran
+    kind, called = path
+    called.clear()
+    counts.update(dict.fromkeys(counts, 0))
+    net.forward(data=x)
+    fused = output(net)
+    np.testing.assert_allclose(unfused, expected, **TOLERANCE[dtype])
+    np.testing.assert_allclose(fused, expected, **TOLERANCE[dtype])
+    chain = [name for name in ("bn", "scale", "relu") if name in net.layer_dict]
+    if len(chain) == 1:  # BatchNorm alone: nothing to fuse, its own forward runs
+        assert fusion.plan(net) == {}
+        assert counts["bn"] == 1
+        return
+    [run] = fusion.plan(net).values()
+    assert [net.layer_names[i] for i in range(run.first, run.last + 1)] == chain
+    assert {name: counts[name] for name in chain} == dict.fromkeys(chain, 0)
+    assert counts["conv"] == 1
+    if kind == "numpy":
+        assert called == []
+    else:
+        assert called == ["batch_norm_fold", "channel_affine"]
+
+
+def test_parameters_edited_in_place_are_used(path, monkeypatch) -> None:
+    net = build(slope=0.3)
+    x = np.random.default_rng(3).normal(size=SHAPE)
+    net.forward(data=x)
+    np.testing.assert_allclose(output(net), reference(net, x), rtol=3e-5, atol=3e-5)
+    for edit in (
+        lambda: net.params["bn"][0].data.__iadd__(1.5),
+        lambda: net.params["bn"][1].data.__imul__(4.0),
+        lambda: net.params["scale"][0].data.__imul__(-2.0),
+        lambda: net.params["scale"][1].data.__isub__(0.7),
+        lambda: net.params["bn"][2].data.fill(0),
+    ):
+        before = output(net)
+        edit()
+        net.forward(data=x)
+        np.testing.assert_allclose(output(net), reference(net, x), rtol=3e-5, atol=3e-5)
+        assert not np.allclose(output(net), before)
+
+
+def test_nan_and_infinity_as_the_layers_give_them(path, monkeypatch) -> None:
+    for slope in (0.0, 0.25):
+        net = build(conv=False, slope=slope)
+        x = np.random.default_rng(4).normal(size=SHAPE)
+        x[0, :, 0, 0] = np.nan
+        x[0, :, 1, 0] = -np.inf
+        x[0, :, 2, 0] = np.inf
+        unfused = unfused_forward(net, monkeypatch, x=x)
+        net.forward(x=x)
+        assert fusion.plan(net)
+        fused = output(net)
+        np.testing.assert_allclose(fused, unfused, rtol=3e-6, atol=1e-6)  # NaN where NaN
+        with np.errstate(invalid="ignore"):  # Caffe's formula: 0·(−inf)
+            finite = reference(net, x)[..., 1:]  # the special values are all in column 0
+        np.testing.assert_allclose(fused[..., 1:], finite, rtol=3e-5, atol=3e-5)
+        # The infinities exactly: ±inf through the affine map, then 0 or slope·(−inf).
+        np.testing.assert_array_equal(fused[0, :, 1:3, 0], unfused[0, :, 1:3, 0])
+        assert np.isinf(fused[0, :, 1:3, 0]).any() and (fused[0, :, 1:3, 0] == 0).any() == (
+            slope == 0
+        )
+
+
+def test_force_backward_net_is_not_fused_and_backpropagates(monkeypatch) -> None:
+    net = build(np.float64, conv=False, slope=0.1, force_backward=True)
+    assert fusion.plan(net) == {}
+    x = np.random.default_rng(5).normal(size=SHAPE)
+    counts = count_forwards(net, monkeypatch)
+    net.forward(x=x)
+    assert all(counts.values())
+    np.testing.assert_allclose(output(net), reference(net, x), rtol=1e-12)
+    # Global statistics are constants (Caffe's choice): dx = dy·a where the output is
+    # positive, else dy·a·slope, a = s / sqrt(var + eps).
+    dy = np.random.default_rng(6).normal(size=SHAPE)
+    dx = net.backward(x=dy)["x"]
+    var = net.params["bn"][1].data / net.params["bn"][2].data[0]
+    a = (net.params["scale"][0].data / np.sqrt(var + float(np.float32(1e-3))))[:, None, None]
+    slope = net.layer_dict["relu"].slope  # 0.1 as the prototxt's float holds it
+    np.testing.assert_allclose(dx, dy * a * np.where(output(net) > 0, 1, slope), rtol=1e-10)
+
+
+def test_train_net_is_not_fused_and_learns(monkeypatch) -> None:
+    # BatchNorm keeps global statistics: the Scale's gradient, not the statistics, rules
+    # fusion out. Loss 1/(2N)·Σ(y − t)², so the bias gradient is Σ (y − t)/N · relu'(v).
+    shape = " ".join(f"dim: {d}" for d in SHAPE)
+    text = chain_text(conv=False, slope=0.1) + (
+        f"\nlayer {{ name: 't' type: 'Input' top: 't' input_param {{ shape {{ {shape} }} }} }}"
+        "\nlayer { name: 'loss' type: 'EuclideanLoss' bottom: 'x' bottom: 't' top: 'loss' }"
+    )
+    net = Net(parse_text(text, pb.NetParameter), phase=pb.TRAIN, dtype=np.float64)
+    fill(net, 2.5)
+    assert fusion.plan(net) == {}
+    rng = np.random.default_rng(9)
+    x, t = rng.normal(size=SHAPE), rng.normal(size=SHAPE)
+    counts = count_forwards(net, monkeypatch)
+    net.forward(x=x, t=t)
+    assert all(counts.values())
+    y = np.array(net.blobs["x"].data)
+    np.testing.assert_allclose(y, reference(net, x), rtol=1e-12)
+    net.clear_param_diffs()
+    net.backward()
+    slope = np.where(y > 0, 1.0, net.layer_dict["relu"].slope)
+    expected = ((y - t) / SHAPE[0] * slope).sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(net.params["scale"][1].diff, expected, rtol=1e-10)
+
+
+def test_forward_range_inside_a_run_runs_the_layers(path, monkeypatch) -> None:
+    net = build(conv=False, slope=0.0)
+    x = np.random.default_rng(7).normal(size=SHAPE) * 3
+    counts = count_forwards(net, monkeypatch)
+    net.forward(x=x, end="scale")  # stops before the ReLU: negative values stay
+    assert counts == {"data": 1, "bn": 1, "scale": 1, "relu": 0}
+    assert (output(net) < 0).any()
+    np.testing.assert_allclose(output(net), reference(net, x, relu=False), rtol=3e-5, atol=3e-5)
+    # From the Scale on: Scale and ReLU on the blob as it is.
+    v = np.random.default_rng(8).normal(size=SHAPE).astype(np.float32)
+    net.blobs["x"].data[...] = v
+    net.forward(start="scale")
+    assert counts == {"data": 1, "bn": 1, "scale": 2, "relu": 1}
+    scale, bias = (b.data[:, None, None] for b in net.params["scale"])
+    np.testing.assert_allclose(output(net), np.maximum(v * scale + bias, 0), rtol=3e-5, atol=3e-5)
+    # The whole run: fused.
+    net.forward(x=x)
+    assert counts == {"data": 2, "bn": 1, "scale": 2, "relu": 1}
+    np.testing.assert_allclose(output(net), reference(net, x), rtol=3e-5, atol=3e-5)
+
+
+def test_hooks_and_debug_info_see_every_layer(monkeypatch, caplog) -> None:
+    net = build(slope=0.0)
+    x = np.random.default_rng(10).normal(size=SHAPE)
+    seen: list[int] = []
+    net.after_forward(seen.append)
+    counts = count_forwards(net, monkeypatch)
+    net.forward(data=x)
+    assert seen == list(range(len(net.layers)))
+    assert all(counts.values())
+    np.testing.assert_allclose(output(net), reference(net, x), rtol=3e-5, atol=3e-5)
+    quiet = build(slope=0.0)
+    quiet.debug_info = True
+    with caplog.at_level(logging.INFO, logger="netforge"):
+        quiet.forward(data=x)
+    logged = caplog.text
+    assert all(f"[Forward] Layer {name}, top blob" in logged for name in ("bn", "scale", "relu"))
+
+
+def test_time_net_times_every_layer(monkeypatch) -> None:
+    net = build(slope=0.0)
+    counts = count_forwards(net, monkeypatch)
+    timings = time_net(net, iterations=2, log=logging.getLogger("test_fusion.quiet"))
+    assert timings.layer_names == net.layer_names
+    # The warm-up pass runs the chain fused; each timed pass runs every layer alone.
+    assert counts == {"data": 3, "conv": 3, "bn": 2, "scale": 2, "relu": 2}
+
+
+def test_other_array_modules_run_the_layers(backend, monkeypatch) -> None:
+    net = build(backend=backend, slope=0.2)
+    x = np.random.default_rng(11).normal(size=SHAPE)
+    counts = count_forwards(net, monkeypatch)
+    net.forward(data=x)
+    fused = backend.xp is np
+    assert {name: counts[name] for name in ("bn", "scale", "relu")} == dict.fromkeys(
+        ("bn", "scale", "relu"), 0 if fused else 1
+    )
+    result = to_numpy(net.blobs["x"].data)
+    np.testing.assert_allclose(result, reference(net, x), rtol=3e-5, atol=3e-5)

@@ -1,0 +1,81 @@
+"""Batch-1 inference with and without BatchNorm + Scale + ReLU fusion (``netforge.fusion``).
+
+Usage (from the repository root)::
+
+    PYTHONPATH=. python tools/bench_fusion.py [--nets resnet50,mobilenet] [--rounds 5]
+        [--seconds 1.0] [--no-jit]
+
+Each deploy net of ``tools/bench_models.py`` (random weights, BatchNorm statistics near the
+identity) runs ``Net.forward`` at batch 1 with fusion off (``NETFORGE_FUSE=0``) and on, the
+two taking turns for ``--rounds`` rounds of about ``--seconds`` each, on the numba kernels
+(or, with ``--no-jit``, the numpy path). Prints the median ms per forward with the lowest and
+highest round, and the largest difference between the two passes' values over every blob,
+relative to the blob's largest value.
+"""
+
+from __future__ import annotations
+
+# First: importing netforge picks OpenBLAS's kernels, which must happen before numpy loads.
+import netforge  # noqa: F401
+
+# isort: split
+import argparse
+import os
+import statistics
+
+import numpy as np
+from bench_models import alternate, deploy_param, fill_weights, random_batch
+
+from netforge import fusion
+from netforge.builtin_layers import _jit
+from netforge.net import Net
+from netforge.proto import pb
+
+
+def runner(net: Net, fused: bool):
+    """A function running ``n`` forwards of ``net`` with fusion on or off."""
+
+    def run(n: int) -> None:
+        os.environ[fusion.SETTING] = "1" if fused else "0"
+        for _ in range(n):
+            net.forward()
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nets", default="resnet50,mobilenet")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--no-jit", action="store_true", help="time the numpy path")
+    args = parser.parse_args()
+    if args.no_jit:
+        _jit.enabled = lambda: False
+    path = "numpy" if not _jit.enabled() else "numba kernels"
+    print(f"batch-1 Net.forward, float32, {path}: ms, median [lowest-highest of {args.rounds}]")
+    for name in args.nets.split(","):
+        net = Net(deploy_param(name), pb.TEST)
+        fill_weights(net)
+        net.blobs["data"].data = random_batch(net.blobs["data"].shape)[0]
+        values = []
+        for fused in (False, True):
+            runner(net, fused)(1)
+            values.append({k: b.data.copy() for k, b in net.blobs.items()})
+        error = max(
+            float(np.abs(values[0][k] - values[1][k]).max() / (np.abs(values[0][k]).max() or 1))
+            for k in values[0]
+        )
+        runs = len(fusion.plan(net))
+        runners = {"unfused": runner(net, False), "fused": runner(net, True)}
+        per_call = alternate(runners, args.rounds, args.seconds, 3)
+        cells = []
+        for key, seconds in per_call.items():
+            ms = [1e3 * s for s in seconds]
+            cells.append(f"{key} {statistics.median(ms):.2f} [{min(ms):.2f}-{max(ms):.2f}]")
+        cells.append(f"max rel. diff {error:.2g}")
+        print(f"  {name:<10} {runs} fused runs  " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
