@@ -214,15 +214,17 @@ def test_parameters_edited_in_place_are_used(path, monkeypatch) -> None:
     x = np.random.default_rng(3).normal(size=SHAPE)
     net.forward(data=x)
     np.testing.assert_allclose(output(net), reference(net, x), rtol=3e-5, atol=3e-5)
-    for edit in (
-        lambda: net.params["bn"][0].data.__iadd__(1.5),
-        lambda: net.params["bn"][1].data.__imul__(4.0),
-        lambda: net.params["scale"][0].data.__imul__(-2.0),
-        lambda: net.params["scale"][1].data.__isub__(0.7),
-        lambda: net.params["bn"][2].data.fill(0),
+    (mean, var, norm), (factors, bias) = net.params["bn"], net.params["scale"]
+    # Each written into the blob's own array, as pycaffe users do (net.params[...].data[...]).
+    for blob, values in (
+        (mean, mean.data + 1.5),
+        (var, var.data * 4),
+        (factors, -2 * factors.data),
+        (bias, bias.data - 0.7),
+        (norm, 0),
     ):
         before = output(net)
-        edit()
+        blob.data[...] = values
         net.forward(data=x)
         np.testing.assert_allclose(output(net), reference(net, x), rtol=3e-5, atol=3e-5)
         assert not np.allclose(output(net), before)
