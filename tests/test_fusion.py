@@ -354,3 +354,29 @@ def test_other_array_modules_run_the_layers(backend, monkeypatch) -> None:
     )
     result = to_numpy(net.blobs["x"].data)
     np.testing.assert_allclose(result, reference(net, x), rtol=3e-5, atol=3e-5)
+
+
+def test_batch_statistics_and_scalar_scale_are_not_fused(monkeypatch) -> None:
+    x = np.random.default_rng(12).normal(size=SHAPE) * 2 + 1
+    # TEST phase, but batch statistics asked for: each channel of the BatchNorm's output
+    # has mean 0, so each channel of the Scale's has the Scale's bias as its mean.
+    net = build(conv=False, global_stats=False, slope=None)
+    assert fusion.plan(net) == {}
+    net.forward(x=x)
+    means = output(net).mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(means, net.params["scale"][1].data, rtol=1e-5, atol=1e-5)
+    # A Scale with one factor for the whole blob (num_axes 0) is not a per-channel map: the
+    # BatchNorm, Scale and ReLU run one by one, with or without NETFORGE_FUSE.
+    text = chain_text(conv=False).replace("bias_term: true", "bias_term: true num_axes: 0")
+    net = Net(parse_text(text, pb.NetParameter), phase=pb.TEST)
+    fill(net, 2.5)
+    assert net.params["scale"][0].shape == ()
+    assert fusion.plan(net) == {}
+    counts = count_forwards(net, monkeypatch)
+    net.forward(x=x)
+    assert all(counts.values())
+    mean, var, norm = (b.data for b in net.params["bn"])
+    factor, bias = (float(b.data) for b in net.params["scale"])
+    normalised = (x - mean[:, None, None] / 2.5) / np.sqrt(var[:, None, None] / 2.5 + 1e-3)
+    expected = np.maximum(normalised * factor + bias, 0)
+    np.testing.assert_allclose(output(net), expected, rtol=3e-5, atol=3e-5)
