@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from netforge.blob import Blob
+from netforge.builtin_layers import pool_kernels
 from netforge.builtin_layers._threads import WORKERS, run_chunks
 from netforge.builtin_layers.conv_ops import (
     Geometry,
@@ -108,6 +109,9 @@ class PoolingLayer(Layer):
         # One workspace per pool worker; the first also holds the whole-batch buffers.
         self.workspaces = [Workspace() for _ in range(WORKERS)]
         self.ws = self.workspaces[0]
+        # The flat input index of each MAX window's maximum, when the compiled kernels ran
+        # forward (``pool_kernels``); None when the numpy path did.
+        self.max_index: Any = None
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape = bottom[0].shape
@@ -188,9 +192,21 @@ class PoolingLayer(Layer):
         else:
             self._forward_weighted(x, top[0].data)
 
+    def _kernel_geometry(self) -> pool_kernels.Geometry:
+        return tuple(self.kernel), self.stride, self.pad
+
     def _forward_max(self, x: Any, top: Sequence[Blob]) -> None:
+        self.max_index = None
         if self.xp is np:
-            self._forward_max_phases(x, top)
+            tops = [t.data for t in top]
+            if pool_kernels.usable(x, *tops):
+                self.max_index = self.ws.get(
+                    "max_index", tops[0].shape, pool_kernels.index_type(x.dtype), np
+                )
+                mask = tops[1] if len(tops) > 1 else None
+                pool_kernels.max_forward(x, tops[0], self.max_index, mask, self._kernel_geometry())
+            else:
+                self._forward_max_phases(x, top)
             return
         xp = self.xp
         # Caffe starts each window at -FLT_MAX; padding with the dtype's lowest value keeps
@@ -294,6 +310,13 @@ class PoolingLayer(Layer):
             np.matmul(planes, np.ones(planes.shape[1], x.dtype), out=out_all.reshape(-1))
             np.multiply(out_all, divisor, out=out_all)
             return
+        if (
+            xp is np
+            and x.shape[2] * x.shape[3] >= pool_kernels.AVE_PLANE_MIN
+            and pool_kernels.usable(x, out_all, divisor)
+        ):
+            pool_kernels.ave_forward(x, out_all, divisor, self._kernel_geometry())
+            return
         if xp is np:
             self._run(functools.partial(self._forward_ave_phases, x, out_all, divisor))
             return
@@ -378,6 +401,16 @@ class PoolingLayer(Layer):
                 diff_all[...] = grad[interior(self.pad, diff_all.shape[2:])]
             return
         divisor = self._divisor(bottom[0].shape) if self.method == pb.PoolingParameter.AVE else None
+        if xp is np:
+            # SPP hands its levels strided views of its top gradient.
+            dy_all = np.ascontiguousarray(dy_all)
+        if self.max_index is not None:
+            # The kernels ran forward: only they kept the maxima's positions.
+            pool_kernels.max_backward(dy_all, self.max_index, diff_all)
+            return
+        if divisor is not None and xp is np and pool_kernels.usable(dy_all, diff_all, divisor):
+            pool_kernels.ave_backward(dy_all, divisor, diff_all, self._kernel_geometry())
+            return
         if self.method == pb.PoolingParameter.MAX and xp is np:
             self._run(functools.partial(self._backward_max_phases, dy_all, diff_all))
             return

@@ -1,0 +1,338 @@
+"""Compiled CPU kernels for 2-D MAX and AVE pooling (numba, through ``_jit``).
+
+numpy's pooling (``pooling.PoolingLayer``'s phase layout) makes one pass over memory per
+kernel row and column, each several ufuncs long (MAX: a compare, a multiply and two maxima
+per offset to keep the first maximum), and its backward as many masked adds. Here each
+(item, channel) plane is copied once into its s_h·s_w stride phases (phase (a, b) holds the
+padded pixels (s_h·u + a, s_w·v + b), padding set to the dtype's lowest value for MAX and to
+0 for AVE), as ``depthwise`` does, so that every kernel offset (i, j) of every output row in
+a block reads one phase at a fixed offset with unit stride: one vectorised pass per offset
+over a block of output rows laid out at the phase's row width, the few columns past the
+output width computed and dropped.
+
+- MAX forward keeps, per output, the running maximum and the flat input index h·W + w of the
+  first element that reached it (a later one wins only if strictly greater: Caffe's scan
+  order). The running maximum starts at the dtype's lowest value with index −1, as Caffe's
+  starts at −FLT_MAX with mask −1, so padding never wins; a window whose every element is
+  −inf (or NaN) gives the lowest value and index −1, and no gradient, where the numpy path
+  gives −inf (NaN) and the first element. The index is kept for backward and written to the
+  optional mask top.
+- MAX backward zeroes each input plane and adds each top gradient at its kept index.
+- AVE forward sums the window (padding adds 0) and multiplies by the layer's divisor, Caffe's
+  window size clipped to the padded extent; backward adds the scaled top gradient to every
+  offset of its window in phase layout and copies the phases back to the input plane
+  (inputs no window reads get 0).
+
+The planes are split among the worker pool (``_threads.run_chunks``) in (item, channel)
+ranges when the call is large enough to repay waking a worker (``SPLIT_MIN``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from netforge.builtin_layers import _jit
+from netforge.builtin_layers._threads import WORKERS, run_chunks
+
+#: Output elements one pass over the kernel offsets covers: a block of output rows whose
+#: running maxima or sums stay in the first-level cache while every offset reads into them.
+BLOCK = 1024
+
+#: Least input elements worth splitting between the workers (see the module docstring for
+#: the measurements that set it).
+SPLIT_MIN = 1 << 16
+
+#: Least plane (H·W) on which AVE forward takes the kernel: on smaller planes the per-plane
+#: and per-row costs outweigh numpy's passes over the whole batch (CIFAR-10 quick's pool3,
+#: 8 × 8 planes: numpy 1.47 ms, kernels 1.60; pool2, 16 × 16: 2.09 against 1.54).
+AVE_PLANE_MIN = 256
+
+Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def usable(*arrays: np.ndarray) -> bool:
+    """Whether the kernels may run on ``arrays``: numba is enabled and they are C-ordered
+    numpy arrays of one floating type, float32 or float64."""
+    if not _jit.enabled():
+        return False
+    first = arrays[0]
+    return all(
+        type(a) is np.ndarray and a.dtype == first.dtype and a.flags.c_contiguous for a in arrays
+    ) and first.dtype in (np.float32, np.float64)
+
+
+def _run(work: Callable[[int, int], None], planes: int, size: int) -> None:
+    """``work(start, stop)`` over plane ranges: one per worker when the input has
+    ``SPLIT_MIN`` elements or more, else the whole range here."""
+    parts = min(WORKERS, planes) if size >= SPLIT_MIN else 1
+    if parts == 1:
+        work(0, planes)
+        return
+    chunks = [(w * planes // parts, (w + 1) * planes // parts) for w in range(parts)]
+    run_chunks(np, lambda start, stop, _worker: work(start, stop), chunks)
+
+
+def _planes(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) as (N·C, H, W), a view."""
+    return x.reshape(-1, x.shape[2], x.shape[3])
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) as (N·C, H·W), a view."""
+    return x.reshape(x.shape[0] * x.shape[1], -1)
+
+
+def index_type(dtype: np.dtype) -> type:
+    """The integer type ``max_forward`` keeps maxima's indices in for data of ``dtype``:
+    as wide as the data, so that the kernel's selects between values and between indices
+    run on vectors of one lane count (float64 with int32 indices ran 40% slower)."""
+    return np.int32 if np.dtype(dtype).itemsize <= 4 else np.int64
+
+
+def max_forward(
+    x: np.ndarray,
+    y: np.ndarray,
+    index: np.ndarray,
+    mask: np.ndarray | None,
+    geometry: Geometry,
+) -> None:
+    """MAX pooling of ``x`` (N, C, H, W) into ``y`` (N, C, Ho, Wo); ``index`` (``index_type``,
+    shaped like ``y``) gets the flat input index h·W + w of each window's first maximum (−1
+    when nothing beats the dtype's lowest value), and ``mask`` (``y``'s dtype), when given,
+    the same, as Caffe's mask top. ``geometry`` is ((kh, kw), (sh, sw), (ph, pw))."""
+    masked = _flat(mask) if mask is not None else np.empty((0, 0), x.dtype)
+    _forward(x, y, _flat(index), masked, np.empty(0, x.dtype), geometry)
+
+
+def ave_forward(x: np.ndarray, y: np.ndarray, divisor: np.ndarray, geometry: Geometry) -> None:
+    """AVE pooling of ``x`` (N, C, H, W) into ``y`` (N, C, Ho, Wo): each window's sum times
+    ``divisor`` (Ho, Wo), the reciprocal of Caffe's clipped window size."""
+    none = np.empty((0, 0), index_type(x.dtype))
+    _forward(x, y, none, np.empty((0, 0), x.dtype), divisor.reshape(-1), geometry)
+
+
+def _forward(x, y, index, mask, divisor, geometry: Geometry) -> None:
+    planes, out = _planes(x), _flat(y)
+    # MAX pads with the lowest value, which never wins; AVE with 0, which adds nothing.
+    fill = np.finfo(x.dtype).min if divisor.size == 0 else x.dtype.type(0)
+    _run(
+        lambda start, stop: _pool_forward(
+            planes, out, index, mask, divisor, fill, y.shape[2:], start, stop, *geometry
+        ),
+        planes.shape[0],
+        x.size,
+    )
+
+
+def max_backward(dy: np.ndarray, index: np.ndarray, dx: np.ndarray) -> None:
+    """MAX pooling's bottom gradient into ``dx`` (overwritten): each element of ``dy`` added
+    at its window's kept ``index`` (from ``max_forward``)."""
+    grad, kept, target = _flat(dy), _flat(index), _flat(dx)
+    _run(
+        lambda start, stop: _max_backward(grad, kept, target, start, stop),
+        target.shape[0],
+        dx.size,
+    )
+
+
+def ave_backward(dy: np.ndarray, divisor: np.ndarray, dx: np.ndarray, geometry: Geometry) -> None:
+    """AVE pooling's bottom gradient into ``dx`` (overwritten): ``dy`` times ``divisor``
+    added to every input of its window."""
+    grad, target = _planes(dy), _planes(dx)
+    _run(
+        lambda start, stop: _ave_backward(grad, divisor, target, start, stop, *geometry),
+        target.shape[0],
+        dx.size,
+    )
+
+
+# -- kernels: serial over planes start..stop - 1 ----------------------------------------------
+@_jit.kernel
+def _pool_forward(x, y, index, mask, divisor, fill, shape, start, stop, kernel, stride, pad):
+    """MAX (``divisor`` empty) or AVE of the planes x[start:stop] (H, W) into y (Ho·Wo)."""
+    height, width = x.shape[1], x.shape[2]
+    out_h, out_w = shape
+    kh, kw = kernel
+    sh, sw = stride
+    ph, pw = pad
+    is_max = divisor.size == 0
+    # Phase rows and columns: the padded plane, or as far as the last (CEIL) window reaches.
+    hq = -(-max(height + 2 * ph, (out_h - 1) * sh + kh) // sh)
+    wq = -(-max(width + 2 * pw, (out_w - 1) * sw + kw) // sw)
+    # One spare row: the last block's dropped columns read a few elements past the phase.
+    phases = np.full((sh, sw, (hq + 1) * wq), fill, x.dtype)
+    grid = phases.reshape(sh, sw, hq + 1, wq)
+    rows = max(1, min(out_h, BLOCK // wq))
+    # Two buffers of running maxima (or sums) and offsets, each kernel offset reading one and
+    # writing the other: an update in place (m = best[k]; best[k] = v if v > m else m) is a
+    # conditional store to LLVM, vectorised as masked stores, which AMD's Zen runs
+    # microcoded (measured 3x slower).
+    best = np.empty((2, rows * wq), x.dtype)
+    arg = np.empty((2, rows * wq), index.dtype)
+    none = index.dtype.type(-1)
+    want_mask = mask.shape[0] > 0
+    # Integer divisions by a stride unknown at compile time take tens of cycles: each is
+    # done once per call, not per plane.
+    row_phase, row_at = (np.arange(height) + ph) % sh, (np.arange(height) + ph) // sh
+    tap_row = np.stack((np.arange(kh) % sh, np.arange(kh) // sh))
+    tap_col = np.stack((np.arange(kw) % sw, np.arange(kw) // sw))
+    # Where input columns 0 and 1 land for stride 2: phase ``even`` from column ``c0``.
+    even, c0, c1 = pw % 2, pw // 2, (pw + 1) // 2
+    for q in range(start, stop):
+        plane = x[q]
+        for h in range(height):
+            row = plane[h]
+            a, u = row_phase[h], row_at[h]
+            # Strides 1 and 2 apart: with the stride a constant, LLVM vectorises the copy
+            # (stride 2: 4x faster than the general loop).
+            if sw == 1:
+                dst = grid[a, 0, u, pw:]
+                for t in range(width):
+                    dst[t] = row[t]
+            elif sw == 2:
+                first, second = grid[a, even, u, c0:], grid[a, 1 - even, u, c1:]
+                for t in range(width // 2):
+                    first[t] = row[2 * t]
+                    second[t] = row[2 * t + 1]
+                if width % 2:
+                    first[width // 2] = row[width - 1]
+            else:
+                for b in range(sw):
+                    w0 = (b - pw) % sw
+                    dst = grid[a, b, u, (w0 + pw) // sw :]
+                    for t in range((width - w0 + sw - 1) // sw):
+                        dst[t] = row[w0 + t * sw]
+        for r0 in range(0, out_h, rows):
+            r1 = min(out_h, r0 + rows)
+            count = (r1 - r0) * wq
+            old_best, old_arg = best[0], arg[0]
+            for k in range(count):
+                old_best[k] = fill
+                old_arg[k] = none
+            side = 0
+            for i in range(kh):
+                a, ri = tap_row[0, i], tap_row[1, i]
+                for j in range(kw):
+                    b, cj = tap_col[0, j], tap_col[1, j]
+                    src = phases[a, b, (r0 + ri) * wq + cj :]
+                    if not is_max:
+                        total = best[0]
+                        for k in range(count):
+                            total[k] += src[k]
+                        continue
+                    old_best, old_arg = best[side], arg[side]
+                    new_best, new_arg = best[1 - side], arg[1 - side]
+                    side = 1 - side
+                    # The offset of input (i, j) from the window's first, in the flat plane.
+                    offset = index.dtype.type(i * width + j)
+                    for k in range(count):
+                        v = src[k]
+                        m = old_best[k]
+                        t = old_arg[k]
+                        wins = v > m
+                        new_best[k] = v if wins else m
+                        new_arg[k] = offset if wins else t
+            for r in range(r1 - r0):
+                oh = r0 + r
+                result, chosen = best[side, r * wq :], arg[side, r * wq :]
+                top = y[q, oh * out_w :]
+                if not is_max:
+                    scale = divisor[oh * out_w :]
+                    for ow in range(out_w):
+                        top[ow] = result[ow] * scale[ow]
+                    continue
+                for ow in range(out_w):
+                    top[ow] = result[ow]
+                # Flat input index of the window's first input, plus the winner's offset.
+                corner = index.dtype.type((oh * sh - ph) * width - pw)
+                step = index.dtype.type(sw)
+                kept = index[q, oh * out_w :]
+                for ow in range(out_w):
+                    t = chosen[ow]
+                    kept[ow] = corner + ow * step + t if t >= 0 else none
+                if want_mask:
+                    flags = mask[q, oh * out_w :]
+                    for ow in range(out_w):
+                        flags[ow] = kept[ow]
+
+
+@_jit.kernel
+def _max_backward(dy, index, dx, start, stop):
+    """dx[q] (H·W, overwritten) = Σ dy[q, e] over the outputs e whose maximum is at each
+    input, for the planes q in [start, stop)."""
+    size = dx.shape[1]
+    outputs = dy.shape[1]
+    for q in range(start, stop):
+        target = dx[q]
+        for e in range(size):
+            target[e] = 0
+        for e in range(outputs):
+            flat = index[q, e]
+            if flat >= 0:
+                target[flat] += dy[q, e]
+
+
+@_jit.kernel
+def _ave_backward(dy, divisor, dx, start, stop, kernel, stride, pad):
+    """dx[q] (H, W, overwritten) = Σ dy[q]·divisor over the windows holding each input, for
+    the planes q in [start, stop): summed in ``_pool_forward``'s phase layout, then copied
+    back."""
+    height, width = dx.shape[1], dx.shape[2]
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    kh, kw = kernel
+    sh, sw = stride
+    ph, pw = pad
+    hq = -(-max(height + 2 * ph, (out_h - 1) * sh + kh) // sh)
+    wq = -(-max(width + 2 * pw, (out_w - 1) * sw + kw) // sw)
+    flat = np.empty(sh * sw * (hq + 1) * wq, dx.dtype)
+    phases = flat.reshape(sh, sw, (hq + 1) * wq)
+    grid = flat.reshape(sh, sw, hq + 1, wq)
+    rows = max(1, min(out_h, BLOCK // wq))
+    # Columns past the output width stay 0, so the dropped windows add nothing.
+    grad = np.zeros(rows * wq, dx.dtype)
+    row_phase, row_at = (np.arange(height) + ph) % sh, (np.arange(height) + ph) // sh
+    tap_row = np.stack((np.arange(kh) % sh, np.arange(kh) // sh))
+    tap_col = np.stack((np.arange(kw) % sw, np.arange(kw) // sw))
+    even, c0, c1 = pw % 2, pw // 2, (pw + 1) // 2
+    for q in range(start, stop):
+        for k in range(flat.size):
+            flat[k] = 0
+        for r0 in range(0, out_h, rows):
+            r1 = min(out_h, r0 + rows)
+            count = (r1 - r0) * wq
+            for r in range(r1 - r0):
+                dst = grad[r * wq :]
+                src = dy[q, r0 + r]
+                scale = divisor[r0 + r]
+                for t in range(out_w):
+                    dst[t] = src[t] * scale[t]
+            for i in range(kh):
+                a, ri = tap_row[0, i], tap_row[1, i]
+                for j in range(kw):
+                    b, cj = tap_col[0, j], tap_col[1, j]
+                    dst = phases[a, b, (r0 + ri) * wq + cj :]
+                    for k in range(count):
+                        dst[k] += grad[k]
+        target = dx[q]
+        for h in range(height):
+            row = target[h]
+            a, u = row_phase[h], row_at[h]
+            if sw == 1:
+                src = grid[a, 0, u, pw:]
+                for t in range(width):
+                    row[t] = src[t]
+            elif sw == 2:
+                first, second = grid[a, even, u, c0:], grid[a, 1 - even, u, c1:]
+                for t in range(width // 2):
+                    row[2 * t] = first[t]
+                    row[2 * t + 1] = second[t]
+                if width % 2:
+                    row[width - 1] = first[width // 2]
+            else:
+                for b in range(sw):
+                    w0 = (b - pw) % sw
+                    src = grid[a, b, u, (w0 + pw) // sw :]
+                    for t in range((width - w0 + sw - 1) // sw):
+                        row[w0 + t * sw] = src[t]
