@@ -3,6 +3,8 @@
 Each computes what Caffe's layer of the same type computes (src/caffe/layers/
 {pooling,spp}_layer.cpp), with the same parameters, defaults and output sizes (ceil rounding
 by default). The work loops at most over kernel offsets, never over items, channels or pixels.
+On numpy with the jit extra, MAX and AVE run ``pool_kernels``' numba kernels instead of the
+phase-layout passes here (AVE forward only on planes of ``AVE_PLANE_MIN`` or more).
 
 Deliberate difference from Caffe: a Pooling output with no window is a ShapeError instead of
 a zero-sized blob.
