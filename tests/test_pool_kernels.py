@@ -29,6 +29,10 @@ CASES = [
     ((2, 3, 10, 7), (3, 2), (2, 1), (1, 0), True),  # non-square kernel, stride and pad
     ((1, 2, 12, 13), (2, 5), (3, 2), (0, 2), False),  # stride 3 across, 2 down
     ((5, 4, 6, 5), (2, 3), (1, 3), (1, 1), True),  # many items, odd width at stride 3
+    # More planes than the kernels stack in one group (113 of these 5 × 5 planes)
+    ((16, 16, 5, 5), (2, 2), (2, 2), (0, 0), True),
+    # A plane whose output rows take several blocks of the kernels (19 rows of 52 a block)
+    ((1, 2, 40, 50), (3, 3), (1, 1), (1, 1), True),
 ]
 
 

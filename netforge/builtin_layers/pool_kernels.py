@@ -180,10 +180,16 @@ def _pool_forward(x, y, index, mask, divisor, fill, shape, start, stop, kernel, 
     # Phase rows and columns: the padded plane, or as far as the last (CEIL) window reaches.
     hq = -(-max(height + 2 * ph, (out_h - 1) * sh + kh) // sh)
     wq = -(-max(width + 2 * pw, (out_w - 1) * sw + kw) // sw)
-    # One spare row: the last block's dropped columns read a few elements past the phase.
-    phases = np.full((sh, sw, (hq + 1) * wq), fill, x.dtype)
-    grid = phases.reshape(sh, sw, hq + 1, wq)
-    rows = max(1, min(out_h, BLOCK // wq))
+    # Small planes go ``group`` at a time, stacked in the phases (plane p from phase row
+    # p·hq), so that a pass over a kernel offset covers several planes; an output row r ≥ Ho
+    # of a plane is computed and dropped like the columns past Wo. One spare row: the last
+    # block's dropped columns read a few elements past the phase. Measured, single thread,
+    # 3 × 3 s2: 6400 planes 8 × 8, 10-17% faster stacked; 3200 of 16 × 16, even; 3200 of
+    # 32 × 32 three to a group, 12% slower (the buffers outgrow the first-level cache).
+    group = BLOCK // (hq * wq) if 4 * hq * wq <= BLOCK else 1
+    phases = np.full((sh, sw, (group * hq + 1) * wq), fill, x.dtype)
+    grid = phases.reshape(sh, sw, group * hq + 1, wq)
+    rows = max(1, min((group - 1) * hq + out_h, BLOCK // wq))
     # Two buffers of running maxima (or sums) and offsets, each kernel offset reading one and
     # writing the other: an update in place (m = best[k]; best[k] = v if v > m else m) is a
     # conditional store to LLVM, vectorised as masked stores, which AMD's Zen runs
@@ -199,32 +205,36 @@ def _pool_forward(x, y, index, mask, divisor, fill, shape, start, stop, kernel, 
     tap_col = np.stack((np.arange(kw) % sw, np.arange(kw) // sw))
     # Where input columns 0 and 1 land for stride 2: phase ``even`` from column ``c0``.
     even, c0, c1 = pw % 2, pw // 2, (pw + 1) // 2
-    for q in range(start, stop):
-        plane = x[q]
-        for h in range(height):
-            row = plane[h]
-            a, u = row_phase[h], row_at[h]
-            # Strides 1 and 2 apart: with the stride a constant, LLVM vectorises the copy
-            # (stride 2: 4x faster than the general loop).
-            if sw == 1:
-                dst = grid[a, 0, u, pw:]
-                for t in range(width):
-                    dst[t] = row[t]
-            elif sw == 2:
-                first, second = grid[a, even, u, c0:], grid[a, 1 - even, u, c1:]
-                for t in range(width // 2):
-                    first[t] = row[2 * t]
-                    second[t] = row[2 * t + 1]
-                if width % 2:
-                    first[width // 2] = row[width - 1]
-            else:
-                for b in range(sw):
-                    w0 = (b - pw) % sw
-                    dst = grid[a, b, u, (w0 + pw) // sw :]
-                    for t in range((width - w0 + sw - 1) // sw):
-                        dst[t] = row[w0 + t * sw]
-        for r0 in range(0, out_h, rows):
-            r1 = min(out_h, r0 + rows)
+    for q0 in range(start, stop, group):
+        planes = min(stop, q0 + group) - q0
+        for p in range(planes):
+            plane = x[q0 + p]
+            for h in range(height):
+                row = plane[h]
+                a, u = row_phase[h], p * hq + row_at[h]
+                # Strides 1 and 2 apart: with the stride a constant, LLVM vectorises the copy
+                # (stride 2: 4x faster than the general loop).
+                if sw == 1:
+                    dst = grid[a, 0, u, pw:]
+                    for t in range(width):
+                        dst[t] = row[t]
+                elif sw == 2:
+                    first, second = grid[a, even, u, c0:], grid[a, 1 - even, u, c1:]
+                    for t in range(width // 2):
+                        first[t] = row[2 * t]
+                        second[t] = row[2 * t + 1]
+                    if width % 2:
+                        first[width // 2] = row[width - 1]
+                else:
+                    for b in range(sw):
+                        w0 = (b - pw) % sw
+                        dst = grid[a, b, u, (w0 + pw) // sw :]
+                        for t in range((width - w0 + sw - 1) // sw):
+                            dst[t] = row[w0 + t * sw]
+        # Stacked rows up to the last plane's last output row.
+        last = (planes - 1) * hq + out_h
+        for r0 in range(0, last, rows):
+            r1 = min(last, r0 + rows)
             count = (r1 - r0) * wq
             old_best, old_arg = best[0], arg[0]
             for k in range(count):
@@ -253,8 +263,14 @@ def _pool_forward(x, y, index, mask, divisor, fill, shape, start, stop, kernel, 
                         wins = v > m
                         new_best[k] = v if wins else m
                         new_arg[k] = offset if wins else t
+            q, oh = q0 + r0 // hq, r0 % hq
             for r in range(r1 - r0):
-                oh = r0 + r
+                if r > 0:
+                    oh += 1
+                    if oh == hq:
+                        q, oh = q + 1, 0
+                if oh >= out_h:
+                    continue
                 result, chosen = best[side, r * wq :], arg[side, r * wq :]
                 top = y[q, oh * out_w :]
                 if not is_max:
@@ -305,28 +321,41 @@ def _ave_backward(dy, divisor, dx, start, stop, kernel, stride, pad):
     ph, pw = pad
     hq = -(-max(height + 2 * ph, (out_h - 1) * sh + kh) // sh)
     wq = -(-max(width + 2 * pw, (out_w - 1) * sw + kw) // sw)
-    flat = np.empty(sh * sw * (hq + 1) * wq, dx.dtype)
-    phases = flat.reshape(sh, sw, (hq + 1) * wq)
-    grid = flat.reshape(sh, sw, hq + 1, wq)
-    rows = max(1, min(out_h, BLOCK // wq))
-    # Columns past the output width stay 0, so the dropped windows add nothing.
-    grad = np.zeros(rows * wq, dx.dtype)
+    group = BLOCK // (hq * wq) if 4 * hq * wq <= BLOCK else 1  # as in _pool_forward
+    flat = np.empty(sh * sw * (group * hq + 1) * wq, dx.dtype)
+    phases = flat.reshape(sh, sw, (group * hq + 1) * wq)
+    grid = flat.reshape(sh, sw, group * hq + 1, wq)
+    rows = max(1, min((group - 1) * hq + out_h, BLOCK // wq))
+    grad = np.empty(rows * wq, dx.dtype)
     row_phase, row_at = (np.arange(height) + ph) % sh, (np.arange(height) + ph) // sh
     tap_row = np.stack((np.arange(kh) % sh, np.arange(kh) // sh))
     tap_col = np.stack((np.arange(kw) % sw, np.arange(kw) // sw))
     even, c0, c1 = pw % 2, pw // 2, (pw + 1) // 2
-    for q in range(start, stop):
+    for q0 in range(start, stop, group):
+        planes = min(stop, q0 + group) - q0
         for k in range(flat.size):
             flat[k] = 0
-        for r0 in range(0, out_h, rows):
-            r1 = min(out_h, r0 + rows)
+        last = (planes - 1) * hq + out_h
+        for r0 in range(0, last, rows):
+            r1 = min(last, r0 + rows)
             count = (r1 - r0) * wq
+            q, oh = q0 + r0 // hq, r0 % hq
             for r in range(r1 - r0):
+                if r > 0:
+                    oh += 1
+                    if oh == hq:
+                        q, oh = q + 1, 0
                 dst = grad[r * wq :]
-                src = dy[q, r0 + r]
-                scale = divisor[r0 + r]
-                for t in range(out_w):
-                    dst[t] = src[t] * scale[t]
+                # Dropped rows and columns get 0: they add nothing to the phases.
+                filled = 0
+                if oh < out_h:
+                    src = dy[q, oh]
+                    scale = divisor[oh]
+                    for t in range(out_w):
+                        dst[t] = src[t] * scale[t]
+                    filled = out_w
+                for t in range(filled, wq):
+                    dst[t] = 0
             for i in range(kh):
                 a, ri = tap_row[0, i], tap_row[1, i]
                 for j in range(kw):
@@ -334,24 +363,25 @@ def _ave_backward(dy, divisor, dx, start, stop, kernel, stride, pad):
                     dst = phases[a, b, (r0 + ri) * wq + cj :]
                     for k in range(count):
                         dst[k] += grad[k]
-        target = dx[q]
-        for h in range(height):
-            row = target[h]
-            a, u = row_phase[h], row_at[h]
-            if sw == 1:
-                src = grid[a, 0, u, pw:]
-                for t in range(width):
-                    row[t] = src[t]
-            elif sw == 2:
-                first, second = grid[a, even, u, c0:], grid[a, 1 - even, u, c1:]
-                for t in range(width // 2):
-                    row[2 * t] = first[t]
-                    row[2 * t + 1] = second[t]
-                if width % 2:
-                    row[width - 1] = first[width // 2]
-            else:
-                for b in range(sw):
-                    w0 = (b - pw) % sw
-                    src = grid[a, b, u, (w0 + pw) // sw :]
-                    for t in range((width - w0 + sw - 1) // sw):
-                        row[w0 + t * sw] = src[t]
+        for p in range(planes):
+            target = dx[q0 + p]
+            for h in range(height):
+                row = target[h]
+                a, u = row_phase[h], p * hq + row_at[h]
+                if sw == 1:
+                    src = grid[a, 0, u, pw:]
+                    for t in range(width):
+                        row[t] = src[t]
+                elif sw == 2:
+                    first, second = grid[a, even, u, c0:], grid[a, 1 - even, u, c1:]
+                    for t in range(width // 2):
+                        row[2 * t] = first[t]
+                        row[2 * t + 1] = second[t]
+                    if width % 2:
+                        row[width - 1] = first[width // 2]
+                else:
+                    for b in range(sw):
+                        w0 = (b - pw) % sw
+                        src = grid[a, b, u, (w0 + pw) // sw :]
+                        for t in range((width - w0 + sw - 1) // sw):
+                            row[w0 + t * sw] = src[t]
