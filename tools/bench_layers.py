@@ -21,7 +21,8 @@ PyTorch the same column counts ``optimizer.zero_grad`` and ``optimizer.step``.
 
 Peak memory is measured in a fresh subprocess per library and net: the peak resident set size
 (Linux ``VmHWM``) after building the net and training three iterations, minus the peak after
-the imports. It includes BLAS and allocator buffers, which tracemalloc misses.
+the imports (torch's, or numba's when netforge's jit extra is installed). It includes BLAS and
+allocator buffers, which tracemalloc misses.
 
 The GEMM section times a 2048x2048 float32 product (best of 10) in subprocesses that import
 numpy directly, under different ``OPENBLAS_CORETYPE`` settings, and names the kernel family
@@ -338,6 +339,12 @@ def memory_child(library: str, name: str) -> None:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)  # the import's cost belongs to the baseline
+    else:
+        # Likewise numba's, when the jit extra is there (116 MiB resident here): library
+        # code, as torch's import is, not memory the net holds.
+        from netforge.builtin_layers import _jit
+
+        _jit.numba()
     baseline = peak_rss_mib()
     trainer = NetforgeTrainer(bench) if library == "netforge" else TorchTrainer(bench)
     trainer.run(3)

@@ -49,12 +49,14 @@ COLUMN_LIMIT = 1 << 25
 CACHE_COLUMNS = 1 << 20
 
 #: Most column elements a Convolution keeps from forward for its weight gradient (all chunks
-#: together, 32 MiB of float32); beyond it, backward recomputes each chunk's columns. Keeping
-#: saves one im2col copy per chunk, which matters where the GEMMs that read the columns are
-#: cheap: CIFAR-10 quick's conv1 and conv2 (7.7 and 8.2 M elements at batch 100) are kept.
-#: CaffeNet's conv2, conv4 and conv5 (23, 11.5 and 11.5 M at batch 32) are recomputed: 177 MiB
-#: less peak memory, for copies that take about 1% of its iteration.
-KEPT_COLUMNS = 1 << 23
+#: together, 4 MiB of float32); beyond it, backward recomputes each chunk's columns. Keeping
+#: saves one im2col (or Winograd transform) per chunk but holds the whole batch's columns
+#: from forward to backward: CIFAR-10 quick's conv1, conv2 and conv3 hold 68 MiB at batch 100,
+#: more than PyTorch's whole peak growth. Recomputing them cost 3-7% of its training
+#: iteration (14 alternating rounds: lower quartile 67.3 -> 67.6 ms, median 72.5 -> 77.8);
+#: LeNet's (17.2 -> 17.0 ms, within the noise) and CaffeNet's (GEMM-bound) cost nothing
+#: measurable.
+KEPT_COLUMNS = 1 << 20
 
 #: Least GEMM depth (kernel width × channels per group) at which a stride-1 2-D Convolution
 #: on numpy uses kernel-row shifts (``conv_rows``) instead of im2col. Below it the shifted
@@ -245,7 +247,12 @@ class _ConvolutionBase(Layer):
         self._rowshift = self._row_shift_conv(spatial)
         if self._rowshift is not None:
             self._rowshift_dx = self._full_correlation(self._rowshift)
-            per_item = self._rowshift.items_size(1)
+            # Chunks sized by the larger of forward's rows and the bottom gradient's: a top
+            # with more channels than the bottom has more rows (CIFAR-10 quick's conv3: 7.8
+            # MiB per chunk of 50 images against forward's 3.9).
+            per_item = max(
+                conv.items_size(1) for conv in (self._rowshift, self._rowshift_dx) if conv
+            )
         else:
             per_item = (
                 self.image_channels * math.prod(self.geom.kernel) * math.prod(self.col_spatial)
@@ -351,12 +358,19 @@ class _ConvolutionBase(Layer):
         columns for backward, else one shared by the worker's chunks."""
         return f"col{start}" if self._keep else "col"
 
+    def _columns_space(self, ws: Workspace) -> Workspace:
+        """Where the columns go: the layer's own workspace when backward may reuse them
+        (kept, or the whole batch in one chunk), else the thread's scratch, as they are dead
+        once their chunk's GEMM has read them."""
+        return ws if self._keep or len(self.chunks) == 1 else ws.scratch
+
     def _column_matrix(self, start: int, stop: int, dtype: Any, ws: Workspace) -> Any:
         """The (C·prod(kernel), n·pixels) column matrix of chunk ``start:stop``, in the
         workspace buffer ``_columns_key`` names (rows padded, ``Workspace.matrix``)."""
         rows = self.image_channels * math.prod(self.geom.kernel)
         cols = (stop - start) * math.prod(self.col_spatial)
-        return ws.matrix(self._columns_key(start), rows, cols, dtype, self.xp)
+        space = self._columns_space(ws)
+        return space.matrix(self._columns_key(start), rows, cols, dtype, self.xp)
 
     def _column_buffer(self, start: int, stop: int, dtype: Any, ws: Workspace) -> Any:
         """The column matrix of chunk ``start:stop`` as a (group, K, n·pixels) stack."""
@@ -461,7 +475,10 @@ class _ConvolutionBase(Layer):
             elif conv is not None:
 
                 def work(start, stop, ws, x=b.data, y=t.data):
-                    rows = conv.rows(self._image(x)[start:stop], ws, self._columns_key(start))
+                    scratch = self._columns_space(ws) is not ws
+                    rows = conv.rows(
+                        self._image(x)[start:stop], ws, self._columns_key(start), scratch
+                    )
                     conv.apply(rows, stack, self._output(y)[start:stop], bias, ws)
 
             elif self.num == 1 and xp is np:
@@ -581,7 +598,8 @@ class _ConvolutionBase(Layer):
                 if cached:
                     rows = conv.rows_buffer(ws, key, stop - start, dy.dtype, self.xp)
                 else:
-                    rows = conv.rows(self._image(x)[start:stop], ws, key)
+                    scratch = self._columns_space(ws) is not ws
+                    rows = conv.rows(self._image(x)[start:stop], ws, key, scratch)
                 part = self._weight_gradient_part(parts, conv.filters_shape, ws)
                 conv.add_weight_gradient(rows, dy_last, part, ws)
             if adjoint:
