@@ -13,7 +13,8 @@ netforge dependency) trains the same layers, translated one for one, with ``torc
 and the same hyper-parameters, in the same process. The two alternate for ``--rounds`` rounds
 of about ``--seconds`` each (at least 20 iterations), after two warm-up iterations, so that
 both see the same machine load; the figures are the medians over rounds, and the ratio is
-the median of the per-round ratios netforge / PyTorch (above 1: netforge is faster).
+the median of the per-round ratios netforge / PyTorch (above 1: netforge is faster), with
+the lowest and highest round's ratio beside it ("rounds").
 
 "outside layers" is the share of netforge's iteration spent outside ``net.forward_backward``:
 the solver's update, regularization and bookkeeping (Caffe's ApplyUpdate and Step). For
@@ -306,6 +307,7 @@ def bench_speed(name: str, rounds: int, seconds: float, with_torch: bool) -> dic
         result["pytorch_outside"] = statistics.median(outside["pytorch"])
         ratios = [a / b for a, b in zip(rates["netforge"], rates["pytorch"])]
         result["ratio"] = statistics.median(ratios)
+        result["ratio_spread"] = (min(ratios), max(ratios))
     return result
 
 
@@ -437,7 +439,7 @@ def main() -> None:
     names = args.nets.split(",")
     header = f"{'net':14} {'batch':>5} {'netforge img/s':>15} {'outside layers':>15}"
     if with_torch:
-        header += f" {'PyTorch img/s':>14} {'outside':>8} {'ratio':>6}"
+        header += f" {'PyTorch img/s':>14} {'outside':>8} {'ratio':>6} {'rounds':>9}"
     if not args.no_memory:
         header += f" {'netforge MiB':>13}" + (f" {'PyTorch MiB':>12}" if with_torch else "")
     print(header)
@@ -445,7 +447,9 @@ def main() -> None:
         r = bench_speed(name, args.rounds, args.seconds, with_torch)
         line = f"{name:14} {r['batch']:5d} {r['netforge_img_s']:15.1f} {r['outside_layers']:14.1%}"
         if with_torch:
+            low, high = r["ratio_spread"]
             line += f" {r['pytorch_img_s']:14.1f} {r['pytorch_outside']:7.1%} {r['ratio']:6.2f}"
+            line += f" {low:.2f}-{high:.2f}"
         if not args.no_memory:
             line += f" {bench_memory('netforge', name)['growth_mib']:13.0f}"
             if with_torch:
