@@ -245,3 +245,16 @@ def test_max_window_of_minus_infinity_gets_caffe_s_mask(monkeypatch):
     expected = np.zeros((4, 4))
     expected[[0, 2, 2], [2, 0, 2]] = 1
     np.testing.assert_array_equal(bottom[0].diff[0, 0], expected)
+
+
+def test_max_passes_a_nan_on_as_numpy_does(path):
+    """A NaN upstream must reach the loss, where the solver names the diverged layer: MAX
+    gives NaN for every window holding one, on both paths, and the other windows' maxima."""
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 1, 0] = np.nan  # in the first window only, not its maximum's position
+    layer, bottom, top = build(
+        'type: "Pooling" pooling_param { kernel_size: 2 stride: 2 }', [x], dtype=np.float32
+    )
+    (y,) = forward(layer, bottom, top)
+    assert np.isnan(y[0, 0, 0, 0])
+    np.testing.assert_array_equal(y[0, 0].ravel()[1:], [7, 13, 15])

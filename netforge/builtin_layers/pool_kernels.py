@@ -15,8 +15,11 @@ output width computed and dropped.
   order). The running maximum starts at the dtype's lowest value with index −1, as Caffe's
   starts at −FLT_MAX with mask −1, so padding never wins; a window whose every element is
   −inf gives the lowest value and index −1, and no gradient, where the numpy path gives −inf
-  and the first element; NaN never wins, as in Caffe's CPU loop, where the numpy path's
-  maximum passes it on. The index is kept for backward and written to the optional mask top.
+  and the first element. A NaN wins over any number, and the first NaN in scan order is kept:
+  the maximum passes it on, as the numpy path's does, so that a divergence upstream reaches
+  the loss and the solver names the layer (Caffe's CPU loop, whose ``>`` a NaN never passes,
+  would hide it behind the window's other values). The index is kept for backward and
+  written to the optional mask top.
 - MAX backward zeroes each input plane and adds each top gradient at its kept index.
 - AVE forward sums the window (padding adds 0) and multiplies by the layer's divisor, Caffe's
   window size clipped to the padded extent; backward adds the scaled top gradient to every
@@ -260,7 +263,7 @@ def _pool_forward(x, y, index, mask, divisor, fill, shape, start, stop, kernel, 
                         v = src[k]
                         m = old_best[k]
                         t = old_arg[k]
-                        wins = v > m
+                        wins = v > m or (v != v and m == m)
                         new_best[k] = v if wins else m
                         new_arg[k] = offset if wins else t
             q, oh = q0 + r0 // hq, r0 % hq
