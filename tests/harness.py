@@ -157,3 +157,45 @@ def assert_state_repeats_batch(layer: Layer, top: list[Blob]) -> None:
     layer.set_state(state)
     layer.forward([], top)
     np.testing.assert_array_equal(to_numpy(top[0].data), after)
+
+
+#: The CPU paths a compiled-kernel test runs on (``kernel_path``).
+KERNEL_PATHS = ["kernels", "kernels-split", "numpy"]
+
+
+def kernel_path(request, monkeypatch, module, calls: Sequence[str]) -> tuple[str, list[str]]:
+    """Set up the path ``request.param`` (one of ``KERNEL_PATHS``) for a test of the numba
+    kernels in ``module``: the kernels on one worker, the kernels with the work split
+    between the workers however small (``module.SPLIT_MIN`` 1), or the numpy path the
+    kernels override (``_jit.enabled`` false). Skips the kernel paths without numba. The
+    entry points named in ``calls`` are spied on; returns the path and the list of those
+    called, so that each test can show which path ran (``expect_path``)."""
+    import pytest
+
+    from netforge.builtin_layers import _jit
+
+    called: list[str] = []
+    if request.param == "numpy":
+        monkeypatch.setattr(_jit, "enabled", lambda: False)
+    elif not _jit.enabled():
+        pytest.skip("numba (the jit extra) is not installed or NETFORGE_JIT=0")
+    if request.param == "kernels-split":
+        monkeypatch.setattr(module, "SPLIT_MIN", 1)
+    for name in calls:
+        function = getattr(module, name)
+
+        def spy(*args, _name=name, _function=function, **kwargs):
+            called.append(_name)
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return request.param, called
+
+
+def expect_path(path: tuple[str, list[str]], *names: str) -> None:
+    """That the path from ``kernel_path`` ran: no kernel on numpy, else exactly ``names``."""
+    kind, called = path
+    if kind == "numpy":
+        assert called == []
+    else:
+        assert sorted(set(called)) == sorted(names)

@@ -11,11 +11,12 @@ import pytest
 
 from netforge import fusion
 from netforge.backend import to_numpy
-from netforge.builtin_layers import _jit, norm_kernels
+from netforge.builtin_layers import norm_kernels
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import parse_text
 from netforge.timing import time_net
+from tests.harness import KERNEL_PATHS, kernel_path
 
 CHANNELS = 6
 SHAPE = (2, 5, 5, 4)
@@ -148,27 +149,11 @@ def count_forwards(net: Net, monkeypatch) -> dict[str, int]:
     return counts
 
 
-@pytest.fixture(params=["kernels", "kernels-split", "numpy"])
+@pytest.fixture(params=KERNEL_PATHS)
 def path(request, monkeypatch):
-    """Each test body runs on numba's kernels (one worker, then the channels split between
-    the workers) and on the numpy path; returns the path and the kernel entry points
-    called, so that each test shows which path ran."""
-    called: list[str] = []
-    if request.param == "numpy":
-        monkeypatch.setattr(_jit, "enabled", lambda: False)
-    elif not _jit.enabled():
-        pytest.skip("numba (the jit extra) is not installed or NETFORGE_JIT=0")
-    if request.param == "kernels-split":
-        monkeypatch.setattr(norm_kernels, "SPLIT_MIN", 1)
-    for name in ("batch_norm_fold", "channel_affine"):
-        function = getattr(norm_kernels, name)
-
-        def spy(*args, _name=name, _function=function, **kwargs):
-            called.append(_name)
-            return _function(*args, **kwargs)
-
-        monkeypatch.setattr(norm_kernels, name, spy)
-    return request.param, called
+    """Each test body runs on numba's kernels, on one worker and with the channels split,
+    and on the numpy path (``harness.kernel_path``)."""
+    return kernel_path(request, monkeypatch, norm_kernels, ("batch_norm_fold", "channel_affine"))
 
 
 def unfused_forward(net: Net, monkeypatch, **inputs) -> np.ndarray:

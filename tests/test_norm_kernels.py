@@ -9,7 +9,7 @@ import pytest
 
 from netforge.builtin_layers import _jit, norm_kernels
 from netforge.proto import pb
-from tests.harness import build, check_gradient
+from tests.harness import KERNEL_PATHS, build, check_gradient, expect_path, kernel_path
 
 BN_EPS = float(np.float32(1e-5))
 #: float32 results against float64 formulas: a few ulps of the values' scale
@@ -22,35 +22,11 @@ CALLS = (
 )
 
 
-@pytest.fixture(params=["kernels", "kernels-split", "numpy"])
+@pytest.fixture(params=KERNEL_PATHS)
 def path(request, monkeypatch):
-    """Each test body runs on numba's kernels, on one worker and with the channels split
-    between the workers even for small arrays, and on the numpy path; returns the path and
-    the list of the kernel entry points called, so that each test shows which path ran."""
-    called: list[str] = []
-    if request.param == "numpy":
-        monkeypatch.setattr(_jit, "enabled", lambda: False)
-    elif not _jit.enabled():
-        pytest.skip("numba (the jit extra) is not installed or NETFORGE_JIT=0")
-    if request.param == "kernels-split":
-        monkeypatch.setattr(norm_kernels, "SPLIT_MIN", 1)
-    for name in CALLS:
-        function = getattr(norm_kernels, name)
-
-        def spy(*args, _name=name, _function=function):
-            called.append(_name)
-            return _function(*args)
-
-        monkeypatch.setattr(norm_kernels, name, spy)
-    return request.param, called
-
-
-def expect_path(path, *names):
-    kind, called = path
-    if kind == "numpy":
-        assert called == []
-    else:
-        assert sorted(set(called)) == sorted(names)
+    """Each test body runs on numba's kernels, on one worker and with the channels split,
+    and on the numpy path (``harness.kernel_path``)."""
+    return kernel_path(request, monkeypatch, norm_kernels, CALLS)
 
 
 def data(shape, seed=0, scale=3.0, offset=1.0):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from netforge.builtin_layers import _jit, pool_kernels
-from tests.harness import build, check_gradient, forward
+from tests.harness import KERNEL_PATHS, build, check_gradient, expect_path, forward, kernel_path
 
 CALLS = ("max_forward", "max_backward", "ave_forward", "ave_backward")
 TOLERANCE = {np.float32: {"rtol": 1e-6, "atol": 1e-6}, np.float64: {"rtol": 1e-13, "atol": 1e-13}}
@@ -36,37 +36,13 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["kernels", "kernels-split", "numpy"])
+@pytest.fixture(params=KERNEL_PATHS)
 def path(request, monkeypatch):
-    """Each test body runs on numba's kernels (on one worker, and with the planes split
-    between the workers even for small blobs) and on the numpy path; returns the path and
-    the list of kernel entry points called, so that each test shows which path ran."""
-    called: list[str] = []
-    if request.param == "numpy":
-        monkeypatch.setattr(_jit, "enabled", lambda: False)
-    elif not _jit.enabled():
-        pytest.skip("numba (the jit extra) is not installed or NETFORGE_JIT=0")
+    """Each test body runs on numba's kernels, on one worker and with the planes split, and
+    on the numpy path (``harness.kernel_path``)."""
     # The tests' planes are small: let AVE forward take the kernel on them too.
     monkeypatch.setattr(pool_kernels, "AVE_PLANE_MIN", 0)
-    if request.param == "kernels-split":
-        monkeypatch.setattr(pool_kernels, "SPLIT_MIN", 1)
-    for name in CALLS:
-        function = getattr(pool_kernels, name)
-
-        def spy(*args, _name=name, _function=function):
-            called.append(_name)
-            return _function(*args)
-
-        monkeypatch.setattr(pool_kernels, name, spy)
-    return request.param, called
-
-
-def expect_path(path, *names):
-    kind, called = path
-    if kind == "numpy":
-        assert called == []
-    else:
-        assert sorted(set(called)) == sorted(names)
+    return kernel_path(request, monkeypatch, pool_kernels, CALLS)
 
 
 def text(method, kernel, stride, pad, ceil):
