@@ -6,6 +6,7 @@ both (Chainer's ``get_array_module``). cupy is imported only when a GPU is asked
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
@@ -152,12 +153,10 @@ def _make_device_current() -> None:
     pass raises the DeviceError that says why."""
     if not _default_mode["gpu"]:
         return
-    try:
+    with contextlib.suppress(DeviceError):
         cupy = import_cupy()
         if 0 <= _default_mode["device_id"] < cupy.cuda.runtime.getDeviceCount():
             cupy.cuda.Device(_default_mode["device_id"]).use()
-    except DeviceError:
-        pass
 
 
 def mode_version() -> int:
