@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -70,3 +71,30 @@ def test_device_query_reports_the_kernels_and_how_to_change_them(monkeypatch):
         _jit.numba.cache_clear()
     assert result.exit_code == 0, result.output
     assert "compiled CPU kernels: off (NETFORGE_JIT=0)" in result.output
+
+
+@pytest.mark.skipif(not _jit.enabled(), reason="numba (the jit extra) is not installed")
+def test_a_kernel_calls_a_helper_even_when_two_workers_make_its_first_call_at_once():
+    @_jit.helper
+    def doubled(value):
+        return 2 * value
+
+    @_jit.kernel
+    def doubled_sum(x):
+        total = x.dtype.type(0)
+        for value in x:
+            total += doubled(value)
+        return total
+
+    start, results = threading.Barrier(2), []
+
+    def worker() -> None:
+        start.wait()
+        results.append(doubled_sum(np.arange(5.0)))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [20.0, 20.0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,21 @@ def enabled() -> bool:
 VECTOR_SUMS = frozenset({"reassoc", "contract"})
 
 
+#: ``helper`` functions not yet made callable from compiled code.
+_helpers: list[Callable] = []
+#: Held while a kernel's first call registers the helpers and creates its dispatcher.
+_first_call = threading.Lock()
+
+
+def helper(function: Callable) -> Callable:
+    """``function``, a piece that several kernels share, callable from their compiled code:
+    numba compiles it into each kernel that calls it (its ``register_jitable``). It is
+    registered when the next kernel compiles, so importing a module of kernels does not
+    import numba; until then, and without numba, it is the plain Python function."""
+    _helpers.append(function)
+    return function
+
+
 def kernel(function: Callable | None = None, *, fastmath: frozenset[str] = frozenset()) -> Callable:
     """``function`` compiled by numba on its first call (nopython, GIL released, cached on
     disk, numpy's error model so that a division by zero gives inf as numpy does), with the
@@ -76,9 +92,14 @@ def kernel(function: Callable | None = None, *, fastmath: frozenset[str] = froze
     def call(*args: Any) -> Any:
         nonlocal compiled
         if compiled is None:
-            compiled = numba().njit(
-                nogil=True, cache=True, error_model="numpy", fastmath=set(fastmath)
-            )(function)
+            # The layers' workers make their first calls at once.
+            with _first_call:
+                while _helpers:
+                    numba().extending.register_jitable(_helpers.pop())
+                if compiled is None:
+                    compiled = numba().njit(
+                        nogil=True, cache=True, error_model="numpy", fastmath=set(fastmath)
+                    )(function)
         return compiled(*args)
 
     return call

@@ -43,6 +43,31 @@ BLOCK = 1024
 LANES = 64
 
 
+@_jit.helper
+def _copy_phases(plane, grid, stride, pad, into_phases):  # pragma: no cover - numba
+    """Copy an (H, W) plane into its stride phases ``grid`` (s_h, s_w, rows, row width),
+    phase (a, b) holding padded pixels (s_h·u + a, s_w·v + b), or with ``into_phases``
+    false back from them. The padding is not touched."""
+    height, width = plane.shape
+    sh, sw = stride
+    ph, pw = pad
+    for a in range(sh):
+        for b in range(sw):
+            h0, w0 = (a - ph) % sh, (b - pw) % sw
+            if h0 < height and w0 < width:
+                u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
+                cols = (width - w0 + sw - 1) // sw
+                for h in range(h0, height, sh):
+                    phase_row = grid[a, b, u0 + (h - h0) // sh, v0:]
+                    row = plane[h, w0:]
+                    if into_phases:
+                        for t in range(cols):
+                            phase_row[t] = row[t * sw]
+                    else:
+                        for t in range(cols):
+                            row[t * sw] = phase_row[t]
+
+
 @_jit.kernel
 def _forward(x, w, bias, y, start, stop, stride, pad, dilation):  # pragma: no cover - numba
     """y[n, c·M + m] = bias + Σ_ij w[c·M + m, i, j] · xpad[n, c, oh·s + i·d, ow·s + j·d]
@@ -68,17 +93,7 @@ def _forward(x, w, bias, y, start, stop, stride, pad, dilation):  # pragma: no c
     for q in range(start, stop):
         n, c = q // channels, q % channels
         plane = x[n, c]
-        for a in range(sh):
-            for b in range(sw):
-                h0, w0 = (a - ph) % sh, (b - pw) % sw
-                if h0 < height and w0 < width:
-                    u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
-                    cols = (width - w0 + sw - 1) // sw
-                    for h in range(h0, height, sh):
-                        dst = grid[a, b, u0 + (h - h0) // sh, v0:]
-                        src = plane[h, w0:]
-                        for t in range(cols):
-                            dst[t] = src[t * sw]
+        _copy_phases(plane, grid, stride, pad, True)
         for m in range(mult):
             o = c * mult + m
             level = bias[o] if bias.shape[0] else 0
@@ -132,17 +147,7 @@ def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pra
         n, c = q // channels, q % channels
         plane = x[n, c]
         if want_dw:
-            for a in range(sh):
-                for b in range(sw):
-                    h0, w0 = (a - ph) % sh, (b - pw) % sw
-                    if h0 < height and w0 < width:
-                        u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
-                        cols = (width - w0 + sw - 1) // sw
-                        for h in range(h0, height, sh):
-                            dst = grid[a, b, u0 + (h - h0) // sh, v0:]
-                            src = plane[h, w0:]
-                            for t in range(cols):
-                                dst[t] = src[t * sw]
+            _copy_phases(plane, grid, stride, pad, True)
         if want_dx:
             dphases[:] = 0
         for m in range(mult):
@@ -185,18 +190,7 @@ def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pra
                             tap[k] += tap[LANES // 4 + k]
                         dw_part[o, i, j] += tap[: LANES // 4].sum()
         if want_dx:
-            target = dx[n, c]
-            for a in range(sh):
-                for b in range(sw):
-                    h0, w0 = (a - ph) % sh, (b - pw) % sw
-                    if h0 < height and w0 < width:
-                        u0, v0 = (h0 + ph) // sh, (w0 + pw) // sw
-                        cols = (width - w0 + sw - 1) // sw
-                        for h in range(h0, height, sh):
-                            dst = target[h, w0:]
-                            src = dgrid[a, b, u0 + (h - h0) // sh, v0:]
-                            for t in range(cols):
-                                dst[t * sw] = src[t]
+            _copy_phases(dx[n, c], dgrid, stride, pad, False)
 
 
 def is_depthwise(channels: int, group: int, spatial_axes: int) -> bool:
