@@ -171,6 +171,56 @@ def ave_backward(dy: np.ndarray, divisor: np.ndarray, dx: np.ndarray, geometry: 
 
 
 # -- kernels: serial over planes start..stop - 1 ----------------------------------------------
+@_jit.helper
+def _copy_plane(plane, grid, first_row, row_phase, row_at, pw, into_phases):  # pragma: no cover
+    """Copy an (H, W) plane into its stride phases ``grid`` (s_h, s_w, rows, row width),
+    from phase row ``first_row`` on, or with ``into_phases`` false back from them. Input row
+    h lands in phase row ``row_phase[h]`` at ``first_row + row_at[h]`` (computed once per
+    call: a division by a stride unknown at compile time takes tens of cycles)."""
+    height, width = plane.shape
+    sw = grid.shape[1]
+    # Where input columns 0 and 1 land for stride 2: phase ``even`` from column ``c0``.
+    even, c0, c1 = pw % 2, pw // 2, (pw + 1) // 2
+    for h in range(height):
+        row = plane[h]
+        a, u = row_phase[h], first_row + row_at[h]
+        # Strides 1 and 2 apart: with the stride a constant, LLVM vectorises the copy
+        # (stride 2: 4x faster than the general loop).
+        if sw == 1:
+            phase_row = grid[a, 0, u, pw:]
+            if into_phases:
+                for t in range(width):
+                    phase_row[t] = row[t]
+            else:
+                for t in range(width):
+                    row[t] = phase_row[t]
+        elif sw == 2:
+            first, second = grid[a, even, u, c0:], grid[a, 1 - even, u, c1:]
+            if into_phases:
+                for t in range(width // 2):
+                    first[t] = row[2 * t]
+                    second[t] = row[2 * t + 1]
+                if width % 2:
+                    first[width // 2] = row[width - 1]
+            else:
+                for t in range(width // 2):
+                    row[2 * t] = first[t]
+                    row[2 * t + 1] = second[t]
+                if width % 2:
+                    row[width - 1] = first[width // 2]
+        else:
+            for b in range(sw):
+                w0 = (b - pw) % sw
+                phase_row = grid[a, b, u, (w0 + pw) // sw :]
+                count = (width - w0 + sw - 1) // sw
+                if into_phases:
+                    for t in range(count):
+                        phase_row[t] = row[w0 + t * sw]
+                else:
+                    for t in range(count):
+                        row[w0 + t * sw] = phase_row[t]
+
+
 @_jit.kernel
 def _pool_forward(x, y, index, mask, divisor, fill, shape, start, stop, kernel, stride, pad):
     """MAX (``divisor`` empty) or AVE of the planes x[start:stop] (H, W) into y (Ho·Wo)."""
@@ -206,34 +256,10 @@ def _pool_forward(x, y, index, mask, divisor, fill, shape, start, stop, kernel, 
     row_phase, row_at = (np.arange(height) + ph) % sh, (np.arange(height) + ph) // sh
     tap_row = np.stack((np.arange(kh) % sh, np.arange(kh) // sh))
     tap_col = np.stack((np.arange(kw) % sw, np.arange(kw) // sw))
-    # Where input columns 0 and 1 land for stride 2: phase ``even`` from column ``c0``.
-    even, c0, c1 = pw % 2, pw // 2, (pw + 1) // 2
     for q0 in range(start, stop, group):
         planes = min(stop, q0 + group) - q0
         for p in range(planes):
-            plane = x[q0 + p]
-            for h in range(height):
-                row = plane[h]
-                a, u = row_phase[h], p * hq + row_at[h]
-                # Strides 1 and 2 apart: with the stride a constant, LLVM vectorises the copy
-                # (stride 2: 4x faster than the general loop).
-                if sw == 1:
-                    dst = grid[a, 0, u, pw:]
-                    for t in range(width):
-                        dst[t] = row[t]
-                elif sw == 2:
-                    first, second = grid[a, even, u, c0:], grid[a, 1 - even, u, c1:]
-                    for t in range(width // 2):
-                        first[t] = row[2 * t]
-                        second[t] = row[2 * t + 1]
-                    if width % 2:
-                        first[width // 2] = row[width - 1]
-                else:
-                    for b in range(sw):
-                        w0 = (b - pw) % sw
-                        dst = grid[a, b, u, (w0 + pw) // sw :]
-                        for t in range((width - w0 + sw - 1) // sw):
-                            dst[t] = row[w0 + t * sw]
+            _copy_plane(x[q0 + p], grid, p * hq, row_phase, row_at, pw, True)
         # Stacked rows up to the last plane's last output row.
         last = (planes - 1) * hq + out_h
         for r0 in range(0, last, rows):
@@ -333,7 +359,6 @@ def _ave_backward(dy, divisor, dx, start, stop, kernel, stride, pad):
     row_phase, row_at = (np.arange(height) + ph) % sh, (np.arange(height) + ph) // sh
     tap_row = np.stack((np.arange(kh) % sh, np.arange(kh) // sh))
     tap_col = np.stack((np.arange(kw) % sw, np.arange(kw) // sw))
-    even, c0, c1 = pw % 2, pw // 2, (pw + 1) // 2
     for q0 in range(start, stop, group):
         planes = min(stop, q0 + group) - q0
         for k in range(flat.size):
@@ -367,24 +392,4 @@ def _ave_backward(dy, divisor, dx, start, stop, kernel, stride, pad):
                     for k in range(count):
                         dst[k] += grad[k]
         for p in range(planes):
-            target = dx[q0 + p]
-            for h in range(height):
-                row = target[h]
-                a, u = row_phase[h], p * hq + row_at[h]
-                if sw == 1:
-                    src = grid[a, 0, u, pw:]
-                    for t in range(width):
-                        row[t] = src[t]
-                elif sw == 2:
-                    first, second = grid[a, even, u, c0:], grid[a, 1 - even, u, c1:]
-                    for t in range(width // 2):
-                        row[2 * t] = first[t]
-                        row[2 * t + 1] = second[t]
-                    if width % 2:
-                        row[width - 1] = first[width // 2]
-                else:
-                    for b in range(sw):
-                        w0 = (b - pw) % sw
-                        src = grid[a, b, u, (w0 + pw) // sw :]
-                        for t in range((width - w0 + sw - 1) // sw):
-                            row[w0 + t * sw] = src[t]
+            _copy_plane(dx[q0 + p], grid, p * hq, row_phase, row_at, pw, False)
