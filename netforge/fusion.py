@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from netforge.builtin_layers import norm_kernels
+from netforge.builtin_layers import _jit, norm_kernels
 from netforge.builtin_layers.activation import _leaky
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class FusedRun:
         # In place, the same array object: the kernel then writes through one name.
         y = x if target is source else target.data.reshape(x.shape)
         slope = None if self.relu is None else float(self.relu.slope)
-        if norm_kernels.usable(x, y, *params):
+        if _jit.usable(x, y, *params):
             factors, bias = (*params[3:], None, None)[:2]
             scale, shift = norm_kernels.batch_norm_fold(*params[:3], bn.eps, factors, bias, x.dtype)
             norm_kernels.channel_affine(x, scale, shift, y, slope=slope)

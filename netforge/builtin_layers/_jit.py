@@ -103,3 +103,17 @@ def kernel(function: Callable | None = None, *, fastmath: frozenset[str] = froze
         return compiled(*args)
 
     return call
+
+
+def usable(*arrays: Any) -> bool:
+    """Whether kernels may run on ``arrays``: numba is enabled and they are C-ordered numpy
+    arrays of one floating type, float32 or float64 (anything else, cupy included, takes
+    the numpy path)."""
+    import numpy as np
+
+    if not enabled():
+        return False
+    first = arrays[0]
+    return all(
+        type(a) is np.ndarray and a.dtype == first.dtype and a.flags.c_contiguous for a in arrays
+    ) and first.dtype in (np.float32, np.float64)

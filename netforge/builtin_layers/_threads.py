@@ -54,6 +54,13 @@ def pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def even_chunks(count: int, parts: int = WORKERS) -> list[tuple[int, int]]:
+    """``range(count)`` as at most ``parts`` contiguous (start, stop) ranges whose sizes
+    differ by at most one, none empty: a worker's share of planes, channels or rows."""
+    parts = min(parts, count)
+    return [(k * count // parts, (k + 1) * count // parts) for k in range(parts)]
+
+
 def run_chunks(
     xp: Any, work: Callable[[int, int, int], None], chunks: Sequence[tuple[int, int]]
 ) -> None:

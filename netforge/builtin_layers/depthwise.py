@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from netforge.builtin_layers import _jit
-from netforge.builtin_layers._threads import WORKERS, run_chunks
+from netforge.builtin_layers._threads import even_chunks, run_chunks
 
 #: Output elements one pass over the kernel taps covers: a block of output rows whose
 #: accumulator stays in the first-level cache while every tap adds into it.
@@ -220,11 +220,6 @@ class DepthwiseConv:
     ) -> None:
         self.stride, self.pad, self.dilation = stride, pad, dilation
 
-    def _chunks(self, planes: int) -> list[tuple[int, int]]:
-        """(item, channel) plane ranges, one per worker."""
-        count = min(WORKERS, planes)
-        return [(k * planes // count, (k + 1) * planes // count) for k in range(count)]
-
     def forward(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, y: np.ndarray) -> None:
         """y (overwritten) = the convolution of x by weights w, plus bias when given."""
         flat_w = w.reshape(w.shape[0], w.shape[2], w.shape[3])
@@ -234,7 +229,7 @@ class DepthwiseConv:
         def work(start: int, stop: int, _worker: int) -> None:
             _forward(x, flat_w, level, y, start, stop, *geometry)
 
-        run_chunks(np, work, self._chunks(x.shape[0] * x.shape[1]))
+        run_chunks(np, work, even_chunks(x.shape[0] * x.shape[1]))
 
     def backward(
         self,
@@ -246,7 +241,7 @@ class DepthwiseConv:
     ) -> None:
         """dx (overwritten) and dw (added to), whichever is given, from the top gradient."""
         flat_w = w.reshape(w.shape[0], w.shape[2], w.shape[3])
-        chunks = self._chunks(x.shape[0] * x.shape[1])
+        chunks = even_chunks(x.shape[0] * x.shape[1])
         none = np.empty((0, 1, 1, 1), x.dtype)
         parts = (
             np.zeros((len(chunks),) + flat_w.shape, x.dtype)

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from netforge.builtin_layers import _jit
-from netforge.builtin_layers._threads import WORKERS, run_chunks
+from netforge.builtin_layers._threads import WORKERS, even_chunks, run_chunks
 
 #: Least work, in values times passes over them, worth splitting between the workers:
 #: handing a range to the pooled thread cost 0.15-0.2 ms on the shared 2-core machine, which
@@ -71,27 +71,10 @@ from netforge.builtin_layers._threads import WORKERS, run_chunks
 SPLIT_MIN = 1 << 21
 
 
-def usable(*arrays: Any) -> bool:
-    """Whether the kernels may run on ``arrays``: numba is enabled and they are C-ordered
-    numpy arrays of one floating type, float32 or float64 (anything else, cupy included,
-    takes the numpy path)."""
-    if not _jit.enabled():
-        return False
-    first = arrays[0]
-    return all(
-        type(a) is np.ndarray and a.dtype == first.dtype and a.flags.c_contiguous for a in arrays
-    ) and first.dtype in (np.float32, np.float64)
-
-
 def _run(work: Any, channels: int, count: int, passes: int) -> None:
     """``work(start, stop)`` over channel ranges: one range per worker when ``passes`` over
     ``count`` values come to ``SPLIT_MIN`` or more, else the whole range here."""
-    if count * passes < SPLIT_MIN:
-        work(0, channels)
-        return
-    parts = WORKERS
-    chunks = [(w * channels // parts, (w + 1) * channels // parts) for w in range(parts)]
-    chunks = [(start, stop) for start, stop in chunks if stop > start]
+    chunks = even_chunks(channels, 1 if count * passes < SPLIT_MIN else WORKERS)
     run_chunks(np, lambda start, stop, _worker: work(start, stop), chunks)
 
 

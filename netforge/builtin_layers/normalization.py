@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from netforge.blob import Blob
-from netforge.builtin_layers import norm_kernels
+from netforge.builtin_layers import _jit, norm_kernels
 from netforge.builtin_layers.common import canonical_axis
 from netforge.filler import filler_or
 from netforge.layer import Layer, register
@@ -129,7 +129,7 @@ class BatchNormLayer(Layer):
             self._std = xp.sqrt(var + self.eps)
             scale = 1 / self._std
             shift = -mean * scale
-            if norm_kernels.usable(x, y, scale, shift):
+            if _jit.usable(x, y, scale, shift):
                 norm_kernels.channel_affine(x, scale, shift, y)
             else:
                 xp.multiply(x, scale[:, None], out=y)
@@ -141,7 +141,7 @@ class BatchNormLayer(Layer):
         if centered is None or type(centered) is not type(x) or centered.shape != x.shape:
             centered = self._centered = xp.empty_like(x)
         m = x.size // self.channels
-        kernels = norm_kernels.usable(x, y, centered)
+        kernels = _jit.usable(x, y, centered)
         if kernels:
             mean, var = norm_kernels.batch_norm_train_forward(x, y, centered, self.eps)
         else:
@@ -167,13 +167,13 @@ class BatchNormLayer(Layer):
         std = self._std
         if self.use_global_stats:
             scale = 1 / std
-            if norm_kernels.usable(dy, dx, scale):
+            if _jit.usable(dy, dx, scale):
                 norm_kernels.channel_affine(dy, scale, xp.zeros_like(scale), dx)
             else:
                 xp.divide(dy, std[:, None], out=dx)
             return
         centered = self._centered
-        if norm_kernels.usable(dy, dx, centered, std):
+        if _jit.usable(dy, dx, centered, std):
             norm_kernels.batch_norm_train_backward(dy, centered, std, dx)
             return
         # (dy − mean(dy) − y·mean(dy·y)) / std with y = (x − mean) / std, from x − mean:
@@ -307,7 +307,7 @@ class BiasLayer(Layer):
         x = bottom[0].data.reshape(self._dims)
         y = x if top[0] is bottom[0] else top[0].data.reshape(self._dims)
         bias = self._bias.data.reshape(-1)
-        if norm_kernels.usable(x, y, bias):
+        if _jit.usable(x, y, bias):
             norm_kernels.channel_affine(x, self.xp.ones_like(bias), bias, y)
         else:
             self.xp.add(x, bias[:, None], out=y)
@@ -393,7 +393,7 @@ class ScaleLayer(Layer):
             kept = kept.reshape(self._dims)
         shift = xp.zeros_like(scale) if bias is None else bias
         operands = (x, y, scale, shift) + ((kept,) if kept is not None else ())
-        if self._fused and norm_kernels.usable(*operands):
+        if self._fused and _jit.usable(*operands):
             norm_kernels.channel_affine(x, scale, shift, y, kept)
             return
         if kept is not None:
@@ -418,7 +418,7 @@ class ScaleLayer(Layer):
         want_scale = self.param_propagate_down[0] if learned else propagate_down[1]
         want_bias = self._bias_dims is not None and self.param_propagate_down[-1]
         operands = (dy, x, scale) + ((dx,) if dx is not None else ())
-        if self._fused and (want_scale or want_bias) and norm_kernels.usable(*operands):
+        if self._fused and (want_scale or want_bias) and _jit.usable(*operands):
             sums = norm_kernels.scale_backward(dy, x, scale, dx)
             scale_diff, bias_diff = sums[:, 0], sums[:, 1]
         else:
@@ -427,7 +427,7 @@ class ScaleLayer(Layer):
             bias_diff = _channel_sums(xp, dy.reshape(self._bias_dims)) if want_bias else None
             scale_diff = _channel_dots(xp, dy, x) if want_scale else None
             if dx is not None:
-                if norm_kernels.usable(dy, dx, scale):
+                if _jit.usable(dy, dx, scale):
                     norm_kernels.channel_affine(dy, scale, xp.zeros_like(scale), dx)
                 else:
                     xp.multiply(dy, scale[:, None], out=dx)

@@ -54,7 +54,7 @@ from collections.abc import Callable
 import numpy as np
 
 from netforge.builtin_layers import _jit
-from netforge.builtin_layers._threads import WORKERS, run_chunks
+from netforge.builtin_layers._threads import WORKERS, even_chunks, run_chunks
 
 #: Output elements one pass over the kernel offsets covers: a block of output rows whose
 #: running maxima or sums stay in the first-level cache while every offset reads into them.
@@ -74,25 +74,10 @@ AVE_PLANE_MIN = 256
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
-def usable(*arrays: np.ndarray) -> bool:
-    """Whether the kernels may run on ``arrays``: numba is enabled and they are C-ordered
-    numpy arrays of one floating type, float32 or float64."""
-    if not _jit.enabled():
-        return False
-    first = arrays[0]
-    return all(
-        type(a) is np.ndarray and a.dtype == first.dtype and a.flags.c_contiguous for a in arrays
-    ) and first.dtype in (np.float32, np.float64)
-
-
 def _run(work: Callable[[int, int], None], planes: int, size: int) -> None:
     """``work(start, stop)`` over plane ranges: one per worker when the input has
     ``SPLIT_MIN`` elements or more, else the whole range here."""
-    parts = min(WORKERS, planes) if size >= SPLIT_MIN else 1
-    if parts == 1:
-        work(0, planes)
-        return
-    chunks = [(w * planes // parts, (w + 1) * planes // parts) for w in range(parts)]
+    chunks = even_chunks(planes, WORKERS if size >= SPLIT_MIN else 1)
     run_chunks(np, lambda start, stop, _worker: work(start, stop), chunks)
 
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from netforge.blob import Blob
-from netforge.builtin_layers import pool_kernels
+from netforge.builtin_layers import _jit, pool_kernels
 from netforge.builtin_layers._threads import WORKERS, run_chunks
 from netforge.builtin_layers.conv_ops import (
     Geometry,
@@ -201,7 +201,7 @@ class PoolingLayer(Layer):
         self.max_index = None
         if self.xp is np:
             tops = [t.data for t in top]
-            if pool_kernels.usable(x, *tops):
+            if _jit.usable(x, *tops):
                 self.max_index = self.ws.get(
                     "max_index", tops[0].shape, pool_kernels.index_type(x.dtype), np
                 )
@@ -315,7 +315,7 @@ class PoolingLayer(Layer):
         if (
             xp is np
             and x.shape[2] * x.shape[3] >= pool_kernels.AVE_PLANE_MIN
-            and pool_kernels.usable(x, out_all, divisor)
+            and _jit.usable(x, out_all, divisor)
         ):
             pool_kernels.ave_forward(x, out_all, divisor, self._kernel_geometry())
             return
@@ -410,7 +410,7 @@ class PoolingLayer(Layer):
             # The kernels ran forward: only they kept the maxima's positions.
             pool_kernels.max_backward(dy_all, self.max_index, diff_all)
             return
-        if divisor is not None and xp is np and pool_kernels.usable(dy_all, diff_all, divisor):
+        if divisor is not None and xp is np and _jit.usable(dy_all, diff_all, divisor):
             pool_kernels.ave_backward(dy_all, divisor, diff_all, self._kernel_geometry())
             return
         if self.method == pb.PoolingParameter.MAX and xp is np:
