@@ -21,10 +21,9 @@ import netforge  # noqa: F401
 
 # isort: split
 import argparse
-import statistics
 
 import numpy as np
-from bench_models import alternate, deploy_param
+from bench_models import alternate, deploy_param, kernels_switched, ms_cells
 from bench_torch import torch_peer
 
 from netforge.blob import Blob
@@ -47,9 +46,7 @@ def depthwise_layers(batch: int) -> list[tuple[pb.LayerParameter, tuple[int, ...
 
 def netforge_runner(param: pb.LayerParameter, shape: tuple[int, ...], kernels: bool, backward):
     """A function running the layer ``n`` times, on the kernel path or on im2col + GEMM."""
-    chosen = _jit.enabled
-    _jit.enabled = (lambda: True) if kernels else (lambda: False)
-    try:
+    with kernels_switched(kernels):
         layer = create_layer(param, phase=pb.TRAIN, rng=np.random.default_rng(0))
         bottom = Blob(shape, np.float32, name="bottom")
         bottom.data = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
@@ -58,8 +55,6 @@ def netforge_runner(param: pb.LayerParameter, shape: tuple[int, ...], kernels: b
         layer.param_propagate_down = [True] * len(layer.blobs)
         layer.reshape([bottom], [top])
         assert (layer._depthwise is not None) == kernels
-    finally:
-        _jit.enabled = chosen
     top.diff = np.random.default_rng(2).standard_normal(top.shape, dtype=np.float32)
 
     def run(n: int) -> None:
@@ -116,18 +111,11 @@ def main() -> None:
         if with_torch:
             runners["pytorch"] = torch_runner(param, shape, args.backward)
         per_call = alternate(runners, args.rounds, args.seconds, 3)
-        cells = []
         for key, seconds in per_call.items():
-            ms = [1e3 * s for s in seconds]
-            totals.setdefault(key, [0.0] * len(ms))
-            totals[key] = [a + b for a, b in zip(totals[key], ms)]
-            cells.append(f"{key} {statistics.median(ms):.3f} [{min(ms):.3f}-{max(ms):.3f}]")
-        print(f"  {param.name:<11} {str(shape):<20} " + "  ".join(cells))
-    cells = [
-        f"{key} {statistics.median(ms):.2f} [{min(ms):.2f}-{max(ms):.2f}]"
-        for key, ms in totals.items()
-    ]
-    print("  all (sum of each round)         " + "  ".join(cells))
+            totals.setdefault(key, [0.0] * len(seconds))
+            totals[key] = [a + b for a, b in zip(totals[key], seconds)]
+        print(f"  {param.name:<11} {str(shape):<20} " + ms_cells(per_call))
+    print("  all (sum of each round)         " + ms_cells(totals, digits=2))
 
 
 if __name__ == "__main__":

@@ -35,16 +35,19 @@ import netforge
 # isort: split
 import argparse
 import collections
+import contextlib
 import logging
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from bench_layers import SOLVER, sgd_solver
 from bench_torch import torch_peer
 
+from netforge.builtin_layers import _jit
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import read_net
@@ -296,6 +299,27 @@ def alternate(runners: dict, rounds: int, seconds: float, minimum: int) -> dict[
             run(counts[key])
             per_call[key].append((time.perf_counter() - start) / counts[key])
     return per_call
+
+
+def ms_cells(per_call: dict[str, list[float]], digits: int = 3) -> str:
+    """``alternate``'s seconds per call as "key median [lowest-highest]" in ms, side by side."""
+    cells = []
+    for key, seconds in per_call.items():
+        ms = [1e3 * s for s in seconds]
+        low, mid, high = min(ms), statistics.median(ms), max(ms)
+        cells.append(f"{key} {mid:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]")
+    return "  ".join(cells)
+
+
+@contextlib.contextmanager
+def kernels_switched(on: bool) -> Iterator[None]:
+    """netforge's compiled kernels (the jit extra) on or off for the calls inside."""
+    chosen = _jit.enabled
+    _jit.enabled = (lambda: True) if on else (lambda: False)
+    try:
+        yield
+    finally:
+        _jit.enabled = chosen
 
 
 def summary(per_call: dict[str, list[float]], scale: float) -> dict:

@@ -21,11 +21,11 @@ import netforge  # noqa: F401
 
 # isort: split
 import argparse
-import statistics
 from collections.abc import Callable
 
+import bench_torch
 import numpy as np
-from bench_models import alternate
+from bench_models import alternate, kernels_switched, ms_cells
 from bench_torch import torch_peer
 from google.protobuf import text_format
 
@@ -77,13 +77,9 @@ def netforge_runner(name: str, shape: tuple[int, ...], kernels: bool, backward: 
     )
 
     def run(n: int) -> None:
-        chosen = _jit.enabled
-        _jit.enabled = (lambda: True) if kernels else (lambda: False)
-        try:
+        with kernels_switched(kernels):
             for _ in range(n):
                 step()
-        finally:
-            _jit.enabled = chosen
 
     return run
 
@@ -101,22 +97,7 @@ def torch_runner(shape: tuple[int, ...], train: bool, backward: bool):
     def forward() -> torch.Tensor:
         return torch.nn.functional.batch_norm(x, mean, var, weight, bias, train, 0.1, 1e-5)
 
-    if not backward:
-
-        def run(n: int) -> None:
-            with torch.no_grad():
-                for _ in range(n):
-                    forward()
-
-        return run
-    y = forward()
-    dy = torch.randn(shape)
-
-    def run_backward(n: int) -> None:
-        for _ in range(n):
-            torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True)
-
-    return run_backward
+    return bench_torch.torch_runner(forward, (x, weight, bias), backward)
 
 
 def main() -> None:
@@ -139,20 +120,13 @@ def main() -> None:
                     "kernels": netforge_runner(name, shape, True, backward),
                 }
                 per_call = alternate(runners, args.rounds, args.seconds, 3)
-                cells = []
-                for key, seconds in per_call.items():
-                    ms = [1e3 * s for s in seconds]
-                    cells.append(f"{key} {statistics.median(ms):.3f} [{min(ms):.3f}-{max(ms):.3f}]")
-                print(f"  {str(shape):<18} {name:<16} {direction:<8} " + "  ".join(cells))
+                print(f"  {str(shape):<18} {name:<16} {direction:<8} " + ms_cells(per_call))
             if with_torch:
                 for train in (True, False):
                     run = {"pytorch": torch_runner(shape, train, backward)}
-                    ms = [1e3 * s for s in alternate(run, args.rounds, args.seconds, 3)["pytorch"]]
+                    per_call = alternate(run, args.rounds, args.seconds, 3)
                     label = "torch BN+affine " + ("train" if train else "eval")
-                    print(
-                        f"  {str(shape):<18} {label:<16} {direction:<8} pytorch "
-                        f"{statistics.median(ms):.3f} [{min(ms):.3f}-{max(ms):.3f}]"
-                    )
+                    print(f"  {str(shape):<18} {label:<16} {direction:<8} " + ms_cells(per_call))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ import netforge  # noqa: F401
 
 # isort: split
 import argparse
-import statistics
 
+import bench_torch
 import numpy as np
-from bench_models import alternate
+from bench_models import alternate, kernels_switched, ms_cells
 from bench_torch import torch_peer
 from google.protobuf import text_format
 
@@ -57,9 +57,7 @@ def netforge_runner(method: str, shape: tuple[int, ...], kernels: bool, backward
     top.diff = rng.standard_normal(top.shape, dtype=np.float32)
 
     def run(n: int) -> None:
-        chosen = _jit.enabled
-        _jit.enabled = (lambda: True) if kernels else (lambda: False)
-        try:
+        with kernels_switched(kernels):
             if backward:
                 # Forward once on the same path: backward needs its kept maxima.
                 layer.forward([bottom], [top])
@@ -68,8 +66,6 @@ def netforge_runner(method: str, shape: tuple[int, ...], kernels: bool, backward
                     layer.backward([top], [True], [bottom])
                 else:
                     layer.forward([bottom], [top])
-        finally:
-            _jit.enabled = chosen
 
     return run
 
@@ -84,22 +80,7 @@ def torch_runner(method: str, shape: tuple[int, ...], backward: bool):
     def forward() -> torch.Tensor:
         return function(x, 3, 2, ceil_mode=True)
 
-    if not backward:
-
-        def run(n: int) -> None:
-            with torch.no_grad():
-                for _ in range(n):
-                    forward()
-
-        return run
-    y = forward()
-    dy = torch.randn(y.shape)
-
-    def run_backward(n: int) -> None:
-        for _ in range(n):
-            torch.autograd.grad(y, x, dy, retain_graph=True)
-
-    return run_backward
+    return bench_torch.torch_runner(forward, (x,), backward)
 
 
 def main() -> None:
@@ -123,12 +104,8 @@ def main() -> None:
             if with_torch:
                 runners["pytorch"] = torch_runner(method, shape, backward)
             per_call = alternate(runners, args.rounds, args.seconds, 3)
-            cells = []
-            for key, seconds in per_call.items():
-                ms = [1e3 * s for s in seconds]
-                cells.append(f"{key} {statistics.median(ms):.3f} [{min(ms):.3f}-{max(ms):.3f}]")
             direction = "backward" if backward else "forward"
-            print(f"  {name:<20} {method} {str(shape):<18} {direction:<8} " + "  ".join(cells))
+            print(f"  {name:<20} {method} {str(shape):<18} {direction:<8} " + ms_cells(per_call))
 
 
 if __name__ == "__main__":

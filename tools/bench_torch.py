@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 
 def torch_peer(wanted: bool) -> bool:
@@ -18,3 +20,29 @@ def torch_peer(wanted: bool) -> bool:
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads")
     return True
+
+
+def torch_runner(
+    forward: Callable[[], Any], inputs: tuple, backward: bool
+) -> Callable[[int], None]:
+    """A function calling ``forward`` ``n`` times without autograd, or, with ``backward``,
+    taking the gradient of one forward's output with respect to ``inputs`` ``n`` times
+    (a fixed random top gradient, the graph kept): PyTorch's side of a layer benchmark."""
+    import torch
+
+    if not backward:
+
+        def run(n: int) -> None:
+            with torch.no_grad():
+                for _ in range(n):
+                    forward()
+
+        return run
+    y = forward()
+    dy = torch.randn(y.shape)
+
+    def run_backward(n: int) -> None:
+        for _ in range(n):
+            torch.autograd.grad(y, inputs, dy, retain_graph=True)
+
+    return run_backward
