@@ -85,15 +85,22 @@ def deconv_reference(x, w, b, stride, pad, dilation, group):
     return y
 
 
-def pool_reference(x, kernel, stride, pad, method, ceil=True):
-    """Caffe's pooling loops: window bounds, AVE divisor and MAX argmax per output."""
-    n, c, height, width = x.shape
+def pooled_size(spatial, kernel, stride, pad, ceil=True) -> list[int]:
+    """Caffe's pooling output size per axis: CEIL (or FLOOR) of (size + 2p − k) / s, plus
+    one, less the last window when it would start in the padding."""
     out = []
-    for size, k, s, p in zip((height, width), kernel, stride, pad):
+    for size, k, s, p in zip(spatial, kernel, stride, pad):
         o = (math.ceil if ceil else math.floor)((size + 2 * p - k) / s) + 1
         if any(pad) and (o - 1) * s >= size + p:
             o -= 1
         out.append(o)
+    return out
+
+
+def pool_reference(x, kernel, stride, pad, method, ceil=True):
+    """Caffe's pooling loops: window bounds, AVE divisor and MAX argmax per output."""
+    n, c, height, width = x.shape
+    out = pooled_size((height, width), kernel, stride, pad, ceil)
     y = np.zeros((n, c, *out))
     mask = np.zeros((n, c, *out))
     for i, j in itertools.product(range(out[0]), range(out[1])):

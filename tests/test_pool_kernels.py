@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from test_layers_vision import pooled_size
 
 from netforge.builtin_layers import _jit, pool_kernels
 from tests.harness import KERNEL_PATHS, build, check_gradient, expect_path, forward, kernel_path
@@ -58,12 +59,7 @@ def reference(x, kernel, stride, pad, ceil):
     strictly greater element in scan order), AVE values, and each window's input positions
     with its AVE weight 1 / (window clipped to the padded extent), for the gradients."""
     n, c, height, width = x.shape
-    out = []
-    for size, k, s, p in zip((height, width), kernel, stride, pad):
-        o = (math.ceil if ceil else math.floor)((size + 2 * p - k) / s) + 1
-        if any(pad) and (o - 1) * s >= size + p:
-            o -= 1
-        out.append(o)
+    out = pooled_size((height, width), kernel, stride, pad, ceil)
     top_max, mask, top_ave = (np.zeros((n, c, *out)) for _ in range(3))
     windows = {}
     for i, j in itertools.product(range(out[0]), range(out[1])):
