@@ -28,6 +28,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from netforge.errors import ConfigError
 
 #: The environment variable that turns the kernels on or off (see the module docstring).
@@ -109,8 +111,6 @@ def usable(*arrays: Any) -> bool:
     """Whether kernels may run on ``arrays``: numba is enabled and they are C-ordered numpy
     arrays of one floating type, float32 or float64 (anything else, cupy included, takes
     the numpy path)."""
-    import numpy as np
-
     if not enabled():
         return False
     first = arrays[0]
