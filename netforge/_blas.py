@@ -13,7 +13,11 @@ After a GEMM, OpenBLAS's worker threads busy-wait for new work (``OPENBLAS_THREA
 default 2^28 cycles, ~0.1 s), stealing the cores that netforge's own copy, pooling and update
 work runs on between GEMMs. Unless the variable is set, netforge sets it to OpenBLAS's
 minimum (4): `tools/bench_layers.py --no-torch` measured LeNet 3305 → 5177 img/s and
-CIFAR-10 quick 838 → 1400 img/s on 2 cores, CaffeNet unchanged.
+CIFAR-10 quick 838 → 1400 img/s on 2 cores, CaffeNet unchanged. Unlike the kernel family,
+this one still applies when numpy is already loaded, as in every pycaffe script (``import
+numpy as np`` before ``import caffe``): OpenBLAS re-reads its environment and restarts its
+threads (ResNet-50's batch-1 forward, numpy imported first, 2 cores: 167 ms spinning, 114
+ms after the restart, 122 with netforge imported first; medians of 20).
 
 It also reaches the level-1 routines the SGD update is built from (``level1``) and sets
 OpenBLAS's thread count (``set_blas_threads``).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 _AVX512_CORES = {"SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS"}
@@ -51,10 +56,15 @@ def configure_openblas() -> None:
     loaded yet (see the module docstring)."""
     global adjustment, thread_timeout
     wanted = os.environ.get("NETFORGE_BLAS_CORETYPE", "")
-    if "numpy" in sys.modules or wanted.lower() == "keep":
+    if wanted.lower() == "keep":
         return
+    loaded = "numpy" in sys.modules
     if not os.environ.get("OPENBLAS_THREAD_TIMEOUT"):
         thread_timeout = os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
+        if loaded:
+            _restart_openblas_threads()
+    if loaded:  # OpenBLAS chose its kernels when it loaded
+        return
     current = os.environ.get("OPENBLAS_CORETYPE", "")
     if not wanted:
         if current.upper() in _AVX512_CORES or not _SKYLAKEX_FLAGS <= _cpu_flags():
@@ -65,24 +75,43 @@ def configure_openblas() -> None:
         adjustment = (current, wanted)
 
 
-def openblas_symbol(*names: str) -> Any:
-    """The first of ``names`` exported by an OpenBLAS library loaded in this process (found
-    through Linux's ``/proc/self/maps``; numpy's copy prefixes some symbols), or None."""
+def _openblas_libraries() -> Iterator[Any]:
+    """Every OpenBLAS library loaded in this process (found through Linux's
+    ``/proc/self/maps``), as a ctypes library."""
     try:
         with open("/proc/self/maps") as maps:
             paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
     except OSError:
-        return None
+        return
     for path in paths:
         try:
-            library = ctypes.CDLL(path)
+            yield ctypes.CDLL(path)
         except OSError:
             continue
+
+
+def openblas_symbol(*names: str) -> Any:
+    """The first of ``names`` exported by an OpenBLAS library loaded in this process (numpy's
+    copy prefixes some symbols), or None."""
+    for library in _openblas_libraries():
         for name in names:
             function = getattr(library, name, None)
             if function is not None:
                 return function
     return None
+
+
+def _restart_openblas_threads() -> None:
+    """Make loaded OpenBLAS libraries take the environment's ``OPENBLAS_THREAD_TIMEOUT``:
+    re-read the environment, then stop the thread server, which the next threaded call
+    starts again with the timeout it read. This must not run while another thread is
+    inside a BLAS call; it runs at ``import netforge``."""
+    for library in _openblas_libraries():
+        read_env = getattr(library, "openblas_read_env", None)
+        shutdown = getattr(library, "blas_thread_shutdown_", None)
+        if read_env is not None and shutdown is not None:
+            read_env()
+            shutdown()
 
 
 # -- C += A·B in one GEMM ---------------------------------------------------------------------

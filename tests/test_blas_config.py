@@ -50,6 +50,36 @@ def test_user_settings_win() -> None:
     assert kept == {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_THREAD_TIMEOUT": ""}
 
 
+NUMPY_FIRST = """
+import time
+import numpy as np
+a = np.ones((1024, 1024), np.float32)
+import netforge
+from netforge import _blas
+a @ a  # a threaded GEMM; then its helper threads wait for more work
+start = time.process_time()
+time.sleep(0.1)
+print(_blas.openblas_symbol("openblas_thread_timeout")(), time.process_time() - start)
+"""
+
+
+def test_idle_threads_sleep_when_numpy_was_imported_first() -> None:
+    """pycaffe scripts import numpy before caffe: OpenBLAS has read its environment by then,
+    so netforge makes it read it again and restart its threads. Spinning threads would burn
+    about a core for 0.1 s after the GEMM; sleeping ones burn nothing."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "NETFORGE_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", NUMPY_FIRST],
+        env={**base, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    timeout, idle_cpu = result.stdout.split()
+    assert int(timeout) == 4
+    assert float(idle_cpu) < 0.03
+
+
 def layouts(rows: int, cols: int, dtype, seed: int):
     """A (rows, cols) matrix as a C-ordered array, a transposed one, and a row-major view
     with a leading dimension wider than its rows."""
