@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
 import threading
 import time
 
@@ -409,7 +410,7 @@ def test_run_chunks_covers_every_chunk_once_and_restores_blas_threads():
 
 def test_run_chunks_runs_worker_zero_here_and_lets_the_others_finish_when_it_fails(monkeypatch):
     monkeypatch.setattr(_threads, "WORKERS", 2)
-    monkeypatch.setattr(_threads, "_pool", None)  # a fresh pool of WORKERS - 1 threads
+    monkeypatch.setattr(_threads, "_workers", [])  # a fresh pool of WORKERS - 1 threads
     threads, finished = {}, []
 
     def work(start, stop, worker):
@@ -423,6 +424,58 @@ def test_run_chunks_runs_worker_zero_here_and_lets_the_others_finish_when_it_fai
         _threads.run_chunks(np, work, [(i, i + 1) for i in range(6)])
     assert threads[0] == threading.get_ident() != threads[1]
     assert finished == [1, 3, 5]
+
+
+def test_run_chunks_raises_a_pooled_workers_error_and_the_pool_still_serves(monkeypatch):
+    monkeypatch.setattr(_threads, "WORKERS", 2)
+    monkeypatch.setattr(_threads, "_workers", [])
+
+    def work(start, stop, worker):
+        if worker == 1:
+            raise ValueError(f"chunk {start} failed")
+
+    with pytest.raises(ValueError, match="chunk 1 failed"):
+        _threads.run_chunks(np, work, [(0, 1), (1, 2)])
+    calls = []
+    _threads.run_chunks(np, lambda start, stop, worker: calls.append(worker), [(0, 1), (1, 2)])
+    assert sorted(calls) == [0, 1]
+
+
+def test_run_chunks_called_from_inside_a_call_runs_on_its_own_thread(monkeypatch):
+    """One call runs on the pool at a time: an inner call (here from the pooled worker)
+    runs its chunks where it is called instead of waiting for the busy pool."""
+    monkeypatch.setattr(_threads, "WORKERS", 2)
+    monkeypatch.setattr(_threads, "_workers", [])
+    inner = []
+
+    def outer(start, stop, worker):
+        if worker == 1:
+            here = threading.get_ident()
+            _threads.run_chunks(
+                np,
+                lambda a, b, w: inner.append((a, w, threading.get_ident() == here)),
+                [(0, 1), (1, 2)],
+            )
+
+    _threads.run_chunks(np, outer, [(0, 1), (1, 2)])
+    assert inner == [(0, 0, True), (1, 0, True)]
+
+
+def test_run_chunks_works_in_a_forked_child(monkeypatch):
+    """A forked child has no pooled threads: it starts its own instead of waiting for
+    threads that only exist in the parent."""
+    monkeypatch.setattr(_threads, "WORKERS", 2)
+    _threads.run_chunks(np, lambda start, stop, worker: None, [(0, 1), (1, 2)])  # pool up
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as children:
+        workers = children.apply_async(_pooled_workers_in_child).get(timeout=20)
+    assert workers == [0, 1]
+
+
+def _pooled_workers_in_child() -> list[int]:
+    seen = []
+    _threads.run_chunks(np, lambda start, stop, worker: seen.append(worker), [(0, 1), (1, 2)])
+    return sorted(seen)
 
 
 def test_workspace_serves_smaller_chunks_from_one_buffer():

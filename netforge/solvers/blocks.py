@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from netforge._blas import set_blas_threads
-from netforge.builtin_layers._threads import WORKERS
+from netforge.builtin_layers._threads import WORKERS, run_chunks
 
 #: Elements per block on numpy: 128 Ki, 512 KiB per float32 array. Each operation of an
 #: update touches two or three of a block's arrays, which stay in the core's L2 (1 MiB here)
@@ -91,7 +90,6 @@ class ParamBlocks:
         #: the user as a strided array).
         self.contiguous = True
         self._ones: Any = None
-        self._pool: ThreadPoolExecutor | None = None
         self._threads = 1
 
     def blocks(self, params: Sequence[Any], history: Sequence[Any]) -> list[Block]:
@@ -142,9 +140,6 @@ class ParamBlocks:
             for p in pieces
         ]
         self._ones = np.ones(size, self.dtype) if self.xp is np else None
-        if threads > 1 and threads != self._threads:
-            # The calling thread is one of the ``threads`` (see ``run``).
-            self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="netforge-update")
         self._threads = threads
 
     def total(self, array: Any) -> Any:
@@ -175,25 +170,18 @@ class ParamBlocks:
             set_blas_threads(previous)
 
     def _run_numpy(self, blocks: list[Block], work: BlockWork) -> list[Any]:
-        if self._threads == 1:
-            return [work(block, block.scratch[0]) for block in blocks]
-        assert self._pool is not None
         # ``next`` on itertools.count runs under the GIL: each block is claimed once.
         claims = itertools.count()
+        results: list[list[Any]] = [[] for _ in range(self._threads)]
 
-        def lane(thread: int) -> list[Any]:
-            results = []
+        def lane(thread: int, _stop: int, _worker: int) -> None:
             while (i := next(claims)) < len(blocks):
                 block = blocks[i]
-                results.append(work(block, block.scratch[thread]))
-            return results
+                results[thread].append(work(block, block.scratch[thread]))
 
-        futures = [self._pool.submit(lane, t) for t in range(1, self._threads)]
-        try:
-            results = lane(0)
-        finally:
-            wait(futures)  # the others still use the blocks even when this lane failed
-        return results + [result for future in futures for result in future.result()]
+        # One lane per thread, on the layers' worker pool (the calling thread runs lane 0).
+        run_chunks(np, lane, [(t, t + 1) for t in range(self._threads)])
+        return [result for lane_results in results for result in lane_results]
 
 
 def _views(scratch: tuple[Any, Any], like: Any) -> tuple[Any, Any]:
