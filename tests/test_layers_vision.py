@@ -333,6 +333,60 @@ def test_one_image_takes_im2col_split_on_the_pool():
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "channels,filters,size,params,split",
+    [
+        (6, 4, 9, "kernel_size: 3 pad: 1", "rows"),  # 81 pixels, 4 filters
+        (6, 4, 9, "kernel_size: 1", "rows"),  # 1×1 stride 1: the bottom's own pixels
+        (6, 4, 11, "kernel_size: 3 stride: 2 pad: 1 group: 2", "rows"),
+        (4, 6, 5, "kernel_size: 2 stride: 1 dilation: 2 pad: 1 group: 2", "rows"),
+        (8, 64, 3, "kernel_size: 3 pad: 1", "channels"),  # 9 pixels, 64 filters
+        (4, 8, 1, "kernel_size: 1", "channels"),  # one output row: nothing to split by rows
+        (6, 4, 9, "kernel_size: 3 pad: 1", "none"),  # under SPLIT_MIN_MACS
+    ],
+)
+def test_one_image_splits_by_rows_or_channels_or_not_at_all(
+    monkeypatch, channels, filters, size, params, split
+):
+    """``_forward_one``'s three ways against the direct formula, on two workers; and the
+    weight and bottom gradients after each, which recompute the columns the row split
+    does not keep, against those of the same layer at batch 2 run on the same image twice."""
+    monkeypatch.setattr(_threads, "WORKERS", 2)
+    monkeypatch.setattr(convolution, "WORKERS", 2)
+    monkeypatch.setattr(convolution, "SPLIT_MIN_MACS", 1 << 40 if split == "none" else 0)
+    taken = []
+    by_rows = convolution.ConvolutionLayer._forward_one_by_rows
+    monkeypatch.setattr(
+        convolution.ConvolutionLayer,
+        "_forward_one_by_rows",
+        lambda *args: taken.append("rows") or by_rows(*args),
+    )
+    x = RNG.normal(size=(1, channels, size, size)).astype(np.float32)
+    text = _conv_text("Convolution", filters, params)
+    layer, bottom, top = build(text, [x], dtype=np.float32)
+    (y,) = forward(layer, bottom, top)
+    assert taken == (["rows"] if split == "rows" else [])
+    w, b = (p.data.astype(np.float64) for p in layer.blobs)
+    geom = layer.geom
+    ref = conv_reference(
+        x.astype(np.float64), w, b, geom.stride, geom.pad, geom.dilation, layer.group
+    )
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+    dy = RNG.normal(size=y.shape).astype(np.float32)
+    pair, pair_bottom, pair_top = build(text, [np.concatenate([x, x])], dtype=np.float32)
+    for mine, theirs in zip(pair.blobs, layer.blobs):
+        mine.data[...] = theirs.data
+    forward(pair, pair_bottom, pair_top)
+    for conv, tops, bottoms, times in ((layer, top, bottom, 1), (pair, pair_top, pair_bottom, 2)):
+        tops[0].diff = np.concatenate([dy] * times)
+        for blob in conv.blobs:
+            blob.diff.fill(0)
+        conv.backward(tops, [True], bottoms)
+    np.testing.assert_allclose(2 * layer.blobs[0].diff, pair.blobs[0].diff, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bottom[0].diff[0], pair_bottom[0].diff[1], rtol=1e-5, atol=1e-5)
+
+
 def test_im2col_where_filters_outweigh_the_window_copies():
     """Two 3×3 images of 64 channels through 8 filters (ResNet-50's 7×7 layers, in small):
     the row shifts would save 2·9·2 copied elements per 8·3 filter elements they re-lay

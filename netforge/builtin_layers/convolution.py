@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from netforge._blas import matmul_into
+from netforge._blas import matmul_into, set_blas_threads
 from netforge.blob import Blob
 from netforge.builtin_layers import _jit
-from netforge.builtin_layers._threads import WORKERS, run_chunks
+from netforge.builtin_layers._threads import WORKERS, even_chunks, run_chunks
 from netforge.builtin_layers.conv_ops import (
     Geometry,
     Workspace,
@@ -83,6 +83,16 @@ ROW_SHIFT_MIN_REUSE = 4
 #: ResNet-50 316 -> 202 ms (its 28×28 3×3 layers took 10-12 ms each with Winograd),
 #: SqueezeNet 24.8 -> 23.3, GoogLeNet 84 -> 89 (within its spread, 0.80-1.07).
 ROW_SHIFT_MIN_IMAGES = 2
+
+#: Least multiply-adds (filter elements × output pixels) at which a single image's GEMM is
+#: split between the workers (``_forward_one``); a smaller one runs on the calling thread
+#: alone, with OpenBLAS on one thread. Handing half to the pool costs about as much as
+#: ~20 M multiply-adds save on 2 cores. Per layer, split / alone, ms (medians of 15,
+#: alternating): GoogLeNet's inception_4a/3x3_reduce (9.0 M) 0.43 / 0.25,
+#: inception_4a/1x1 (18.1 M) 0.56 / 0.48, inception_5a/3x3 (22.6 M) 0.87 / 0.80;
+#: at 25.7 M the split wins or ties: ResNet-50's res3a_branch2a 0.89 / 1.18, MobileNet's
+#: conv4_2/sep 0.54 / 0.60.
+SPLIT_MIN_MACS = 3 << 23
 
 #: Least output rows at which a row-shift Convolution uses Winograd's F(4, kh) along the rows
 #: (``conv_winograd``): one tile's worth; with fewer, the one tile computes mostly rows that
@@ -504,7 +514,9 @@ class _ConvolutionBase(Layer):
         """Forward of a single image on numpy by im2col: the GEMM is split by output
         channels among the workers, each running OpenBLAS on one thread, and writes the
         top directly (one image's (num_output, pixels) rows are the top's layout). A 1×1,
-        stride-1, unpadded kernel multiplies the bottom itself, with no column copy.
+        stride-1, unpadded kernel multiplies the bottom itself, with no column copy. An
+        image with at least as many pixels as filters is split by output rows instead
+        (``_forward_one_by_rows``), and a GEMM under ``SPLIT_MIN_MACS`` is not split.
 
         Why not OpenBLAS's own two threads: they synchronise several times per call, and
         each time the other core is busy they wait for it to be scheduled. On 2 cores under
@@ -517,13 +529,17 @@ class _ConvolutionBase(Layer):
         geom = self.geom
         pointwise = all(k == 1 for k in geom.kernel) and not any(geom.pad)
         direct = pointwise and all(s == 1 for s in geom.stride)
+        pixels = math.prod(self.col_spatial)
+        alone = weights.size * pixels < SPLIT_MIN_MACS
+        if not alone and pixels * self.group >= self.num_output and self.col_spatial[0] >= WORKERS:
+            self._forward_one_by_rows(x, y, weights, bias, direct)
+            return False
         if direct:
             col = x.reshape(self.group, -1, math.prod(self.col_spatial))
         else:
             col = self._columns(self._image(x), 0, 1, ws)
         out = y.reshape(self.group, self.num_output // self.group, -1)
         per_group = out.shape[1]
-        parts = [(w * per_group // WORKERS, (w + 1) * per_group // WORKERS) for w in range(WORKERS)]
 
         def work(start: int, stop: int, _worker: int) -> None:
             target = out[:, start:stop]
@@ -531,8 +547,52 @@ class _ConvolutionBase(Layer):
             if bias is not None:
                 target += bias.reshape(self.group, -1, 1)[:, start:stop]
 
-        run_chunks(np, work, [(a, b) for a, b in parts if b > a])
+        if alone:
+            previous = set_blas_threads(1)
+            try:
+                work(0, per_group, 0)
+            finally:
+                set_blas_threads(previous)
+        else:
+            run_chunks(np, work, even_chunks(per_group))
         return not direct
+
+    def _forward_one_by_rows(self, x: Any, y: Any, weights: Any, bias: Any, direct: bool):
+        """``_forward_one`` split by output rows instead of output channels: each worker
+        copies the columns of its rows (a view of the bottom for ``direct`` kernels) and
+        multiplies all the filters by them into its rows of the top. Where an image has
+        more pixels than filters this wins: each worker packs half the columns for its GEMM
+        instead of all of them, and copies half of them, while they are in its cache.
+        Per layer at batch 1, split by channels / by rows, ms (medians of 15, alternating):
+        ResNet-50's res2b_branch2b (64 filters, 3136 pixels) 3.25 / 2.44, res3b_branch2b
+        (128, 784) 2.88 / 2.22, conv1 3.84 / 3.01; GoogLeNet's conv1/7x7_s2 4.78 / 3.02; but
+        res5b_branch2b (512, 49) 2.73 / 3.36. The columns are not kept for backward."""
+        out = y.reshape(self.group, self.num_output // self.group, -1)
+        rest = math.prod(self.col_spatial[1:])  # pixels per output row
+        kernel, depth = self.geom.kernel, self.image_channels * math.prod(self.geom.kernel)
+        if direct:
+            bottom = x.reshape(self.group, -1, math.prod(self.col_spatial))
+        else:
+            image = padded(self._image(x), self.geom.pad, self.workspaces[0], "im2col_pad")
+            view = windows(image, self.geom, self.col_spatial)[0]  # (C, *kernel, *out)
+        channels_and_kernel = (slice(None),) * (1 + len(kernel))
+
+        def work(first: int, last: int, worker: int) -> None:
+            start, stop = first * rest, last * rest
+            if direct:
+                col = bottom[:, :, start:stop]
+            else:
+                space = self.workspaces[worker].scratch
+                col = space.matrix("col", depth, stop - start, x.dtype, np)
+                shape = (self.image_channels, *kernel, last - first, *self.col_spatial[1:])
+                np.copyto(col.reshape(shape), view[channels_and_kernel + (slice(first, last),)])
+                col = col.reshape(self.group, -1, stop - start)
+            target = out[:, :, start:stop]
+            np.matmul(weights, col, out=target)
+            if bias is not None:
+                target += bias.reshape(self.group, -1, 1)
+
+        run_chunks(np, work, even_chunks(self.col_spatial[0]))
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
