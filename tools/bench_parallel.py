@@ -13,8 +13,9 @@ gradient exchange, not data loading), every process is pinned to a core of its o
 OpenBLAS thread, and trains with SGD:
 
 - ``1 proc``: one process alone, images/s at the solver's batch size; it also times the
-  forward and backward passes apart (``fwd``, ``bwd`` ms; ``upd`` is the rest of an iteration:
-  the update) — the compute times docs/scaling.md's model starts from;
+  forward and backward passes and the update apart (``fwd``, ``bwd``, ``upd`` ms, each timed
+  directly: as the rest of an iteration, the update took the drift between two timings and
+  came out negative) — the compute times docs/scaling.md's model starts from;
 - ``2 ranks``: ``mpiexec -n 2``, each rank at the same batch size (effective batch 2x), images
   per second over both ranks; ``efficiency`` = 2-rank images/s / (2 x 1-process images/s);
 - ``allreduce``: a blocking all-reduce of the whole gradient buffer, timed alone on the two
@@ -96,14 +97,19 @@ def worker_alone(name: str, seconds: float, min_iters: int) -> dict:
     solver, batch = build_solver(name, 0)
     iters, elapsed = timed_steps(solver, seconds, min_iters)
     net = solver.net
-    fwd = bwd = 0.0
-    for _ in range(max(3, iters // 4)):
+    fwd = bwd = upd = 0.0
+    passes = max(3, iters // 4)
+    for _ in range(passes):
+        net.clear_param_diffs()
         start = time.perf_counter()
         net.forward_from_to()
-        middle = time.perf_counter()
+        forwarded = time.perf_counter()
         net.backward_from_to()
-        fwd, bwd = fwd + middle - start, bwd + time.perf_counter() - middle
-    passes = max(3, iters // 4)
+        backwarded = time.perf_counter()
+        solver.apply_update()
+        fwd += forwarded - start
+        bwd += backwarded - forwarded
+        upd += time.perf_counter() - backwarded
     grad_bytes = sum(p.count for p in net.learnable_params) * 4
     return {
         "net": name,
@@ -113,6 +119,7 @@ def worker_alone(name: str, seconds: float, min_iters: int) -> dict:
         "images_per_s": batch * iters / elapsed,
         "fwd_ms": fwd / passes * 1e3,
         "bwd_ms": bwd / passes * 1e3,
+        "update_ms": upd / passes * 1e3,
         "grad_bytes": grad_bytes,
     }
 
@@ -248,10 +255,9 @@ def main() -> None:
         rounds.sort(key=lambda r: r[0])
         efficiency, alone, ranks = rounds[len(rounds) // 2]
         spread = f"{rounds[0][0]:.1%}-{rounds[-1][0]:.1%}"
-        update = alone["iter_ms"] - alone["fwd_ms"] - alone["bwd_ms"]
         print(
             f"{name:14} {alone['batch']:5d} {alone['images_per_s']:12.1f} "
-            f"{alone['fwd_ms']:8.1f} {alone['bwd_ms']:8.1f} {update:7.1f} "
+            f"{alone['fwd_ms']:8.1f} {alone['bwd_ms']:8.1f} {alone['update_ms']:7.1f} "
             f"{ranks['images_per_s']:13.1f} {efficiency:10.1%} "
             f"{alone['grad_bytes'] / 1e6:8.2f} {ranks['buckets']:7d} "
             f"{ranks['allreduce_ms']:12.2f} {ranks['exposed_ms']:10.2f} {ranks['hidden']:6.0%} "
@@ -261,7 +267,6 @@ def main() -> None:
         rows.append(
             {
                 **alone,
-                "update_ms": update,
                 "two_ranks": ranks,
                 "efficiency": efficiency,
                 "efficiency_rounds": [r[0] for r in rounds],
