@@ -7,21 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from netforge.builtin_layers import _jit
-from tests.harness import build, check_gradient, forward
+from netforge.builtin_layers import depthwise
+from tests.harness import KERNEL_PATHS, build, check_gradient, forward, kernel_path
 
-RNG = np.random.default_rng(11)
+SEED = 11
 
 
-@pytest.fixture(params=["kernel", "numpy"])
+@pytest.fixture(params=KERNEL_PATHS)
 def path(request, monkeypatch):
-    """Which CPU path runs the layer: numba's kernels, or the numpy fallback."""
-    if request.param == "kernel":
-        if not _jit.enabled():
-            pytest.skip("numba (the jit extra) is not installed")
-    else:
-        monkeypatch.setattr(_jit, "enabled", lambda: False)
-    return request.param
+    """Which CPU path runs the layer: numba's kernels on one worker, the kernels with the
+    planes split between the workers however few, or the numpy fallback."""
+    kind, _ = kernel_path(request, monkeypatch, depthwise, ())
+    return kind
 
 
 # (batch, channels, multiplier, height, width, kernel, stride, pad, dilation, bias)
@@ -90,9 +87,9 @@ def reference_gradients(x, w, dy, kernel, stride, pad, dilation):
     return dxpad[:, :, pad[0] : pad[0] + height, pad[1] : pad[1] + width], dw
 
 
-def _layer(case, dtype):
+def _layer(case, dtype, rng):
     n, c, mult, height, width, kernel, stride, pad, dilation, bias = case
-    x = RNG.normal(size=(n, c, height, width))
+    x = rng.normal(size=(n, c, height, width))
     text = _text(c, mult, kernel, stride, pad, dilation, bias)
     return build(text, [x], dtype=dtype), x, (kernel, stride, pad, dilation)
 
@@ -100,15 +97,16 @@ def _layer(case, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_backward_match_the_formula(case, dtype, path):
-    (layer, bottom, top), x, geometry = _layer(case, dtype)
-    assert (layer._depthwise is not None) == (path == "kernel")
+    rng = np.random.default_rng(SEED)  # the test's own draws, whatever ran before it
+    (layer, bottom, top), x, geometry = _layer(case, dtype, rng)
+    assert (layer._depthwise is not None) == (path != "numpy")
     w = layer.blobs[0].data.copy()
     b = layer.blobs[1].data.copy() if case[-1] else None
     (y,) = forward(layer, bottom, top)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
     np.testing.assert_allclose(y, reference(x, w, b, *geometry), **tol)
 
-    dy = RNG.normal(size=y.shape)
+    dy = rng.normal(size=y.shape)
     top[0].diff = dy.astype(dtype)
     layer.blobs[0].diff = np.full(w.shape, 0.25, dtype)  # the weight gradient adds to it
     bottom[0].diff = np.full(x.shape, np.nan, dtype)  # the bottom gradient overwrites it
@@ -122,16 +120,18 @@ def test_forward_and_backward_match_the_formula(case, dtype, path):
 def test_gradients_pass_caffes_check(case, path):
     n, c, mult, height, width, kernel, stride, pad, dilation, bias = case
     text = _text(c, mult, kernel, stride, pad, dilation, bias)
-    assert check_gradient(text, [RNG.normal(size=(n, c, height, width))]) > 0
+    x = np.random.default_rng(SEED).normal(size=(n, c, height, width))
+    assert check_gradient(text, [x]) > 0
 
 
 @pytest.mark.parametrize("want", ["bottom", "weights"])
 def test_backward_computes_only_what_is_asked(want, path):
     case = CASES[1]
-    (layer, bottom, top), x, geometry = _layer(case, np.float64)
+    rng = np.random.default_rng(SEED)
+    (layer, bottom, top), x, geometry = _layer(case, np.float64, rng)
     w = layer.blobs[0].data.copy()
     (y,) = forward(layer, bottom, top)
-    dy = RNG.normal(size=y.shape)
+    dy = rng.normal(size=y.shape)
     top[0].diff = dy
     layer.param_propagate_down = [want == "weights", False]
     layer.blobs[0].diff = np.zeros(w.shape)
@@ -148,5 +148,9 @@ def test_backward_computes_only_what_is_asked(want, path):
 
 def test_a_single_channel_convolution_is_not_depthwise():
     """One input channel is an ordinary convolution: im2col + GEMM runs it either way."""
-    (layer, _, _), _, _ = _layer((2, 1, 4, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), True), np.float64)
+    (layer, _, _), _, _ = _layer(
+        (2, 1, 4, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), True),
+        np.float64,
+        np.random.default_rng(SEED),
+    )
     assert layer._depthwise is None
