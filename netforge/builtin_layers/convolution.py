@@ -557,7 +557,7 @@ class _ConvolutionBase(Layer):
             run_chunks(np, work, even_chunks(per_group))
         return not direct
 
-    def _forward_one_by_rows(self, x: Any, y: Any, weights: Any, bias: Any, direct: bool):
+    def _forward_one_by_rows(self, x: Any, y: Any, weights: Any, bias: Any, direct: bool) -> None:
         """``_forward_one`` split by output rows instead of output channels: each worker
         copies the columns of its rows (a view of the bottom for ``direct`` kernels) and
         multiplies all the filters by them into its rows of the top. Where an image has
