@@ -388,6 +388,32 @@ def test_one_image_splits_by_rows_or_channels_or_not_at_all(
     np.testing.assert_allclose(bottom[0].diff[0], pair_bottom[0].diff[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "channels,filters,size,group,pointwise",
+    [
+        (6, 4, 12, 1, True),  # 144 pixels an image
+        (6, 4, 12, 2, True),
+        (4, 6, 13, 2, True),
+        (6, 4, 11, 1, False),  # 121 pixels: under POINTWISE_MIN_PIXELS, columns
+    ],
+)
+def test_one_by_one_convolution_of_several_images_multiplies_each_in_place(
+    channels, filters, size, group, pointwise
+):
+    """1×1, stride 1, unpadded, batch 3: one GEMM per image and group on the blobs as they
+    are (``_pointwise``), against the direct formula and Caffe's gradient check."""
+    rng = np.random.default_rng(SEED)
+    x = rng.normal(size=(3, channels, size, size))
+    text = _conv_text("Convolution", filters, f"kernel_size: 1 group: {group}")
+    layer, bottom, top = build(text, [x])
+    assert layer._pointwise is pointwise
+    (y,) = forward(layer, bottom, top)
+    w, b = (p.data for p in layer.blobs)
+    ref = conv_reference(x, w, b, (1, 1), (0, 0), (1, 1), group)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    assert check_gradient(text, [x]) > 0
+
+
 def test_im2col_where_filters_outweigh_the_window_copies():
     """Two 3×3 images of 64 channels through 8 filters (ResNet-50's 7×7 layers, in small):
     the row shifts would save 2·9·2 copied elements per 8·3 filter elements they re-lay
