@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
+import signal
 import threading
 import time
 
@@ -520,6 +521,33 @@ def test_run_chunks_raises_a_pooled_workers_error_and_the_pool_still_serves(monk
     calls = []
     _threads.run_chunks(np, lambda start, stop, worker: calls.append(worker), [(0, 1), (1, 2)])
     assert sorted(calls) == [0, 1]
+
+
+def test_an_interrupted_wait_still_waits_for_the_pooled_worker(monkeypatch):
+    """Ctrl-C while the caller waits for the pooled worker: the KeyboardInterrupt comes out
+    only once the worker's share is over, and the next call waits for its own share."""
+    monkeypatch.setattr(_threads, "WORKERS", 2)
+    monkeypatch.setattr(_threads, "_workers", [])
+    caller, finished = threading.get_ident(), []
+
+    def work(start, stop, worker):
+        if worker == 1:
+            time.sleep(0.05)  # the caller is waiting by now
+            signal.pthread_kill(caller, signal.SIGINT)
+            time.sleep(0.05)  # still running when the interrupt reaches the caller
+            finished.append(start)
+
+    with pytest.raises(KeyboardInterrupt):
+        _threads.run_chunks(np, work, [(0, 1), (1, 2)])
+    assert finished == [1]
+
+    def slow(start, stop, worker):
+        if worker == 1:
+            time.sleep(0.05)
+            finished.append(start)
+
+    _threads.run_chunks(np, slow, [(0, 1), (1, 2)])
+    assert finished == [1, 1]
 
 
 def test_run_chunks_called_from_inside_a_call_runs_on_its_own_thread(monkeypatch):

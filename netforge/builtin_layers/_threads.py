@@ -90,6 +90,23 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _wait_for(helpers: Sequence[_Worker]) -> None:
+    """Wait until every helper has finished its share, even through a KeyboardInterrupt
+    (a lock wait is interruptible), which is raised once they all have: a helper left
+    running would still write to the layer's buffers, and its late ``done`` would end the
+    next call's wait before that call's share was over."""
+    interrupted: BaseException | None = None
+    for helper in helpers:
+        while True:
+            try:
+                helper.done.acquire()
+                break
+            except BaseException as error:  # a signal (KeyboardInterrupt) during the wait
+                interrupted = interrupted or error
+    if interrupted is not None:
+        raise interrupted
+
+
 def even_chunks(count: int, parts: int = WORKERS) -> list[tuple[int, int]]:
     """``range(count)`` as at most ``parts`` contiguous (start, stop) ranges whose sizes
     differ by at most one, none empty: a worker's share of planes, channels or rows."""
@@ -132,8 +149,7 @@ def run_chunks(
             serve(0)
         finally:
             # Even when worker 0 fails, the others still use the buffers: let them finish.
-            for helper in helpers:
-                helper.done.acquire()
+            _wait_for(helpers)
             set_blas_threads(previous)
         for helper in helpers:
             error, helper.error = helper.error, None
