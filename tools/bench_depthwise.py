@@ -23,11 +23,9 @@ import netforge  # noqa: F401
 import argparse
 
 import numpy as np
-from bench_models import alternate, deploy_param, kernels_switched, ms_cells
-from bench_torch import torch_peer
+from bench_models import alternate, deploy_param, kernel_bench_args, kernels_switched, ms_cells
 
 from netforge.blob import Blob
-from netforge.builtin_layers import _jit
 from netforge.layer import create_layer
 from netforge.net import Net
 from netforge.proto import pb
@@ -92,13 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=0.3)
-    parser.add_argument("--no-torch", action="store_true")
-    args = parser.parse_args()
-    if not _jit.enabled():
-        raise SystemExit("numba is not installed: pip install 'netforge[jit]'")
-    with_torch = torch_peer(not args.no_torch)
+    args, with_torch = kernel_bench_args(parser)
     what = "forward + backward" if args.backward else "forward"
     print(f"MobileNet v1 depthwise layers, batch {args.batch}, {what}, float32, ms per call")
     print("median [lowest-highest round]")

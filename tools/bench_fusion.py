@@ -21,10 +21,9 @@ import netforge  # noqa: F401
 # isort: split
 import argparse
 import os
-import statistics
 
 import numpy as np
-from bench_models import alternate, deploy_param, fill_weights, random_batch
+from bench_models import alternate, deploy_param, fill_weights, ms_cells, random_batch
 
 from netforge import fusion
 from netforge.builtin_layers import _jit
@@ -69,12 +68,8 @@ def main() -> None:
         runs = len(fusion.plan(net))
         runners = {"unfused": runner(net, False), "fused": runner(net, True)}
         per_call = alternate(runners, args.rounds, args.seconds, 3)
-        cells = []
-        for key, seconds in per_call.items():
-            ms = [1e3 * s for s in seconds]
-            cells.append(f"{key} {statistics.median(ms):.2f} [{min(ms):.2f}-{max(ms):.2f}]")
-        cells.append(f"max rel. diff {error:.2g}")
-        print(f"  {name:<10} {runs} fused runs  " + "  ".join(cells))
+        cells = ms_cells(per_call, 2)
+        print(f"  {name:<10} {runs} fused runs  {cells}  max rel. diff {error:.2g}")
 
 
 if __name__ == "__main__":

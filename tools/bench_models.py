@@ -311,6 +311,19 @@ def ms_cells(per_call: dict[str, list[float]], digits: int = 3) -> str:
     return "  ".join(cells)
 
 
+def kernel_bench_args(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, bool]:
+    """The per-kernel benchmarks' command line: ``parser``'s own options plus ``--rounds``,
+    ``--seconds`` (per round and runner) and ``--no-torch``; exits when numba is missing.
+    Returns the arguments and whether PyTorch runs beside netforge."""
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=0.3)
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args()
+    if not _jit.enabled():
+        raise SystemExit("numba is not installed: pip install 'netforge[jit]'")
+    return args, torch_peer(not args.no_torch)
+
+
 @contextlib.contextmanager
 def kernels_switched(on: bool) -> Iterator[None]:
     """netforge's compiled kernels (the jit extra) on or off for the calls inside."""

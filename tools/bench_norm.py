@@ -25,12 +25,10 @@ from collections.abc import Callable
 
 import bench_torch
 import numpy as np
-from bench_models import alternate, kernels_switched, ms_cells
-from bench_torch import torch_peer
+from bench_models import alternate, kernel_bench_args, kernels_switched, ms_cells
 from google.protobuf import text_format
 
 from netforge.blob import Blob
-from netforge.builtin_layers import _jit
 from netforge.layer import create_layer
 from netforge.proto import pb
 
@@ -103,13 +101,7 @@ def torch_runner(shape: tuple[int, ...], train: bool, backward: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=0.3)
-    parser.add_argument("--no-torch", action="store_true")
-    args = parser.parse_args()
-    if not _jit.enabled():
-        raise SystemExit("numba is not installed: pip install 'netforge[jit]'")
-    with_torch = torch_peer(not args.no_torch)
+    args, with_torch = kernel_bench_args(parser)
     print(f"float32, in place, ms per call: median [lowest-highest of {args.rounds} rounds]")
     for shape in resnet_shapes(args.batch):
         for backward in (False, True):

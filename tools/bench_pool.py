@@ -24,12 +24,10 @@ import argparse
 
 import bench_torch
 import numpy as np
-from bench_models import alternate, kernels_switched, ms_cells
-from bench_torch import torch_peer
+from bench_models import alternate, kernel_bench_args, kernels_switched, ms_cells
 from google.protobuf import text_format
 
 from netforge.blob import Blob
-from netforge.builtin_layers import _jit
 from netforge.layer import create_layer
 from netforge.proto import pb
 
@@ -85,14 +83,8 @@ def torch_runner(method: str, shape: tuple[int, ...], backward: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=0.3)
     parser.add_argument("--scale", type=int, default=1, help="divide the batches by this")
-    parser.add_argument("--no-torch", action="store_true")
-    args = parser.parse_args()
-    if not _jit.enabled():
-        raise SystemExit("numba is not installed: pip install 'netforge[jit]'")
-    with_torch = torch_peer(not args.no_torch)
+    args, with_torch = kernel_bench_args(parser)
     print(f"float32, ms per call: median [lowest-highest of {args.rounds} rounds]")
     for name, (method, full) in CASES.items():
         shape = (max(1, full[0] // args.scale),) + full[1:]
