@@ -75,6 +75,19 @@ def _copy_phases(plane, grid, stride, pad, into_phases):  # pragma: no cover - n
                             row[t * sw] = phase_row[t]
 
 
+@_jit.helper
+def _phase_buffer(x, stride, pad):  # pragma: no cover - numba
+    """Zeroed storage for the stride phases of one (H, W) plane of ``x``: the flat phases,
+    the (s_h, s_w, rows, row width) grid view of them that ``_copy_phases`` fills, and the
+    row width. One spare row: the last output row's taps read a few elements past the
+    phase."""
+    sh, sw = stride
+    ph, pw = pad
+    hq, wq = -(-(x.shape[2] + 2 * ph) // sh), -(-(x.shape[3] + 2 * pw) // sw)
+    phases = np.zeros((sh, sw, (hq + 1) * wq), x.dtype)
+    return phases, phases.reshape(sh, sw, hq + 1, wq), wq
+
+
 @_jit.kernel
 def _forward(x, w, bias, y, start, stop, stride, pad, dilation):  # pragma: no cover - numba
     """y[n, c·M + m] = bias + Σ_ij w[c·M + m, i, j] · xpad[n, c, oh·s + i·d, ow·s + j·d]
@@ -84,17 +97,13 @@ def _forward(x, w, bias, y, start, stop, stride, pad, dilation):  # pragma: no c
     every tap (i, j) reads one phase at a fixed offset with unit stride: over a block of
     output rows laid out at the phase's row width, a tap is one contiguous multiply-add
     (the few columns past the output width are computed and dropped)."""
-    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    channels = x.shape[1]
     outputs, kh, kw = w.shape
     mult = outputs // channels
     out_h, out_w = y.shape[2], y.shape[3]
     sh, sw = stride
-    ph, pw = pad
     dh, dw = dilation
-    hq, wq = -(-(height + 2 * ph) // sh), -(-(width + 2 * pw) // sw)
-    # One spare row: the last output row's taps read a few elements past the phase.
-    phases = np.zeros((sh, sw, (hq + 1) * wq), x.dtype)
-    grid = phases.reshape(sh, sw, hq + 1, wq)
+    phases, grid, wq = _phase_buffer(x, stride, pad)
     rows = max(1, min(out_h, BLOCK // wq))
     acc = np.empty(rows * wq, y.dtype)
     for q in range(start, stop):
@@ -133,20 +142,16 @@ def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pra
     block-long buffer (a scalar running sum would not vectorise under IEEE ordering),
     reduced once per plane. The top gradient's columns past the output width are zero,
     so the dropped columns add nothing."""
-    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    channels = x.shape[1]
     outputs, kh, kw = w.shape
     mult = outputs // channels
     out_h, out_w = dy.shape[2], dy.shape[3]
     sh, sw = stride
-    ph, pw = pad
     dh, dwl = dilation
     want_dx = dx.shape[0] > 0
     want_dw = dw_part.shape[0] > 0
-    hq, wq = -(-(height + 2 * ph) // sh), -(-(width + 2 * pw) // sw)
-    phases = np.zeros((sh, sw, (hq + 1) * wq), x.dtype)
-    grid = phases.reshape(sh, sw, hq + 1, wq)
-    dphases = np.zeros((sh, sw, (hq + 1) * wq), x.dtype)
-    dgrid = dphases.reshape(sh, sw, hq + 1, wq)
+    phases, grid, wq = _phase_buffer(x, stride, pad)
+    dphases, dgrid, _ = _phase_buffer(x, stride, pad)
     rows = max(1, min(out_h, BLOCK // wq))
     grad = np.zeros(rows * wq, dy.dtype)
     sums = np.zeros((kh, kw, LANES), dy.dtype)
