@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from netforge.builtin_layers import _jit
-from netforge.builtin_layers._threads import even_chunks, run_chunks
+from netforge.builtin_layers._threads import WORKERS, even_chunks, run_chunks
 
 #: Output elements one pass over the kernel taps covers: a block of output rows whose
 #: accumulator stays in the first-level cache while every tap adds into it.
@@ -208,8 +208,7 @@ def _backward(x, dy, w, dx, dw_part, start, stop, stride, pad, dilation):  # pra
 def _plane_chunks(x: np.ndarray) -> list[tuple[int, int]]:
     """The (item, channel) plane ranges of ``x`` for the workers: one per worker from
     ``SPLIT_MIN`` elements on, else one."""
-    planes = x.shape[0] * x.shape[1]
-    return even_chunks(planes) if x.size >= SPLIT_MIN else [(0, planes)]
+    return even_chunks(x.shape[0] * x.shape[1], WORKERS if x.size >= SPLIT_MIN else 1)
 
 
 def is_depthwise(channels: int, group: int, spatial_axes: int) -> bool:
