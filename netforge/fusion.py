@@ -27,11 +27,11 @@ A run is fused only where nothing can tell it from the layers one by one:
   variable ``NETFORGE_FUSE`` is not ``0`` (the switch to compare or to rule fusion out).
 
 a and b are computed from the parameter blobs as they are at each pass, in float64: pycaffe
-users edit ``net.params`` in place between forwards, and a folded copy would miss that. Each
-layer's ``reshape`` still runs. The values differ from the layers' by float rounding only (one
-rounding of x·a + b where the layers round after BatchNorm and again after Scale). The layers'
-own state for backward (BatchNorm's std, Scale's copy of x) is not written: no backward reads
-it.
+users edit ``net.params`` in place between forwards, and a folded copy would miss that. The
+layers reshape as they would one by one (``Net.reshape_layer``). The values differ from the
+layers' by float rounding only (one rounding of x·a + b where the layers round after
+BatchNorm and again after Scale). The layers' own state for backward (BatchNorm's std,
+Scale's copy of x) is not written: no backward reads it.
 
 Measured with ``tools/bench_fusion.py`` (batch-1 ``Net.forward`` of the deploy nets, float32,
 ms, fusion off → on, median of 5 alternating rounds of about 1 s on the shared 2-core
@@ -90,7 +90,7 @@ class FusedRun:
         for i in range(self.first, self.last + 1):
             bottom = [net.blobs[name] for name in net.layer_bottoms[i]]
             top = [net.blobs[name] for name in net.layer_tops[i]]
-            net.layers[i].reshape(bottom, top)
+            net.reshape_layer(i, bottom, top)
         bn = self.batch_norm
         source = net.blobs[net.layer_bottoms[self.first][0]]
         target = net.blobs[net.layer_tops[self.first][0]]

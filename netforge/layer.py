@@ -65,6 +65,11 @@ class Layer:
     #: backward writes its parameter gradient over a diff flagged in ``stale_param_diffs``
     #: rather than adding to it, sparing the net a zeroing pass over that diff.
     overwrites_param_diffs: ClassVar[bool] = False
+    #: ``reshape`` reads nothing but the shapes of the bottoms, tops and parameter blobs,
+    #: the layer's own settings and its backend, so the net skips it while all of them are
+    #: as they were after its last run (``Net.reshape_layer``). Off by default: a data
+    #: layer's or a Python layer's reshape may follow its input.
+    reshape_follows_shapes: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -303,6 +303,8 @@ class Net(PycaffeNetMethods):
         self.params = {ly.name: list(ly.blobs) for ly in self.layers if ly.blobs}
         #: the runs forward fuses, planned at the first forward that may fuse
         self._fusion: dict[int, fusion.FusedRun] | None = None
+        #: per layer, what its last reshape left (``reshape_layer``), None before any
+        self._reshaped: list[tuple[Any, ...] | None] = [None] * len(self.layers)
 
     @staticmethod
     def _out_of_memory(layer: Layer, bottom: Sequence[Blob]) -> ShapeError:
@@ -445,9 +447,37 @@ class Net(PycaffeNetMethods):
 
     # -- running -------------------------------------------------------------------------
     def reshape(self) -> None:
-        """Propagate shapes through every layer (after an input changed size)."""
-        for layer, bottoms, tops in zip(self.layers, self.layer_bottoms, self.layer_tops):
-            layer.reshape(self._blobs_of(bottoms), self._blobs_of(tops))
+        """Propagate shapes through every layer (after an input changed size): every
+        layer's reshape runs."""
+        self._reshaped = [None] * len(self.layers)
+        for i, (bottoms, tops) in enumerate(zip(self.layer_bottoms, self.layer_tops)):
+            self.reshape_layer(i, self._blobs_of(bottoms), self._blobs_of(tops))
+
+    def reshape_layer(self, i: int, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        """Layer ``i``'s reshape, as Caffe runs before every forward, skipped for a layer
+        with ``reshape_follows_shapes`` while its blobs' shapes and its backend are those
+        its last reshape left: then it would set what it set then. A deploy net's batch-1
+        forward spends much of its Python in reshapes otherwise (MobileNet v1 0.9 ms,
+        ResNet-50 1.6 ms)."""
+        layer = self.layers[i]
+        if not layer.reshape_follows_shapes:
+            layer.reshape(bottom, top)
+            return
+        state = self._shape_state(layer, bottom, top)
+        if state != self._reshaped[i]:
+            self._reshaped[i] = None  # until this reshape has succeeded
+            layer.reshape(bottom, top)
+            self._reshaped[i] = self._shape_state(layer, bottom, top)
+
+    @staticmethod
+    def _shape_state(layer: Layer, bottom: Sequence[Blob], top: Sequence[Blob]) -> tuple[Any, ...]:
+        """What a ``reshape_follows_shapes`` layer's reshape reads (see ``reshape_layer``)."""
+        return (
+            layer.backend,
+            *(b.shape for b in bottom),
+            *(t.shape for t in top),
+            *(p.shape for p in layer.blobs),
+        )
 
     def forward_from_to(self, start: int = 0, end: int | None = None) -> float:
         """Run layers ``start..end`` (inclusive); returns their weighted loss."""
@@ -468,7 +498,7 @@ class Net(PycaffeNetMethods):
             layer = self.layers[i]
             bottom, top = self._blobs_of(self.layer_bottoms[i]), self._blobs_of(self.layer_tops[i])
             try:
-                layer.reshape(bottom, top)
+                self.reshape_layer(i, bottom, top)
                 layer.forward(bottom, top)
             except MemoryError:
                 raise self._out_of_memory(layer, bottom) from None

@@ -273,6 +273,47 @@ def test_pycaffe_forward_and_reshape_on_new_input_size() -> None:
     assert set(h) == {"h"} and (h["h"] >= 0).all()
 
 
+def test_forward_reshapes_a_layer_again_only_when_a_shape_changed() -> None:
+    """A layer whose reshape reads only shapes (``reshape_follows_shapes``) reshapes at a
+    forward only when a bottom, top or parameter shape differs from what its last reshape
+    left; a Python layer reshapes at every forward, and ``Net.reshape`` runs them all."""
+    text = """
+    layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 4 dim: 3 } } }
+    layer { name: "py" type: "Python" bottom: "x" top: "y"
+            python_param { module: "pylayers" layer: "ScaleByParamStr" param_str: "2" } }
+    layer { name: "ip" type: "InnerProduct" bottom: "y" top: "z"
+            inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+    """
+    net = net_from(text, phase=pb.TEST)
+    calls = {"py": 0, "ip": 0}
+    for name in calls:
+        layer = net.layer_dict[name]
+
+        def counted(bottom, top, name=name, reshape=layer.reshape):
+            calls[name] += 1
+            reshape(bottom, top)
+
+        layer.reshape = counted
+    net.forward()
+    net.forward()
+    assert calls == {"py": 2, "ip": 1}
+    net.reshape()
+    assert calls == {"py": 3, "ip": 2}
+    net.forward()
+    assert calls == {"py": 4, "ip": 2}
+    # A new bottom shape, set on the input blob directly rather than through forward(x=...).
+    net.blobs["x"].reshape(5, 3)
+    net.forward()
+    assert calls == {"py": 5, "ip": 3} and net.blobs["z"].shape == (5, 2)
+    # A top reshaped by the caller is set back by the layer's reshape.
+    net.blobs["z"].reshape(1, 1)
+    net.forward()
+    assert calls == {"py": 6, "ip": 4} and net.blobs["z"].shape == (5, 2)
+    x = np.random.default_rng(3).standard_normal((5, 3))
+    w, b = (p.data.astype(np.float64) for p in net.params["ip"])
+    np.testing.assert_allclose(net.forward(x=x)["z"], 2 * x @ w.T + b, rtol=1e-5, atol=1e-6)
+
+
 def test_save_and_copy_round_trip(tmp_path: Path) -> None:
     a, b = net_from(MLP), net_from(MLP)
     a.save(tmp_path / "w.caffemodel")

@@ -26,6 +26,7 @@ class NeuronLayer(Layer):
 
     bottoms = (1, 1)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -96,6 +96,7 @@ class InnerProductLayer(Layer):
 
     bottoms = (1, 1)
     tops = (1, 1)
+    reshape_follows_shapes = True
     overwrites_param_diffs = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -229,6 +230,7 @@ class SoftmaxLayer(Layer):
 
     bottoms = (1, 1)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self.axis = canonical_axis(self, bottom[0], self.layer_param.softmax_param.axis)
@@ -268,6 +270,7 @@ class EltwiseLayer(Layer):
 
     bottoms = (2, None)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         p = self.layer_param.eltwise_param

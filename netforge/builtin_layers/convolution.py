@@ -189,6 +189,7 @@ class _ConvolutionBase(Layer):
 
     bottoms = (1, None)
     tops = (1, None)
+    reshape_follows_shapes = True
     transposed: ClassVar[bool] = False
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:

@@ -29,6 +29,7 @@ class LRNLayer(Layer):
 
     bottoms = (1, 1)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         p = self.layer_param.lrn_param

@@ -68,6 +68,7 @@ class BatchNormLayer(Layer):
 
     bottoms = (1, 1)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         param = self.layer_param.batch_norm_param
@@ -205,6 +206,7 @@ class MVNLayer(Layer):
 
     bottoms = (1, 1)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         param = self.layer_param.mvn_param
@@ -291,6 +293,7 @@ class BiasLayer(Layer):
 
     bottoms = (1, 2)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         param = self.layer_param.bias_param
@@ -344,6 +347,7 @@ class ScaleLayer(Layer):
 
     bottoms = (1, 2)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         param = self.layer_param.scale_param

@@ -68,6 +68,7 @@ class PoolingLayer(Layer):
 
     bottoms = (1, 1)
     tops = (1, 2)
+    reshape_follows_shapes = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         p = self.layer_param.pooling_param

@@ -34,6 +34,7 @@ class _SharingLayer(Layer):
 
     bottoms = (1, 1)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         check_no_in_place(self, bottom, top)
@@ -54,6 +55,7 @@ class ConcatLayer(Layer):
 
     bottoms = (1, None)
     tops = (1, 1)
+    reshape_follows_shapes = True
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         first = bottom[0]
@@ -160,6 +162,7 @@ class SplitLayer(Layer):
 
     bottoms = (1, 1)
     tops = (1, None)
+    reshape_follows_shapes = True
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         check_no_in_place(self, bottom, top)
