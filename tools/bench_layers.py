@@ -22,8 +22,10 @@ PyTorch the same column counts ``optimizer.zero_grad`` and ``optimizer.step``.
 
 Peak memory is measured in a fresh subprocess per library and net: the peak resident set size
 (Linux ``VmHWM``) after building the net and training three iterations, minus the peak after
-the imports (torch's, or numba's when netforge's jit extra is installed). It includes BLAS and
-allocator buffers, which tracemalloc misses.
+the imports and what each library's first operation starts on any net: torch's import and one
+tiny convolution (9 MiB here); with netforge's jit extra, numba's import and the start of its
+compiler, which the first kernel pays for (58 MiB here). It includes BLAS and allocator
+buffers, which tracemalloc misses.
 
 The GEMM section times a 2048x2048 float32 product (best of 10) in subprocesses that import
 numpy directly, under different ``OPENBLAS_CORETYPE`` settings, and names the kernel family
@@ -341,12 +343,20 @@ def memory_child(library: str, name: str) -> None:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)  # the import's cost belongs to the baseline
+        # So does what its first operations start whatever the net (9 MiB here): one tiny
+        # convolution's forward and backward.
+        x = torch.ones(1, 1, 3, 3, requires_grad=True)
+        torch.nn.functional.conv2d(x, torch.ones(1, 1, 2, 2)).sum().backward()
     else:
-        # Likewise numba's, when the jit extra is there (116 MiB resident here): library
-        # code, as torch's import is, not memory the net holds.
+        # Likewise numba's, when the jit extra is there: its import (116 MiB resident here)
+        # and the start of its compiler, which the first kernel pays for whatever the net
+        # (LLVM, 58 MiB; later kernels add about 1 MiB between them), here on a function of
+        # its own: library code, as torch's import is, not memory the net holds.
         from netforge.builtin_layers import _jit
 
-        _jit.numba()
+        numba = _jit.numba()
+        if numba is not None:
+            numba.njit(lambda: 0)()
     baseline = peak_rss_mib()
     trainer = NetforgeTrainer(bench) if library == "netforge" else TorchTrainer(bench)
     trainer.run(3)
