@@ -490,9 +490,20 @@ def test_run_chunks_covers_every_chunk_once_and_restores_blas_threads():
     assert set_blas_threads(before) == before
 
 
-def test_run_chunks_runs_worker_zero_here_and_lets_the_others_finish_when_it_fails(monkeypatch):
+@pytest.fixture(params=["spinning", "locks"])
+def two_workers(request, monkeypatch):
+    """A fresh pool of one pooled thread beside the caller, handing off either way: through
+    the compiled watches (``_threads._spin_waits``, where numba is there) or through locks."""
+    if request.param == "spinning" and _threads._spin_waits() is None:
+        pytest.skip("spinning hand-offs need numba (the jit extra) on Linux")
+    if request.param == "locks":
+        monkeypatch.setattr(_threads, "_spin_waits", lambda: None)
     monkeypatch.setattr(_threads, "WORKERS", 2)
-    monkeypatch.setattr(_threads, "_workers", [])  # a fresh pool of WORKERS - 1 threads
+    monkeypatch.setattr(_threads, "_pool", None)
+    return request.param
+
+
+def test_run_chunks_runs_worker_zero_here_and_lets_the_others_finish_when_it_fails(two_workers):
     threads, finished = {}, []
 
     def work(start, stop, worker):
@@ -508,9 +519,7 @@ def test_run_chunks_runs_worker_zero_here_and_lets_the_others_finish_when_it_fai
     assert finished == [1, 3, 5]
 
 
-def test_run_chunks_raises_a_pooled_workers_error_and_the_pool_still_serves(monkeypatch):
-    monkeypatch.setattr(_threads, "WORKERS", 2)
-    monkeypatch.setattr(_threads, "_workers", [])
+def test_run_chunks_raises_a_pooled_workers_error_and_the_pool_still_serves(two_workers):
 
     def work(start, stop, worker):
         if worker == 1:
@@ -523,11 +532,9 @@ def test_run_chunks_raises_a_pooled_workers_error_and_the_pool_still_serves(monk
     assert sorted(calls) == [0, 1]
 
 
-def test_an_interrupted_wait_still_waits_for_the_pooled_worker(monkeypatch):
+def test_an_interrupted_wait_still_waits_for_the_pooled_worker(two_workers):
     """Ctrl-C while the caller waits for the pooled worker: the KeyboardInterrupt comes out
     only once the worker's share is over, and the next call waits for its own share."""
-    monkeypatch.setattr(_threads, "WORKERS", 2)
-    monkeypatch.setattr(_threads, "_workers", [])
     caller, finished = threading.get_ident(), []
 
     def work(start, stop, worker):
@@ -550,11 +557,9 @@ def test_an_interrupted_wait_still_waits_for_the_pooled_worker(monkeypatch):
     assert finished == [1, 1]
 
 
-def test_run_chunks_called_from_inside_a_call_runs_on_its_own_thread(monkeypatch):
+def test_run_chunks_called_from_inside_a_call_runs_on_its_own_thread(two_workers):
     """One call runs on the pool at a time: an inner call (here from the pooled worker)
     runs its chunks where it is called instead of waiting for the busy pool."""
-    monkeypatch.setattr(_threads, "WORKERS", 2)
-    monkeypatch.setattr(_threads, "_workers", [])
     inner = []
 
     def outer(start, stop, worker):
@@ -568,6 +573,42 @@ def test_run_chunks_called_from_inside_a_call_runs_on_its_own_thread(monkeypatch
 
     _threads.run_chunks(np, outer, [(0, 1), (1, 2)])
     assert inner == [(0, 0, True), (1, 0, True)]
+
+
+def test_calls_racing_the_pooled_threads_sleep_all_run_every_share(two_workers, monkeypatch):
+    """A pooled thread that has watched ``SPIN_ROUNDS`` yields without a call sleeps, and the
+    next call wakes it. Calls after pauses of every length around that point race its
+    decision to sleep; each must still run both shares, and none may hang."""
+    monkeypatch.setattr(_threads, "SPIN_ROUNDS", 30)
+    pauses = np.random.default_rng(SEED).choice([0.0, 1e-5, 3e-5, 1e-4, 3e-3], size=300)
+    runs, slept = [], []
+    _threads.run_chunks(np, lambda start, stop, worker: None, [(0, 1), (1, 2)])  # pool up
+
+    def calls():
+        for pause in pauses:
+            time.sleep(pause)
+            if pause > 1e-3:  # far past 30 yields: the pooled thread goes to sleep
+                pooled = _threads._pool.workers[0]
+                deadline = time.monotonic() + 5
+                while two_workers == "spinning" and not pooled.asleep:
+                    assert time.monotonic() < deadline, "the pooled thread never slept"
+                    time.sleep(1e-3)
+                slept.append(pooled.asleep)
+            seen = []
+            _threads.run_chunks(
+                np,
+                lambda start, stop, worker, seen=seen: seen.append((start, worker)),
+                [(0, 1), (1, 2)],
+            )
+            runs.append(sorted(seen))
+
+    caller = threading.Thread(target=calls, daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), f"a call hung after {len(runs)} calls"
+    assert runs == [[(0, 0), (1, 1)]] * len(pauses)
+    if two_workers == "spinning":
+        assert slept and all(slept)
 
 
 def test_run_chunks_works_in_a_forked_child(monkeypatch):

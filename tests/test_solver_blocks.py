@@ -262,7 +262,7 @@ def test_sgd_blas_update_computes_the_chains_formula(tmp_path, small_blocks, cas
 def test_the_caller_runs_a_lane_and_an_error_waits_for_every_lane(small_blocks, monkeypatch):
     monkeypatch.setattr(blocks, "WORKERS", 3)
     monkeypatch.setattr(_threads, "WORKERS", 3)
-    monkeypatch.setattr(_threads, "_workers", [])  # a fresh pool of two threads
+    monkeypatch.setattr(_threads, "_pool", None)  # a fresh pool of two threads
     weights = Blob((300,), np.float64)
     params = blocks.ParamBlocks(np, np.float64)
     cut = params.blocks([weights], [np.zeros(300)])
