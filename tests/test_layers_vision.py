@@ -7,6 +7,7 @@ import itertools
 import math
 import multiprocessing
 import signal
+import sys
 import threading
 import time
 
@@ -15,7 +16,7 @@ import pytest
 
 from netforge._blas import set_blas_threads
 from netforge.backend import to_numpy
-from netforge.builtin_layers import _threads, conv_ops, convolution, pooling
+from netforge.builtin_layers import _jit, _threads, conv_ops, convolution, pooling
 from netforge.builtin_layers.conv_rows import RowShiftConv
 from netforge.builtin_layers.conv_winograd import (
     MAX_KERNEL_ROWS,
@@ -501,6 +502,14 @@ def two_workers(request, monkeypatch):
     monkeypatch.setattr(_threads, "WORKERS", 2)
     monkeypatch.setattr(_threads, "_pool", None)
     return request.param
+
+
+def test_netforge_spin_0_hands_off_through_locks(monkeypatch):
+    monkeypatch.setenv("NETFORGE_SPIN", "0")
+    assert _threads._spin_waits.__wrapped__() is None
+    monkeypatch.setenv("NETFORGE_SPIN", "1")
+    spins = _jit.enabled() and sys.platform.startswith("linux")
+    assert (_threads._spin_waits.__wrapped__() is not None) == spins
 
 
 def test_run_chunks_runs_worker_zero_here_and_lets_the_others_finish_when_it_fails(two_workers):

@@ -122,6 +122,10 @@ class _Worker:
 #: Columns of ``_Pool.flags``: the last call posted to a pooled thread, the last it finished.
 _POSTED, _FINISHED = 0, 1
 
+#: The environment variable that turns spinning hand-offs off (``0``, off, false, no): the
+#: pool then hands off through locks, and an idle pooled thread takes no CPU time at all.
+SPIN_SETTING = "NETFORGE_SPIN"
+
 #: sched_yield rounds (about 0.6 µs each on the 2-core machine) that a pooled thread watches
 #: for the next call after its share before it sleeps, and that the caller watches for the
 #: pooled threads' shares between its checks for signals: about 1 ms, longer than the other
@@ -164,7 +168,8 @@ _sched_yield: Any = None
 @functools.cache
 def _spin_waits() -> tuple[Callable, Callable] | None:
     """The compiled watches (``_watch``, ``_await_shares``) where hand-offs spin: on Linux,
-    with numba enabled (``_jit``); else None, and the pool hands off through locks.
+    with numba enabled (``_jit``), unless ``NETFORGE_SPIN`` is 0; else None, and the pool
+    hands off through locks.
 
     A thread that sleeps on a lock takes tens of microseconds to wake on a virtual machine,
     and the GIL keeps a Python thread from spinning while another runs Python: the watches
@@ -176,7 +181,8 @@ def _spin_waits() -> tuple[Callable, Callable] | None:
     rounds, ms): MobileNet v1 18.1 -> 15.0, ResNet-50 83.6 -> 74.6, SqueezeNet 16.3 -> 15.8,
     GoogLeNet 58.5 -> 57.6, CaffeNet 24.9 -> 24.7."""
     global _sched_yield
-    if not sys.platform.startswith("linux") or not _jit.enabled():
+    passive = os.environ.get(SPIN_SETTING, "1").strip().lower() in ("0", "off", "false", "no")
+    if passive or not sys.platform.startswith("linux") or not _jit.enabled():
         return None
     numba = _jit.numba()
     _sched_yield = numba.core.types.ExternalFunction("sched_yield", numba.int32())
