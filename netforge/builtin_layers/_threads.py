@@ -176,7 +176,7 @@ def _spin_waits() -> tuple[Callable, Callable] | None:
     are compiled, run without the GIL and yield the core at each round (other threads that
     need it get it). Per pool call of a batch-1 forward, through locks (a ``/tmp`` trace of
     MobileNet v1's 17 calls, medians): 24 µs for the caller to release the pooled thread's
-    lock, 40 µs more before the thread ran, 55 µs for the caller to wake after the thread's
+    lock, 43 µs more before the thread ran, 51 µs for the caller to wake after the thread's
     share. Batch-1 forward, the two protocols alternating in one process (median of 9
     rounds, ms): MobileNet v1 18.1 -> 15.0, ResNet-50 83.6 -> 74.6, SqueezeNet 16.3 -> 15.8,
     GoogLeNet 58.5 -> 57.6, CaffeNet 24.9 -> 24.7."""
