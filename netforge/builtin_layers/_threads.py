@@ -63,9 +63,10 @@ class _Worker:
     number of the call it has just finished, which the caller watches. Otherwise the caller
     releases ``go`` for each share and the thread releases ``done`` after it."""
 
-    def __init__(self, index: int, flags: Any, spinning: bool) -> None:
+    def __init__(self, index: int, flags: Any, watch: Callable | None) -> None:
         self.flags = flags
-        self.spinning = spinning
+        #: The compiled watch (``_watch``) where hand-offs spin, else None: locks.
+        self.watch = watch
         self.go = threading.Lock()
         self.done = threading.Lock()
         self.go.acquire()
@@ -80,7 +81,7 @@ class _Worker:
     def post(self, share: Callable[[], None], call: int) -> None:
         """Hand the thread ``share``, as call number ``call``."""
         self.share = share
-        if not self.spinning:
+        if self.watch is None:
             self.go.release()
             return
         with self.mutex:
@@ -91,12 +92,11 @@ class _Worker:
 
     def _next(self, finished: int) -> int:
         """Wait for the call after ``finished`` and return its number."""
-        if not self.spinning:
+        if self.watch is None:
             self.go.acquire()
             return finished + 1
-        watch, _ = _spin_waits()
         while True:
-            posted = watch(self.flags, finished, SPIN_ROUNDS)
+            posted = self.watch(self.flags, finished, SPIN_ROUNDS)
             if posted != finished:
                 return posted
             # Nothing posted while watching: sleep, unless a post came in meanwhile. The
@@ -115,7 +115,7 @@ class _Worker:
             except BaseException as error:  # handed to the caller, which raises it
                 self.error = error
             self.share = None
-            if not self.spinning:
+            if self.watch is None:
                 self.done.release()
 
 
@@ -195,9 +195,10 @@ class _Pool:
     def __init__(self) -> None:
         import numpy as np
 
-        self.spinning = _spin_waits() is not None
+        self.waits = _spin_waits()
+        watch = self.waits[0] if self.waits is not None else None
         self.flags = np.zeros((WORKERS, 8), np.int64)
-        self.workers = [_Worker(w, self.flags[w], self.spinning) for w in range(1, WORKERS)]
+        self.workers = [_Worker(w, self.flags[w], watch) for w in range(1, WORKERS)]
         self.calls = 0
 
     def wait_for(self, helpers: Sequence[_Worker]) -> None:
@@ -206,8 +207,8 @@ class _Pool:
         still write to the layer's buffers, and its late finish would end the next call's
         wait before that call's share was over."""
         interrupted: BaseException | None = None
-        if self.spinning:
-            _, await_shares = _spin_waits()
+        if self.waits is not None:
+            _, await_shares = self.waits
             finished = False
             while not finished:
                 try:  # a signal is handled between the compiled watches

@@ -200,6 +200,13 @@ class _ConvolutionBase(Layer):
             )
         param = self.layer_param.convolution_param
         self.axis, self.geom = _conv_geometry(self, param, bottom[0].shape)
+        geom = self.geom
+        #: 1×1, stride 1, unpadded: each image's bottom is its own column matrix.
+        self._bottom_is_columns = (
+            all(k == 1 for k in geom.kernel)
+            and all(s == 1 for s in geom.stride)
+            and not any(geom.pad)
+        )
         self.channels = bottom[0].shape[self.axis]
         self.num_output = param.num_output
         self.group = param.group
@@ -317,14 +324,11 @@ class _ConvolutionBase(Layer):
         """Whether this convolution runs as one GEMM per image and group on the blobs as
         they are, with no column copies: numpy, 1×1, stride 1, unpadded, several images of
         at least ``POINTWISE_MIN_PIXELS`` pixels each (one image takes ``_forward_one``)."""
-        geom = self.geom
         return (
             self.xp is np
             and not self.transposed
             and self.num > 1
-            and all(k == 1 for k in geom.kernel)
-            and all(s == 1 for s in geom.stride)
-            and not any(geom.pad)
+            and self._bottom_is_columns
             and math.prod(self.col_spatial) >= POINTWISE_MIN_PIXELS
         )
 
@@ -565,16 +569,14 @@ class _ConvolutionBase(Layer):
         conv1: 16 ms, 0.42 and 0.58 (median of 9). Returns whether the column buffer
         holds the image's columns (for backward)."""
         ws = self.workspaces[0]
-        geom = self.geom
-        pointwise = all(k == 1 for k in geom.kernel) and not any(geom.pad)
-        direct = pointwise and all(s == 1 for s in geom.stride)
+        direct = self._bottom_is_columns
         pixels = math.prod(self.col_spatial)
         alone = weights.size * pixels < SPLIT_MIN_MACS
         if not alone and pixels * self.group >= self.num_output and self.col_spatial[0] >= WORKERS:
             self._forward_one_by_rows(x, y, weights, bias, direct)
             return False
         if direct:
-            col = x.reshape(self.group, -1, math.prod(self.col_spatial))
+            col = x.reshape(self.group, -1, pixels)
         else:
             col = self._columns(self._image(x), 0, 1, ws)
         out = y.reshape(self.group, self.num_output // self.group, -1)
