@@ -1,4 +1,5 @@
-"""Shared fixtures: the array backends every layer test runs on, and the shared data."""
+"""Shared fixtures: the array backends every layer test runs on, the shared data, and a
+worker pool of two."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from netforge.builtin_layers import _threads
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -64,3 +67,16 @@ def level1_or_skip(dtype):
     elif routines is None:
         pytest.skip(f"numpy's BLAS is {blas}, not its bundled OpenBLAS")
     return routines
+
+
+@pytest.fixture(params=["spinning", "locks"])
+def two_workers(request, monkeypatch):
+    """A fresh pool of one pooled thread beside the caller, handing off either way: through
+    the compiled watches (``_threads._spin_waits``, where numba is there) or through locks."""
+    if request.param == "spinning" and _threads._spin_waits() is None:
+        pytest.skip("spinning hand-offs need numba (the jit extra) on Linux")
+    if request.param == "locks":
+        monkeypatch.setattr(_threads, "_spin_waits", lambda: None)
+    monkeypatch.setattr(_threads, "WORKERS", 2)
+    monkeypatch.setattr(_threads, "_pool", None)
+    return request.param

@@ -491,19 +491,6 @@ def test_run_chunks_covers_every_chunk_once_and_restores_blas_threads():
     assert set_blas_threads(before) == before
 
 
-@pytest.fixture(params=["spinning", "locks"])
-def two_workers(request, monkeypatch):
-    """A fresh pool of one pooled thread beside the caller, handing off either way: through
-    the compiled watches (``_threads._spin_waits``, where numba is there) or through locks."""
-    if request.param == "spinning" and _threads._spin_waits() is None:
-        pytest.skip("spinning hand-offs need numba (the jit extra) on Linux")
-    if request.param == "locks":
-        monkeypatch.setattr(_threads, "_spin_waits", lambda: None)
-    monkeypatch.setattr(_threads, "WORKERS", 2)
-    monkeypatch.setattr(_threads, "_pool", None)
-    return request.param
-
-
 def test_netforge_spin_0_hands_off_through_locks(monkeypatch):
     monkeypatch.setenv("NETFORGE_SPIN", "0")
     assert _threads._spin_waits.__wrapped__() is None

@@ -23,7 +23,7 @@ import numpy as np
 
 from netforge._blas import matmul_into, set_blas_threads
 from netforge.blob import Blob
-from netforge.builtin_layers import _jit
+from netforge.builtin_layers import _jit, winograd_kernels
 from netforge.builtin_layers._threads import WORKERS, even_chunks, run_chunks
 from netforge.builtin_layers.conv_ops import (
     Geometry,
@@ -272,6 +272,7 @@ class _ConvolutionBase(Layer):
         self._depthwise = self._depthwise_conv()
         self._rowshift = self._row_shift_conv(spatial)
         self._pointwise = self._pointwise_conv()
+        self._winograd_one = self._winograd_image()
         if self._rowshift is not None:
             self._rowshift_dx = self._full_correlation(self._rowshift)
             # Chunks sized by the larger of forward's rows and the bottom gradient's: a top
@@ -330,6 +331,22 @@ class _ConvolutionBase(Layer):
             and self.num > 1
             and self._bottom_is_columns
             and math.prod(self.col_spatial) >= POINTWISE_MIN_PIXELS
+        )
+
+    def _winograd_image(self) -> bool:
+        """Whether a single image's forward runs F(4×4, 3×3) (``winograd_kernels``): numpy,
+        one image, one group, 3×3, stride 1, no dilation, enough channels and output tiles
+        (``winograd_kernels.worth_it``), with ``_jit.enabled()`` (asked last: importing
+        numba costs a net that never takes this path 116 MB)."""
+        geom = self.geom
+        return (
+            self.xp is np
+            and not self.transposed
+            and self.num == 1
+            and self.group == 1
+            and winograd_kernels.fits(geom.kernel, geom.stride, geom.dilation)
+            and winograd_kernels.worth_it(self.channels, self.out_spatial)
+            and _jit.enabled()
         )
 
     def _row_shift_conv(self, spatial: Sequence[int]) -> RowShiftConv | None:
@@ -567,7 +584,14 @@ class _ConvolutionBase(Layer):
         (1152, 784), took a median 88 ms on OpenBLAS's two threads, 9.5 ms on one thread and
         2.9 ms split in two on the pool; CaffeNet-sized (32, 27) by (27, 12544), MobileNet's
         conv1: 16 ms, 0.42 and 0.58 (median of 9). Returns whether the column buffer
-        holds the image's columns (for backward)."""
+        holds the image's columns (for backward). Where ``_winograd_image`` says so,
+        F(4×4, 3×3) replaces im2col and the GEMM (``winograd_kernels``)."""
+        if self._winograd_one and _jit.usable(x, y, weights):
+            image = self._image(x)[0]
+            winograd_kernels.forward_image(
+                image, self.blobs[0].data, bias, self._output(y)[0], self.geom.pad, self.workspaces
+            )
+            return False
         ws = self.workspaces[0]
         direct = self._bottom_is_columns
         pixels = math.prod(self.col_spatial)
