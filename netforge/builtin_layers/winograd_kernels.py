@@ -1,21 +1,22 @@
-"""Compiled CPU kernels for one image's 3×3, stride-1 Convolution by Winograd's F(4×4, 3×3).
+"""Compiled CPU kernels for one image's 3×3, stride-1 Convolution by Winograd's F(2×2, 3×3).
 
 A single image's 3×3 convolution otherwise runs as im2col and one GEMM of 9·C·Ho·Wo·O
 multiply-adds (``ConvolutionLayer._forward_one``). Winograd's minimal filtering (Lavin and
 Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) in two dimensions computes
-each 4×4 block of outputs from a 6×6 tile of inputs with 36 products instead of 144:
+each 2×2 block of outputs from a 4×4 tile of inputs with 16 products instead of 36:
 
     Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A
 
-per filter g (3×3) and input tile d (6×6, tiles overlapping by 2). Summed over the input
-channels, point ξ of the 36 is one GEMM of the transformed filters ``U[ξ]`` (O, C) and
-the transformed tiles ``V[ξ]`` (tiles, C): 2.25·C·Ho·Wo·O multiply-adds in all, 4x fewer,
+per filter g (3×3) and input tile d (4×4, tiles overlapping by 2). Summed over the input
+channels, point ξ of the 16 is one GEMM of the transformed filters ``U[ξ]`` (O, C) and
+the transformed tiles ``V[ξ]`` (tiles, C): 4·C·Ho·Wo·O multiply-adds in all, 2.25x fewer,
 and the transforms add passes proportional to C·Ho·Wo and O·Ho·Wo. ``conv_winograd``
 applies the same idea along the rows only, F(4, kh), to batches.
 
-- ``U = (G⊗G) · g`` for all filters is one GEMM of (36, 9) by (9, O·C), computed at every
+- ``U = (G⊗G) · g`` for all filters is one GEMM of (16, 9) by (9, O·C), computed at every
   forward: pycaffe users edit ``net.params`` in place, and a kept copy would miss that. It
-  is 4x the weights' size, which is what confines the method to images with many tiles.
+  is 16/9 of the weights' size, which is what confines the method to images with many
+  tiles.
 - The input rows a share of tiles reads are copied zero-padded and channels last, and the
   GEMMs' products are transformed channels last and copied back: the kernels then run
   along the channels with unit stride, which LLVM vectorises. ``input_tiles`` applies Bᵀ
@@ -27,22 +28,26 @@ Each worker takes a share of the tile rows, after the filters are transformed (s
 points); with more filters than tiles, a share of the filters instead, which it transforms
 itself, so that no worker reads the other's part of U, the GEMMs' largest operand.
 
-Error: the transforms' coefficients (up to 8 in Aᵀ, 1/24 in G) cost float32 about 5e-6 of
-the output's largest magnitude (measured on ResNet-50's 3×3 layers against a float64
-convolution), where im2col's GEMM keeps about 4e-7; float64 keeps about 1e-15.
+F(4×4, 3×3), 36 products per 16 outputs, ran ResNet-50's res2 layers (56×56) faster still
+(1.35 against 1.43 ms), but no faster at 28×28, slower at 14×14 (its U is 4x the weights),
+and its coefficients (up to 8 in Aᵀ, 1/24 in G) cost float32 up to 1.3e-5 of a layer's
+largest output. F(2×2)'s coefficients are 0, ±1 and ±1/2: float32 results stay within
+about 7e-7 of the largest output, as im2col's within 5e-7 (ResNet-50's 3×3 layers against
+a float64 convolution).
 
 Measured per layer inside the deploy nets at batch 1 (float32, ms, median of 61 alternating
-calls on the shared 2-core machine), im2col → F(4×4, 3×3):
+calls on the shared 2-core machine), im2col → F(2×2, 3×3):
 
-- ResNet-50: res2a_branch2b (64 channels, 56×56) 1.99 → 1.33, res3a_branch2b (128, 28×28)
-  1.74 → 1.39; but res4a_branch2b (256, 14×14: 16 tiles) 1.88 → 2.28 and res5a_branch2b
-  (512, 7×7) 2.67 → 8.42, where the filter transform costs more than the GEMMs save;
-- GoogLeNet: conv2/3x3 (64 → 192, 56×56) 4.84 → 2.99, inception_3a/3x3 1.61 → 1.21;
-- SqueezeNet: fire2/expand3x3 (16 channels, 56×56) 0.63 → 0.67, fire4/expand3x3 (32,
-  28×28) 0.71 → 0.69.
+- ResNet-50: res2a_branch2b (64 channels, 56×56) 2.12 → 1.69, res3a_branch2b (128, 28×28)
+  1.92 → 1.66, res4a_branch2b (256, 14×14) 1.93 → 1.84; but res5a_branch2b (512, 7×7:
+  16 tiles) 2.64 → 4.21, where the filter transform costs more than the GEMMs save;
+- GoogLeNet: conv2/3x3 (64 → 192, 56×56) 5.08 → 3.95, inception_4a/3x3 (96, 14×14) 0.95
+  → 0.69; inception_5a/3x3 (160, 7×7) 0.76 → 0.89;
+- SqueezeNet's expand3x3 layers, few input channels: fire2 (16, 56×56) 0.79 → 0.88, fire6
+  (48, 14×14) 0.51 → 0.64, fire8 (64, 14×14) 0.72 → 0.60.
 
-Compiling the two kernels costs about 1.9 s per dtype on a machine's first run; later runs
-load them from numba's cache in 0.04 s.
+Compiling the two kernels costs 2-3 s per dtype on a machine's first run; later runs load
+them from numba's cache in 0.04 s.
 """
 
 from __future__ import annotations
@@ -56,33 +61,25 @@ from netforge.builtin_layers._threads import even_chunks, run_chunks
 from netforge.builtin_layers.conv_ops import Workspace
 
 #: Output rows and columns per tile (the m of F(m×m, 3×3)).
-TILE = 4
+TILE = 2
 #: Input rows and columns per tile: TILE + 3 − 1.
 POINTS = TILE + 2
 #: Least tiles per image at which a layer takes this path: below it the filter transform
-#: (4x the weights) costs more than the GEMMs save. 7×7 tiles (a 28×28 output) win, 4×4
-#: tiles (14×14) lose (the module docstring's figures).
+#: costs more than the GEMMs save. 7×7 tiles (a 14×14 output) win, 4×4 tiles (7×7) lose
+#: (the module docstring's figures).
 MIN_TILES = 36
-#: Least input channels, the GEMMs' depth (SqueezeNet's figures in the module docstring).
-MIN_CHANNELS = 32
+#: Least input channels, the GEMMs' depth: shallower GEMMs lose to im2col (SqueezeNet's
+#: figures in the module docstring).
+MIN_CHANNELS = 64
 
-#: G of F(4, 3) with the points 0, ±1, ±2 and ∞ (Lavin and Gray's), filter taps to points.
-_G = np.array(
-    [
-        [1 / 4, 0, 0],
-        [-1 / 6, -1 / 6, -1 / 6],
-        [-1 / 6, 1 / 6, -1 / 6],
-        [1 / 24, 1 / 12, 1 / 6],
-        [1 / 24, -1 / 12, 1 / 6],
-        [0, 0, 1],
-    ]
-)
-#: (G⊗G): a 3×3 filter, flattened, to its 36 points, point ξ = 6·i + j for rows i, columns j.
+#: G of F(2, 3) with the points 0, ±1 and ∞ (Lavin and Gray's), filter taps to points.
+_G = np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]])
+#: (G⊗G): a 3×3 filter, flattened, to its 16 points, point ξ = 4·i + j for rows i, columns j.
 FILTER_TRANSFORM = np.kron(_G, _G)
 
 
 def fits(kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
-    """Whether F(4×4, 3×3) computes a convolution of this geometry: 2-D, 3×3, stride 1, no
+    """Whether F(2×2, 3×3) computes a convolution of this geometry: 2-D, 3×3, stride 1, no
     dilation (any padding)."""
     return kernel == (3, 3) and stride == (1, 1) and dilation == (1, 1)
 
@@ -93,42 +90,34 @@ def tiles(out: tuple[int, ...]) -> tuple[int, int]:
 
 
 @_jit.helper
-def _input_point(k, d0, d1, d2, d3, d4, d5):  # pragma: no cover - numba
-    """Row ``k`` of Bᵀ times (d0, …, d5)."""
+def _input_point(k, d0, d1, d2, d3):  # pragma: no cover - numba
+    """Row ``k`` of Bᵀ times (d0, d1, d2, d3)."""
     if k == 0:
-        return 4 * d0 - 5 * d2 + d4
+        return d0 - d2
     if k == 1:
-        return d3 + d4 - 4 * (d1 + d2)
+        return d1 + d2
     if k == 2:
-        return d4 - d3 + 4 * (d1 - d2)
-    if k == 3:
-        return d4 - d2 + 2 * (d3 - d1)
-    if k == 4:
-        return d4 - d2 + 2 * (d1 - d3)
-    return 4 * d1 - 5 * d3 + d5
+        return d2 - d1
+    return d1 - d3
 
 
 @_jit.helper
-def _output_point(k, m0, m1, m2, m3, m4, m5):  # pragma: no cover - numba
-    """Row ``k`` of Aᵀ times (m0, …, m5)."""
+def _output_point(k, m0, m1, m2, m3):  # pragma: no cover - numba
+    """Row ``k`` of Aᵀ times (m0, m1, m2, m3)."""
     if k == 0:
-        return m0 + (m1 + m2) + (m3 + m4)
-    if k == 1:
-        return (m1 - m2) + 2 * (m3 - m4)
-    if k == 2:
-        return (m1 + m2) + 4 * (m3 + m4)
-    return (m1 - m2) + 8 * (m3 - m4) + m5
+        return m0 + m1 + m2
+    return m1 - m2 - m3
 
 
 # Both kernels run along the channels innermost, one output row of a transform per loop:
 # each loop then stores to one array with unit stride, which LLVM vectorises (a loop that
-# stored all six rows ran 1.6x slower), and the branch on k in the helpers is lifted out.
+# stored all the rows ran 1.6x slower), and the branch on k in the helpers is lifted out.
 
 
 @_jit.kernel(fastmath=_jit.VECTOR_SUMS)
 def input_tiles(image, v):  # pragma: no cover - numba
     """``V[ξ, t, c]`` = (Bᵀ d B)[ξ] of every tile t of ``image``, zero-padded rows and
-    columns, channels last (4·rows + 2, 4·columns + 2, C); tiles counted along the rows."""
+    columns, channels last (2·rows + 2, 2·columns + 2, C); tiles counted along the rows."""
     tiles_w = (image.shape[1] - 2) // TILE
     channels = image.shape[2]
     along_y = np.empty((POINTS, POINTS, channels), image.dtype)
@@ -145,8 +134,6 @@ def input_tiles(image, v):  # pragma: no cover - numba
                             image[top + 1, x, c],
                             image[top + 2, x, c],
                             image[top + 3, x, c],
-                            image[top + 4, x, c],
-                            image[top + 5, x, c],
                         )
             tile = ty * tiles_w + tx
             for i in range(POINTS):
@@ -158,15 +145,13 @@ def input_tiles(image, v):  # pragma: no cover - numba
                             along_y[i, 1, c],
                             along_y[i, 2, c],
                             along_y[i, 3, c],
-                            along_y[i, 4, c],
-                            along_y[i, 5, c],
                         )
 
 
 @_jit.kernel(fastmath=_jit.VECTOR_SUMS)
 def output_tiles(m, bias, out):  # pragma: no cover - numba
-    """``out`` (4·rows, 4·columns, O), channels last, = Aᵀ M A + ``bias`` of the GEMMs'
-    products ``m`` (36, tiles, O)."""
+    """``out`` (2·rows, 2·columns, O), channels last, = Aᵀ M A + ``bias`` of the GEMMs'
+    products ``m`` (16, tiles, O)."""
     tiles_w = out.shape[1] // TILE
     outputs = out.shape[2]
     along_x = np.empty((POINTS, TILE, outputs), m.dtype)
@@ -183,8 +168,6 @@ def output_tiles(m, bias, out):  # pragma: no cover - numba
                             m[point + 1, tile, o],
                             m[point + 2, tile, o],
                             m[point + 3, tile, o],
-                            m[point + 4, tile, o],
-                            m[point + 5, tile, o],
                         )
             top, left = TILE * ty, TILE * tx
             for col in range(TILE):
@@ -196,8 +179,6 @@ def output_tiles(m, bias, out):  # pragma: no cover - numba
                             along_x[1, col, o],
                             along_x[2, col, o],
                             along_x[3, col, o],
-                            along_x[4, col, o],
-                            along_x[5, col, o],
                         )
 
 
@@ -222,7 +203,7 @@ def forward_image(
 
     def apply(u: np.ndarray, first: int, last: int, start: int, stop: int, worker: int) -> None:
         """Tile rows ``first`` … ``last`` − 1 of output channels ``start`` … ``stop`` − 1,
-        by the transformed filters ``u`` (36, stop − start, C) of those channels."""
+        by the transformed filters ``u`` (16, stop − start, C) of those channels."""
         space = workspaces[worker].scratch
         image = _padded_rows(x, pad, first, last, tiles_w, space)
         count = (last - first) * tiles_w
@@ -269,7 +250,7 @@ def _padded_rows(
     x: np.ndarray, pad: tuple[int, int], first: int, last: int, tiles_w: int, space: Workspace
 ) -> np.ndarray:
     """The input rows that tile rows ``first`` … ``last`` − 1 read, zero-padded and
-    channels last: (4·(last − first) + 2, 4·tiles_w + 2, C), in ``space``."""
+    channels last: (2·(last − first) + 2, 2·tiles_w + 2, C), in ``space``."""
     channels, height, width = x.shape
     top = TILE * first - pad[0]  # the image row of the buffer's first row
     shape = (TILE * (last - first) + 2, TILE * tiles_w + 2, channels)
