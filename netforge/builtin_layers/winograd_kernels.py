@@ -32,19 +32,19 @@ F(4×4, 3×3), 36 products per 16 outputs, ran ResNet-50's res2 layers (56×56) 
 (1.35 against 1.43 ms), but no faster at 28×28, slower at 14×14 (its U is 4x the weights),
 and its coefficients (up to 8 in Aᵀ, 1/24 in G) cost float32 up to 1.3e-5 of a layer's
 largest output. F(2×2)'s coefficients are 0, ±1 and ±1/2: float32 results stay within
-about 7e-7 of the largest output, as im2col's within 5e-7 (ResNet-50's 3×3 layers against
-a float64 convolution).
+about 8e-7 of the largest output, as im2col's within 7e-7 (the benchmark's error column).
 
-Measured per layer inside the deploy nets at batch 1 (float32, ms, median of 61 alternating
-calls on the shared 2-core machine), im2col → F(2×2, 3×3):
+Measured with ``tools/bench_winograd.py --all`` (batch-1 forward, float32, ms, median of 5
+alternating rounds on the shared 2-core machine), F(2×2, 3×3) / im2col / PyTorch 2.13:
 
-- ResNet-50: res2a_branch2b (64 channels, 56×56) 2.12 → 1.69, res3a_branch2b (128, 28×28)
-  1.92 → 1.66, res4a_branch2b (256, 14×14) 1.93 → 1.84; but res5a_branch2b (512, 7×7:
-  16 tiles) 2.64 → 4.21, where the filter transform costs more than the GEMMs save;
-- GoogLeNet: conv2/3x3 (64 → 192, 56×56) 5.08 → 3.95, inception_4a/3x3 (96, 14×14) 0.95
-  → 0.69; inception_5a/3x3 (160, 7×7) 0.76 → 0.89;
-- SqueezeNet's expand3x3 layers, few input channels: fire2 (16, 56×56) 0.79 → 0.88, fire6
-  (48, 14×14) 0.51 → 0.64, fire8 (64, 14×14) 0.72 → 0.60.
+- ResNet-50: res2a_branch2b (64 channels, 56×56) 1.96 / 2.15 / 1.79, res3a_branch2b (128,
+  28×28) 2.15 / 2.42 / 2.17, res4a_branch2b (256, 14×14) 1.87 / 2.72 / 2.05; but
+  res5a_branch2b (512, 7×7: 16 tiles) 4.94 / 2.29 / 2.62, where the filter transform costs
+  more than the GEMMs save;
+- GoogLeNet: conv2/3x3 (64 → 192, 56×56) 3.91 / 5.34 / 4.33, inception_4e/3x3 (160, 14×14)
+  1.34 / 1.71 / 1.33; inception_5a/3x3 (160, 7×7) 0.91 / 0.77 / 0.53;
+- SqueezeNet's expand3x3 layers, few input channels: fire2 (16, 56×56) 0.91 / 0.75 / 0.55,
+  fire6 (48, 14×14) 0.64 / 0.49 / 0.32, fire8 (64, 14×14) 0.65 / 0.82 / 0.59.
 
 Compiling the two kernels costs 2-3 s per dtype on a machine's first run; later runs load
 them from numba's cache in 0.04 s.
