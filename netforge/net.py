@@ -302,7 +302,10 @@ class Net(PycaffeNetMethods):
             self.layer_dict.setdefault(layer.name, layer)
         self.params = {ly.name: list(ly.blobs) for ly in self.layers if ly.blobs}
         #: the runs forward fuses, planned at the first forward that may fuse
-        self._fusion: dict[int, fusion.FusedRun] | None = None
+        self._fusion: dict[int, fusion.FusedRun | fusion.TrainingRun] | None = None
+        #: training runs whose last forward was fused, by their Scale's index: that Scale's
+        #: kept input is still to be written should its own backward run
+        self._owed_scale_inputs: dict[int, fusion.TrainingRun] = {}
         #: per layer, what its last reshape left (``reshape_layer``), None before any
         self._reshaped: list[tuple[Any, ...] | None] = [None] * len(self.layers)
 
@@ -491,8 +494,12 @@ class Net(PycaffeNetMethods):
         while i <= end:
             run = runs.get(i)
             if run is not None and run.last <= end and self._forward_fused(run):
+                if isinstance(run, fusion.TrainingRun):
+                    self._owed_scale_inputs[run.first + 1] = run
                 i = run.last + 1
                 continue
+            if self._owed_scale_inputs:
+                self._owed_scale_inputs.pop(i, None)  # its own forward keeps its state
             for hook in before:
                 hook(i)
             layer = self.layers[i]
@@ -520,7 +527,7 @@ class Net(PycaffeNetMethods):
             bottom = self._blobs_of(self.layer_bottoms[run.first])
             raise self._out_of_memory(run.batch_norm, bottom) from None
 
-    def _fused_runs(self, hooked: bool) -> dict[int, fusion.FusedRun]:
+    def _fused_runs(self, hooked: bool) -> dict[int, fusion.FusedRun | fusion.TrainingRun]:
         """The layer runs that forward applies in one pass (``netforge.fusion``), by first
         index: none while forward hooks are registered (``hooked``) or ``debug_info`` is on,
         which must see every layer, or when ``NETFORGE_FUSE`` is 0."""
@@ -538,38 +545,81 @@ class Net(PycaffeNetMethods):
         if not self._gradients_checked:
             self._check_gradient_memory()
         before, after = self._hooks["before_backward"], self._hooks["after_backward"]
-        for i in range(start, end - 1, -1):
-            for hook in before:
-                hook(i)
-            for blob, weight in self._layer_loss[i]:
-                blob.diff.fill(weight)
-            if not self.layer_need_backward[i]:
-                for hook in after:  # Caffe calls them for every layer of the pass
-                    hook(i)
+        runs = {
+            run.last: run
+            for run in self._fused_runs(bool(before or after)).values()
+            if isinstance(run, fusion.TrainingRun) and self.layer_need_backward[run.first]
+        }
+        i = start
+        while i >= end:
+            run = runs.get(i)
+            if (
+                run is not None
+                and run.first >= end
+                and self._owed_scale_inputs.get(run.first + 1) is run
+                and self._backward_fused(run)
+            ):
+                i = run.first - 1
                 continue
-            layer = self.layers[i]
-            if self._stale_slots:
-                self._prepare_stale_diffs(i)
-            layer.diff_bounds = None
-            try:
-                layer.backward(
-                    self._blobs_of(self.layer_tops[i]),
-                    self.bottom_need_backward[i],
-                    self._blobs_of(self.layer_bottoms[i]),
-                )
-            except MemoryError:
-                raise self._out_of_memory(layer, self._blobs_of(self.layer_bottoms[i])) from None
-            finally:
-                layer.stale_param_diffs = []
-            added = layer.diff_bounds or [math.inf] * len(layer.blobs)
-            for slot, bound in zip(self._param_slots[i], added):
-                self.param_diff_bounds[slot] += bound
-            if self.debug_info:
-                self._log_backward(i)
-            for hook in after:
-                hook(i)
+            self._backward_layer(i, before, after)
+            i -= 1
         if end == 0:
             self.zero_stale_param_diffs()
+
+    def _backward_fused(self, run: fusion.TrainingRun) -> bool:
+        """``run.backward``, with the bookkeeping of each of its layers' own backward:
+        stale parameter diffs zeroed, unknown bounds on what they added. False where the
+        run's layers must run one by one."""
+        layers = range(run.last, run.first - 1, -1)
+        for j in layers:
+            if self._stale_slots:
+                self._prepare_stale_diffs(j)
+        try:
+            if not run.backward(self):
+                return False
+        except MemoryError:
+            bottom = self._blobs_of(self.layer_bottoms[run.first])
+            raise self._out_of_memory(run.batch_norm, bottom) from None
+        del self._owed_scale_inputs[run.first + 1]
+        for j in layers:
+            for slot in self._param_slots[j]:
+                self.param_diff_bounds[slot] += math.inf
+        return True
+
+    def _backward_layer(self, i: int, before: list, after: list) -> None:
+        """Layer ``i``'s own backward, with its hooks and bookkeeping."""
+        for hook in before:
+            hook(i)
+        for blob, weight in self._layer_loss[i]:
+            blob.diff.fill(weight)
+        if not self.layer_need_backward[i]:
+            for hook in after:  # Caffe calls them for every layer of the pass
+                hook(i)
+            return
+        layer = self.layers[i]
+        if self._stale_slots:
+            self._prepare_stale_diffs(i)
+        owed = self._owed_scale_inputs.pop(i, None)
+        if owed is not None:
+            owed.keep_scale_input(self)
+        layer.diff_bounds = None
+        try:
+            layer.backward(
+                self._blobs_of(self.layer_tops[i]),
+                self.bottom_need_backward[i],
+                self._blobs_of(self.layer_bottoms[i]),
+            )
+        except MemoryError:
+            raise self._out_of_memory(layer, self._blobs_of(self.layer_bottoms[i])) from None
+        finally:
+            layer.stale_param_diffs = []
+        added = layer.diff_bounds or [math.inf] * len(layer.blobs)
+        for slot, bound in zip(self._param_slots[i], added):
+            self.param_diff_bounds[slot] += bound
+        if self.debug_info:
+            self._log_backward(i)
+        for hook in after:
+            hook(i)
 
     def _check_gradient_memory(self) -> None:
         """Check, before backward allocates its first diff, that the arrays still to be

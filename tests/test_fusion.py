@@ -344,9 +344,10 @@ def test_other_array_modules_run_the_layers(backend, monkeypatch) -> None:
 def test_batch_statistics_and_scalar_scale_are_not_fused(monkeypatch) -> None:
     x = np.random.default_rng(12).normal(size=SHAPE) * 2 + 1
     # TEST phase, but batch statistics asked for: each channel of the BatchNorm's output
-    # has mean 0, so each channel of the Scale's has the Scale's bias as its mean.
+    # has mean 0, so each channel of the Scale's has the Scale's bias as its mean. A
+    # training run (no backward here), not an inference one.
     net = build(conv=False, global_stats=False, slope=None)
-    assert fusion.plan(net) == {}
+    assert [type(run) for run in fusion.plan(net).values()] == [fusion.TrainingRun]
     net.forward(x=x)
     means = output(net).mean(axis=(0, 2, 3))
     np.testing.assert_allclose(means, net.params["scale"][1].data, rtol=1e-5, atol=1e-5)
@@ -365,3 +366,153 @@ def test_batch_statistics_and_scalar_scale_are_not_fused(monkeypatch) -> None:
     normalised = (x - mean[:, None, None] / 2.5) / np.sqrt(var[:, None, None] / 2.5 + 1e-3)
     expected = np.maximum(normalised * factor + bias, 0)
     np.testing.assert_allclose(output(net), expected, rtol=3e-5, atol=3e-5)
+
+
+# -- training runs: BatchNorm with batch statistics → Scale → ReLU, forward and backward --
+def training_text(*, slope: float | None = 0.0, bias: bool = True, frozen: bool = False) -> str:
+    """A training net: two 1x1 Convolutions, each followed by BatchNorm (batch statistics),
+    Scale and, after the first, ReLU (``slope``; none when None), all in place, then a
+    Euclidean loss; ``frozen``: the first Scale learns nothing (lr_mult 0)."""
+    dims = " ".join(f"dim: {d}" for d in SHAPE)
+    lines = [
+        "name: 'training'",
+        f"layer {{ name: 'data' type: 'Input' top: 'data' top: 't' "
+        f"input_param {{ shape {{ {dims} }} shape {{ {dims} }} }} }}",
+    ]
+    frozen_params = "param { lr_mult: 0 } param { lr_mult: 0 }" if frozen else ""
+    for k, after in ((1, slope), (2, None)):
+        source = "data" if k == 1 else "x1"
+        lines += [
+            f"layer {{ name: 'conv{k}' type: 'Convolution' bottom: '{source}' top: 'x{k}' "
+            f"convolution_param {{ num_output: {SHAPE[1]} kernel_size: 1 }} }}",
+            f"layer {{ name: 'bn{k}' type: 'BatchNorm' bottom: 'x{k}' top: 'x{k}' "
+            "batch_norm_param { eps: 1e-3 moving_average_fraction: 0.9 } }",
+            f"layer {{ name: 'scale{k}' type: 'Scale' bottom: 'x{k}' top: 'x{k}' "
+            f"{frozen_params if k == 1 else ''} "
+            f"scale_param {{ bias_term: {str(bias).lower()} }} }}",
+        ]
+        if after is not None:
+            lines.append(
+                f"layer {{ name: 'relu{k}' type: 'ReLU' bottom: 'x{k}' top: 'x{k}' "
+                f"relu_param {{ negative_slope: {after} }} }}"
+            )
+    lines.append("layer { name: 'loss' type: 'EuclideanLoss' bottom: 'x2' bottom: 't' }")
+    return "\n".join(lines)
+
+
+def training_pair(dtype, **case) -> tuple[Net, Net]:
+    """Two copies of ``training_text(**case)`` with the same random parameters."""
+    nets = []
+    for _ in range(2):
+        net = Net(parse_text(training_text(**case), pb.NetParameter), pb.TRAIN, dtype=dtype)
+        rng = np.random.default_rng(13)
+        for name, blobs in net.params.items():
+            if not name.startswith("bn"):
+                for blob in blobs:
+                    blob.data[...] = rng.normal(size=blob.shape)
+        nets.append(net)
+    return nets[0], nets[1]
+
+
+def training_pass(net: Net, monkeypatch, fuse: bool, **backward) -> float:
+    """Forward and backward of ``net`` from stale parameter diffs, as the solver runs it,
+    with fusion allowed or not; returns the loss."""
+    rng = np.random.default_rng(14)
+    net.blobs["data"].data[...] = rng.normal(size=SHAPE) * 2 + 0.5
+    net.blobs["t"].data[...] = rng.normal(size=SHAPE)
+    with monkeypatch.context() as patch:
+        patch.setenv(fusion.SETTING, "1" if fuse else "0")
+        net.mark_param_diffs_stale()
+        loss = net.forward_loss()
+        net.backward(**backward)
+    return loss
+
+
+def assert_same_state(fused: Net, layers: Net, **tolerance) -> None:
+    """Every blob's data and diff, and every parameter's data and diff (BatchNorm's running
+    statistics among them), alike in both nets."""
+    for name in layers.blobs:
+        for what in ("data", "diff"):
+            np.testing.assert_allclose(
+                getattr(fused.blobs[name], what),
+                getattr(layers.blobs[name], what),
+                err_msg=f"blob {name} {what}",
+                **tolerance,
+            )
+    for name, blobs in layers.params.items():
+        for k, blob in enumerate(blobs):
+            for what in ("data", "diff"):
+                np.testing.assert_allclose(
+                    getattr(fused.params[name][k], what),
+                    getattr(blob, what),
+                    err_msg=f"{name}[{k}] {what}",
+                    **tolerance,
+                )
+
+
+TRAINING_CASES = {
+    "relu": {},
+    "leaky_relu": {"slope": 0.1},
+    "no_relu": {"slope": None},
+    "scale_without_bias": {"bias": False},
+    "frozen_scale": {"frozen": True},
+}
+
+
+@pytest.mark.skipif(not norm_kernels._jit.enabled(), reason="training runs need numba")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(TRAINING_CASES))
+def test_training_run_matches_the_layers_forward_and_backward(case, dtype, monkeypatch):
+    fused, layers = training_pair(dtype, **TRAINING_CASES[case])
+    runs = list(fusion.plan(fused).values())
+    assert [type(run) for run in runs] == [fusion.TrainingRun] * 2
+    assert [fused.layer_names[run.first] for run in runs] == ["bn1", "bn2"]
+    counts = count_forwards(fused, monkeypatch)
+    backward_calls = []
+    for layer in fused.layers:
+        original = layer.backward
+        monkeypatch.setattr(
+            layer,
+            "backward",
+            lambda *a, _name=layer.name, _f=original: backward_calls.append(_name) or _f(*a),
+        )
+    tolerance = TOLERANCE[dtype]
+    for _ in range(2):  # twice: the running statistics move on, the kept buffers are reused
+        loss = training_pass(fused, monkeypatch, True)
+        assert loss == pytest.approx(training_pass(layers, monkeypatch, False), rel=1e-5)
+        assert_same_state(fused, layers, **tolerance)
+    chains = {"bn1", "scale1", "relu1", "bn2", "scale2"} & set(fused.layer_names)
+    assert not any(counts[name] for name in chains)
+    assert not chains & set(backward_calls)
+    # The running statistics are Caffe's: the normaliser 1 + 0.9 after two passes.
+    np.testing.assert_allclose(fused.params["bn1"][2].data, [1.9])
+
+
+@pytest.mark.skipif(not norm_kernels._jit.enabled(), reason="training runs need numba")
+def test_after_a_fused_forward_the_layers_backward_one_by_one_when_watched(monkeypatch):
+    """A backward hook, debug_info, or a backward that starts inside a run: the run's
+    layers run their own backward, the Scale from its input rebuilt from the BatchNorm's."""
+    for watch in ("hook", "debug_info", "start"):
+        fused, layers = training_pair(np.float64, slope=0.2)
+        backward = {"start": "scale1"} if watch == "start" else {}
+        if watch == "hook":
+            seen: list[int] = []
+            fused.before_backward(seen.append)
+            layers.before_backward(seen.append)
+        calls = count_forwards(fused, monkeypatch)
+        rng = np.random.default_rng(15)
+        x, t = rng.normal(size=SHAPE), rng.normal(size=SHAPE)
+        for net in (fused, layers):
+            net.blobs["data"].data[...], net.blobs["t"].data[...] = x, t
+            net.clear_param_diffs()
+        with monkeypatch.context() as patch:
+            patch.setenv(fusion.SETTING, "1")
+            fused.forward_loss()  # no hook on forward: fused
+            fused.debug_info = watch == "debug_info"
+            fused.backward(**backward)
+        assert calls["bn1"] == 0 and calls["scale1"] == 0
+        with monkeypatch.context() as patch:
+            patch.setenv(fusion.SETTING, "0")
+            layers.forward_loss()
+            layers.backward(**backward)
+        assert_same_state(fused, layers, rtol=1e-12, atol=1e-12)

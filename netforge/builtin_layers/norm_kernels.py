@@ -19,6 +19,10 @@ while it fits in L2, 100 kB per channel of (8, 256, 56, 56) float32):
   With a (leaky) ReLU after it in the same pass (``netforge.fusion``'s BatchNorm + Scale +
   ReLU at inference): still 1r + 1w, where the three layers take 4r + 4w on the kernels.
 - Scale backward: Σ dy·x, Σ dy and dx = dy·s in one pass, 2r + 1w, against numpy's 4r + 1w.
+- BatchNorm with batch statistics, Scale and ReLU in training (``netforge.fusion``'s
+  training runs): forward as BatchNorm's alone, 1r + 2 cached r + 2w, where the three
+  kernels take 3r + 2 cached r + 5w; backward the ReLU's mask and both layers' sums, then
+  dx: 3r + 3 cached r + 1w, where they take 6r + 2 cached r + 3w.
 
 In place, the caller passes the input array itself as the output (``y is x``), and the
 kernels write through the one name they read: with two names for one memory, LLVM's
@@ -186,6 +190,61 @@ def scale_backward(
     return sums
 
 
+def batch_norm_scale_train_forward(
+    x: np.ndarray,
+    y: np.ndarray,
+    centered: np.ndarray,
+    eps: float,
+    factors: np.ndarray,
+    bias: np.ndarray,
+    slope: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNorm with batch statistics, then Scale (``factors``, ``bias``) and, unless
+    ``slope`` is None, ReLU, in one call (``netforge.fusion``'s training runs): writes
+    ``centered`` = x − mean, as BatchNorm keeps it, and ``y`` (may be ``x``); returns the
+    per-channel mean and biased variance, float64."""
+    channels = x.shape[1]
+    mean, var = np.empty(channels), np.empty(channels)
+    in_place = x is y
+    relu = slope is not None
+    _run(
+        lambda start, stop: _batch_norm_scale_train_forward(
+            x, y, centered, in_place, eps, factors, bias, relu, slope or 0.0, mean, var, start, stop
+        ),
+        channels,
+        x.size,
+        3,
+    )
+    return mean, var
+
+
+def batch_norm_scale_train_backward(
+    dy: np.ndarray,
+    y: np.ndarray,
+    centered: np.ndarray,
+    std: np.ndarray,
+    factors: np.ndarray,
+    dx: np.ndarray,
+    slope: float | None,
+) -> np.ndarray:
+    """The gradients of ``batch_norm_scale_train_forward``'s chain from the top gradient
+    ``dy`` and output ``y`` (the ReLU's mask, unless ``slope`` is None): writes the bottom
+    gradient into ``dx`` (may be ``dy``) and returns the Scale's (C, 2) float64 sums, Σ dy'·x̂
+    and Σ dy' per channel, dy' being dy through the ReLU and x̂ BatchNorm's output."""
+    sums = np.empty((dy.shape[1], 2))
+    in_place = dy is dx
+    relu = slope is not None
+    _run(
+        lambda start, stop: _batch_norm_scale_train_backward(
+            dy, y, centered, std, factors, dx, in_place, relu, slope or 0.0, sums, start, stop
+        ),
+        dy.shape[1],
+        dy.size,
+        2,
+    )
+    return sums
+
+
 # -- kernels: serial over channels start..stop - 1 of (outer, channels, inner) arrays ---------
 #: How a kernel writes its output: not at all, to its own array, over its input (in place),
 #: over its input after copying the input to a kept array.
@@ -345,3 +404,85 @@ def _batch_norm_fold(mean_sum, var_sum, norm, eps, factors, bias, scale, shift):
             b += bias[c]
         scale[c] = a
         shift[c] = b
+
+
+@_jit.helper
+def _through_relu(g, y, relu, slope):  # pragma: no cover - numba
+    """The top gradient ``g`` through a ReLU of ``slope`` whose output is ``y``: g where
+    y > 0, else slope·g (NaN takes the slope, as ``ReLULayer``'s backward gives it)."""
+    if relu and not y > 0:
+        return g * slope
+    return g
+
+
+@_jit.kernel(fastmath=_jit.VECTOR_SUMS)
+def _batch_norm_scale_train_forward(
+    x, y, centered, in_place, eps, factors, bias, relu, slope, mean, var, start, stop
+):
+    # BatchNorm's three passes (``_batch_norm_train_forward``), the last of which also
+    # applies the Scale, as one factor s/std and the bias, and the ReLU.
+    outer, _, inner = x.shape
+    count = outer * inner
+    zero = x.dtype.type(0)
+    leak = x.dtype.type(slope)
+    for c in range(start, stop):
+        total = 0.0
+        for n in range(outer):
+            for i in range(inner):
+                total += x[n, c, i]
+        mu = total / count
+        center = x.dtype.type(mu)
+        total = 0.0
+        for n in range(outer):
+            for i in range(inner):
+                d = x[n, c, i] - center
+                total += d * d
+        mean[c] = mu
+        var[c] = total / count
+        a = x.dtype.type(factors[c] / np.sqrt(var[c] + eps))
+        b = bias[c]
+        for n in range(outer):
+            for i in range(inner):
+                d = x[n, c, i] - center
+                centered[n, c, i] = d
+                v = d * a + b
+                if relu and v <= zero:
+                    v = zero if leak == zero else v * leak
+                if in_place:
+                    x[n, c, i] = v
+                else:
+                    y[n, c, i] = v
+
+
+@_jit.kernel(fastmath=_jit.VECTOR_SUMS)
+def _batch_norm_scale_train_backward(
+    dy, y, centered, std, factors, dx, in_place, relu, slope, sums, start, stop
+):
+    # With g = dy through the ReLU and x̂ = (x − mean)/std: the Scale's sums Σ g·x̂ and Σ g,
+    # and BatchNorm's gradient of dx̂ = s·g, (dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) / std.
+    outer, _, inner = dy.shape
+    count = outer * inner
+    leak = dy.dtype.type(slope)
+    for c in range(start, stop):
+        sum_g = 0.0
+        sum_gx = 0.0
+        for n in range(outer):
+            for i in range(inner):
+                g = _through_relu(dy[n, c, i], y[n, c, i], relu, leak)
+                sum_g += g
+                sum_gx += g * centered[n, c, i]
+        s = np.float64(std[c])
+        sums[c, 0] = sum_gx / s
+        sums[c, 1] = sum_g
+        k = factors[c] / s
+        gain = dy.dtype.type(k)
+        shift = dy.dtype.type(k * sum_g / count)
+        slope_x = dy.dtype.type(k * sum_gx / (count * s * s))
+        for n in range(outer):
+            for i in range(inner):
+                g = _through_relu(dy[n, c, i], y[n, c, i], relu, leak)
+                v = g * gain - centered[n, c, i] * slope_x - shift
+                if in_place:
+                    dy[n, c, i] = v
+                else:
+                    dx[n, c, i] = v

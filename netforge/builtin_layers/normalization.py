@@ -118,8 +118,8 @@ class BatchNormLayer(Layer):
         x = self._by_channel(bottom[0].data)
         # In place, the same array object: the kernels then write through one name.
         y = x if top[0] is bottom[0] else self._by_channel(top[0].data)
-        mean_sum, var_sum, norm = (b.data.reshape(-1) for b in self.blobs)
         if self.use_global_stats:
+            mean_sum, var_sum, norm = (b.data.reshape(-1) for b in self.blobs)
             # Caffe's 1/blob2, or 0 when blob2 is 0, as a device expression (no host sync):
             # True/(norm + False) where norm != 0, False/(0 + True) = 0 where it is 0.
             empty = norm == 0
@@ -136,26 +136,38 @@ class BatchNormLayer(Layer):
                 xp.multiply(x, scale[:, None], out=y)
                 y += shift[:, None]
             return
-        # x − mean is kept apart from the top (a later in-place layer may overwrite the top's
-        # data) in a buffer reused across passes; backward needs nothing else but std.
-        centered = self._centered
-        if centered is None or type(centered) is not type(x) or centered.shape != x.shape:
-            centered = self._centered = xp.empty_like(x)
-        m = x.size // self.channels
+        centered = self.centered_buffer(x)
         kernels = _jit.usable(x, y, centered)
         if kernels:
             mean, var = norm_kernels.batch_norm_train_forward(x, y, centered, self.eps)
         else:
+            m = x.size // self.channels
             mean = _channel_sums(xp, x) / m
             xp.subtract(x, mean[:, None], out=centered)
             var = _channel_dots(xp, centered, centered) / m
+        self.record_batch_statistics(mean, var, x)
+        if not kernels:
+            xp.divide(centered, self._std[:, None], out=y)
+
+    def centered_buffer(self, x: Any) -> Any:
+        """Where batch-statistics forward writes x − mean for backward (``x`` as (N, C,
+        rest)): kept apart from the top, which a later in-place layer may overwrite, in a
+        buffer reused across passes; backward needs nothing else but std."""
+        centered = self._centered
+        if centered is None or type(centered) is not type(x) or centered.shape != x.shape:
+            centered = self._centered = self.xp.empty_like(x)
+        return centered
+
+    def record_batch_statistics(self, mean: Any, var: Any, x: Any) -> None:
+        """After a batch-statistics forward of ``x`` with channel ``mean`` and biased
+        ``var``: update the running blobs as Caffe does and keep std for backward."""
+        mean_sum, var_sum, norm = (b.data.reshape(-1) for b in self.blobs)
+        m = x.size // self.channels
         correction = m / (m - 1) if m > 1 else 1.0
         norm[...] = self.maf * norm + 1
         mean_sum[...] = self.maf * mean_sum + mean
         var_sum[...] = self.maf * var_sum + correction * var
-        self._std = xp.sqrt(var + self.eps).astype(x.dtype, copy=False)
-        if not kernels:
-            xp.divide(centered, self._std[:, None], out=y)
+        self._std = self.xp.sqrt(var + self.eps).astype(x.dtype, copy=False)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
@@ -388,13 +400,8 @@ class ScaleLayer(Layer):
         bias = self.blobs[-1].data.reshape(-1) if self._bias_dims else None
         self._x = kept = None
         if top[0] is bottom[0]:
-            # In place, the scale's gradient needs the bottom as it was: kept in a buffer
-            # reused across passes.
-            kept = self._x_kept
-            if kept is None or type(kept) is not type(x) or kept.shape != bottom[0].shape:
-                kept = self._x_kept = xp.empty_like(bottom[0].data)
-            self._x = kept
-            kept = kept.reshape(self._dims)
+            self._x = self.kept_buffer(bottom[0])
+            kept = self._x.reshape(self._dims)
         shift = xp.zeros_like(scale) if bias is None else bias
         operands = (x, y, scale, shift) + ((kept,) if kept is not None else ())
         if self._fused and _jit.usable(*operands):
@@ -407,6 +414,14 @@ class ScaleLayer(Layer):
         if bias is not None:
             y = top[0].data.reshape(self._bias_dims)
             y += bias[:, None]
+
+    def kept_buffer(self, bottom: Blob) -> Any:
+        """In place, the scale's gradient needs the bottom as it was: kept in this buffer
+        (``self._x`` once written), reused across passes."""
+        kept = self._x_kept
+        if kept is None or type(kept) is not type(bottom.data) or kept.shape != bottom.shape:
+            kept = self._x_kept = self.xp.empty_like(bottom.data)
+        return kept
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
