@@ -37,9 +37,11 @@ keeps x − mean and std as BatchNorm's own forward does. Backward, when the net
 backward reaches the run whole with nothing watching the layers one by one, is one call of
 ``norm_kernels.batch_norm_scale_train_backward``: the ReLU's mask from the output, the
 Scale's parameter gradients (those it learns) and BatchNorm's bottom gradient. Otherwise
-(a backward hook, ``debug_info``, a backward starting inside the run) the layers run their
-own backward, the Scale from its input rebuilt from BatchNorm's kept values
-(``keep_scale_input``). Compiled kernels only: without numba the layers run one by one.
+(a backward hook, ``debug_info``, a backward starting inside the run, a layer of the run
+run alone in between) the layers run their own backward, the Scale from the input it had in
+the fused forward, rebuilt from BatchNorm's kept values before any layer of the run runs
+alone (``Net._settle``, ``keep_scale_input``). Compiled kernels only: without numba the
+layers run one by one.
 
 Either kind is fused per pass only where the blob and parameters are numpy arrays (on cupy
 the layers run one by one), the pass covers the whole run (``Net.forward_from_to`` with a

@@ -303,9 +303,9 @@ class Net(PycaffeNetMethods):
         self.params = {ly.name: list(ly.blobs) for ly in self.layers if ly.blobs}
         #: the runs forward fuses, planned at the first forward that may fuse
         self._fusion: dict[int, fusion.FusedRun | fusion.TrainingRun] | None = None
-        #: training runs whose last forward was fused, by their Scale's index: that Scale's
-        #: kept input is still to be written should its own backward run
-        self._owed_scale_inputs: dict[int, fusion.TrainingRun] = {}
+        #: training runs whose last forward was fused, by the index of each of their layers:
+        #: the Scale's kept input is still to be written should a layer of the run run alone
+        self._owed: dict[int, fusion.TrainingRun] = {}
         #: per layer, what its last reshape left (``reshape_layer``), None before any
         self._reshaped: list[tuple[Any, ...] | None] = [None] * len(self.layers)
 
@@ -495,11 +495,11 @@ class Net(PycaffeNetMethods):
             run = runs.get(i)
             if run is not None and run.last <= end and self._forward_fused(run):
                 if isinstance(run, fusion.TrainingRun):
-                    self._owed_scale_inputs[run.first + 1] = run
+                    self._owed.update(dict.fromkeys(range(run.first, run.last + 1), run))
                 i = run.last + 1
                 continue
-            if self._owed_scale_inputs:
-                self._owed_scale_inputs.pop(i, None)  # its own forward keeps its state
+            if self._owed:
+                self._settle(i)
             for hook in before:
                 hook(i)
             layer = self.layers[i]
@@ -556,7 +556,7 @@ class Net(PycaffeNetMethods):
             if (
                 run is not None
                 and run.first >= end
-                and self._owed_scale_inputs.get(run.first + 1) is run
+                and self._owed.get(run.first) is run
                 and self._backward_fused(run)
             ):
                 i = run.first - 1
@@ -580,11 +580,22 @@ class Net(PycaffeNetMethods):
         except MemoryError:
             bottom = self._blobs_of(self.layer_bottoms[run.first])
             raise self._out_of_memory(run.batch_norm, bottom) from None
-        del self._owed_scale_inputs[run.first + 1]
         for j in layers:
+            del self._owed[j]
             for slot in self._param_slots[j]:
                 self.param_diff_bounds[slot] += math.inf
         return True
+
+    def _settle(self, i: int) -> None:
+        """Before layer ``i`` runs alone, if it belongs to a training run whose last forward
+        was fused: write what that run's Scale kept in that forward, as its own forward
+        would have, and forget the run (its layers now keep their own state)."""
+        run = self._owed.get(i)
+        if run is None:
+            return
+        run.keep_scale_input(self)
+        for j in range(run.first, run.last + 1):
+            del self._owed[j]
 
     def _backward_layer(self, i: int, before: list, after: list) -> None:
         """Layer ``i``'s own backward, with its hooks and bookkeeping."""
@@ -599,9 +610,8 @@ class Net(PycaffeNetMethods):
         layer = self.layers[i]
         if self._stale_slots:
             self._prepare_stale_diffs(i)
-        owed = self._owed_scale_inputs.pop(i, None)
-        if owed is not None:
-            owed.keep_scale_input(self)
+        if self._owed:
+            self._settle(i)
         layer.diff_bounds = None
         try:
             layer.backward(

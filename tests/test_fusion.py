@@ -490,9 +490,10 @@ def test_training_run_matches_the_layers_forward_and_backward(case, dtype, monke
 
 @pytest.mark.skipif(not norm_kernels._jit.enabled(), reason="training runs need numba")
 def test_after_a_fused_forward_the_layers_backward_one_by_one_when_watched(monkeypatch):
-    """A backward hook, debug_info, or a backward that starts inside a run: the run's
-    layers run their own backward, the Scale from its input rebuilt from the BatchNorm's."""
-    for watch in ("hook", "debug_info", "start"):
+    """A backward hook, debug_info, a backward that starts inside a run, or a forward of
+    one of its layers alone in between: the run's layers run their own backward, the Scale
+    from the input it had in the fused forward, rebuilt from the BatchNorm's kept values."""
+    for watch in ("hook", "debug_info", "start", "bn1 alone"):
         fused, layers = training_pair(np.float64, slope=0.2)
         backward = {"start": "scale1"} if watch == "start" else {}
         if watch == "hook":
@@ -508,11 +509,15 @@ def test_after_a_fused_forward_the_layers_backward_one_by_one_when_watched(monke
         with monkeypatch.context() as patch:
             patch.setenv(fusion.SETTING, "1")
             fused.forward_loss()  # no hook on forward: fused
+            assert calls["bn1"] == 0 and calls["scale1"] == 0
+            if watch == "bn1 alone":
+                fused.forward(start="bn1", end="bn1")
             fused.debug_info = watch == "debug_info"
             fused.backward(**backward)
-        assert calls["bn1"] == 0 and calls["scale1"] == 0
         with monkeypatch.context() as patch:
             patch.setenv(fusion.SETTING, "0")
             layers.forward_loss()
+            if watch == "bn1 alone":
+                layers.forward(start="bn1", end="bn1")
             layers.backward(**backward)
         assert_same_state(fused, layers, rtol=1e-12, atol=1e-12)
