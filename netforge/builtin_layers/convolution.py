@@ -334,7 +334,7 @@ class _ConvolutionBase(Layer):
         )
 
     def _winograd_image(self) -> bool:
-        """Whether a single image's forward runs F(4×4, 3×3) (``winograd_kernels``): numpy,
+        """Whether a single image's forward runs F(2×2, 3×3) (``winograd_kernels``): numpy,
         one image, one group, 3×3, stride 1, no dilation, enough channels and output tiles
         (``winograd_kernels.worth_it``), with ``_jit.enabled()`` (asked last: importing
         numba costs a net that never takes this path 116 MB)."""
@@ -585,7 +585,7 @@ class _ConvolutionBase(Layer):
         2.9 ms split in two on the pool; CaffeNet-sized (32, 27) by (27, 12544), MobileNet's
         conv1: 16 ms, 0.42 and 0.58 (median of 9). Returns whether the column buffer
         holds the image's columns (for backward). Where ``_winograd_image`` says so,
-        F(4×4, 3×3) replaces im2col and the GEMM (``winograd_kernels``)."""
+        F(2×2, 3×3) replaces im2col and the GEMM (``winograd_kernels``)."""
         if self._winograd_one and _jit.usable(x, y, weights):
             image = self._image(x)[0]
             winograd_kernels.forward_image(
