@@ -251,24 +251,31 @@ def batch_norm_scale_train_backward(
 _NONE, _SEPARATE, _IN_PLACE, _KEEP = 0, 1, 2, 3
 
 
+@_jit.helper
+def _mean_and_variance(x, c):  # pragma: no cover - numba
+    """Channel ``c``'s mean and biased variance, E[(x − mean)²] (Caffe's), summed in float64."""
+    outer, _, inner = x.shape
+    count = outer * inner
+    total = 0.0
+    for n in range(outer):
+        for i in range(inner):
+            total += x[n, c, i]
+    mu = total / count
+    center = x.dtype.type(mu)
+    total = 0.0
+    for n in range(outer):
+        for i in range(inner):
+            d = x[n, c, i] - center
+            total += d * d
+    return mu, total / count
+
+
 @_jit.kernel(fastmath=_jit.VECTOR_SUMS)
 def _batch_norm_train_forward(x, y, centered, in_place, eps, mean, var, start, stop):
     outer, _, inner = x.shape
-    count = outer * inner
     for c in range(start, stop):
-        total = 0.0
-        for n in range(outer):
-            for i in range(inner):
-                total += x[n, c, i]
-        mu = total / count
-        center = x.dtype.type(mu)
-        total = 0.0
-        for n in range(outer):
-            for i in range(inner):
-                d = x[n, c, i] - center
-                total += d * d
-        mean[c] = mu
-        var[c] = total / count
+        mean[c], var[c] = _mean_and_variance(x, c)
+        center = x.dtype.type(mean[c])
         inv_std = x.dtype.type(1.0 / np.sqrt(var[c] + eps))
         for n in range(outer):
             if in_place:
@@ -422,23 +429,11 @@ def _batch_norm_scale_train_forward(
     # BatchNorm's three passes (``_batch_norm_train_forward``), the last of which also
     # applies the Scale, as one factor s/std and the bias, and the ReLU.
     outer, _, inner = x.shape
-    count = outer * inner
     zero = x.dtype.type(0)
     leak = x.dtype.type(slope)
     for c in range(start, stop):
-        total = 0.0
-        for n in range(outer):
-            for i in range(inner):
-                total += x[n, c, i]
-        mu = total / count
-        center = x.dtype.type(mu)
-        total = 0.0
-        for n in range(outer):
-            for i in range(inner):
-                d = x[n, c, i] - center
-                total += d * d
-        mean[c] = mu
-        var[c] = total / count
+        mean[c], var[c] = _mean_and_variance(x, c)
+        center = x.dtype.type(mean[c])
         a = x.dtype.type(factors[c] / np.sqrt(var[c] + eps))
         b = bias[c]
         for n in range(outer):
