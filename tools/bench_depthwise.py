@@ -23,10 +23,14 @@ import netforge  # noqa: F401
 import argparse
 
 import numpy as np
-from bench_models import alternate, deploy_param, kernel_bench_args, kernels_switched, ms_cells
+from bench_models import (
+    alternate,
+    deploy_param,
+    kernel_bench_args,
+    layer_on_random_input,
+    ms_cells,
+)
 
-from netforge.blob import Blob
-from netforge.layer import create_layer
 from netforge.net import Net
 from netforge.proto import pb
 
@@ -44,15 +48,9 @@ def depthwise_layers(batch: int) -> list[tuple[pb.LayerParameter, tuple[int, ...
 
 def netforge_runner(param: pb.LayerParameter, shape: tuple[int, ...], kernels: bool, backward):
     """A function running the layer ``n`` times, on the kernel path or on im2col + GEMM."""
-    with kernels_switched(kernels):
-        layer = create_layer(param, phase=pb.TRAIN, rng=np.random.default_rng(0))
-        bottom = Blob(shape, np.float32, name="bottom")
-        bottom.data = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-        top = Blob((), np.float32, name="top")
-        layer.setup([bottom], [top])
-        layer.param_propagate_down = [True] * len(layer.blobs)
-        layer.reshape([bottom], [top])
-        assert (layer._depthwise is not None) == kernels
+    layer, bottom, top = layer_on_random_input(param, shape, pb.TRAIN, kernels)
+    layer.param_propagate_down = [True] * len(layer.blobs)
+    assert (layer._depthwise is not None) == kernels
     top.diff = np.random.default_rng(2).standard_normal(top.shape, dtype=np.float32)
 
     def run(n: int) -> None:

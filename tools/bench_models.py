@@ -47,7 +47,9 @@ import numpy as np
 from bench_layers import SOLVER, sgd_solver
 from bench_torch import torch_peer
 
+from netforge.blob import Blob
 from netforge.builtin_layers import _jit
+from netforge.layer import Layer, create_layer
 from netforge.net import Net
 from netforge.proto import pb
 from netforge.prototxt import read_net
@@ -333,6 +335,22 @@ def kernels_switched(on: bool) -> Iterator[None]:
         yield
     finally:
         _jit.enabled = chosen
+
+
+def layer_on_random_input(
+    param: pb.LayerParameter, shape: tuple[int, ...], phase: int, kernels: bool
+) -> tuple[Layer, Blob, Blob]:
+    """The per-kernel benchmarks' layer: ``param``'s, set up and reshaped on a float32
+    bottom of ``shape`` holding standard normal values, with the compiled kernels on or off
+    while it chooses its paths. Returns (layer, bottom, top)."""
+    with kernels_switched(kernels):
+        layer = create_layer(param, phase=phase, rng=np.random.default_rng(0))
+        bottom = Blob(shape, np.float32, name="bottom")
+        bottom.data = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+        top = Blob((), np.float32, name="top")
+        layer.setup([bottom], [top])
+        layer.reshape([bottom], [top])
+    return layer, bottom, top
 
 
 def summary(per_call: dict[str, list[float]], scale: float) -> dict:

@@ -24,11 +24,15 @@ import netforge  # noqa: F401
 import argparse
 
 import numpy as np
-from bench_models import alternate, deploy_param, kernel_bench_args, kernels_switched, ms_cells
+from bench_models import (
+    alternate,
+    deploy_param,
+    kernel_bench_args,
+    layer_on_random_input,
+    ms_cells,
+)
 
-from netforge.blob import Blob
 from netforge.builtin_layers import winograd_kernels
-from netforge.layer import create_layer
 from netforge.net import Net
 from netforge.proto import pb
 
@@ -57,13 +61,7 @@ def netforge_runner(param: pb.LayerParameter, shape: tuple[int, ...], kernels: b
     """A function running the layer's forward ``n`` times, and its largest relative
     difference from a float64 convolution; None where the layer does not take the path
     asked for."""
-    with kernels_switched(kernels):
-        layer = create_layer(param, phase=pb.TEST, rng=np.random.default_rng(0))
-        bottom = Blob(shape, np.float32, name="bottom")
-        bottom.data = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-        top = Blob((), np.float32, name="top")
-        layer.setup([bottom], [top])
-        layer.reshape([bottom], [top])
+    layer, bottom, top = layer_on_random_input(param, shape, pb.TEST, kernels)
     weights = layer.blobs[0].data
     weights[...] = np.random.default_rng(2).standard_normal(weights.shape) / np.sqrt(
         weights[0].size
