@@ -43,11 +43,13 @@ BLOCK = 1024
 LANES = 64
 
 #: Least input elements worth splitting the planes between the workers: below it, handing
-#: half of them to the pooled thread costs more than it saves. Forward ms of MobileNet's
-#: 3 × 3 layers at batch 1, two workers / one (medians of 101, alternating): 256 × 14 × 14
-#: 0.22 / 0.10, 128 × 28 × 28 0.25 / 0.13, 512 × 14 × 14 0.26 / 0.21; 64 × 112 × 112
-#: (stride 2) 0.54 / 0.71.
-SPLIT_MIN = 1 << 18
+#: half of them to the pooled thread costs more than it saves. With the pool's spinning
+#: hand-offs (``_threads``), forward ms of MobileNet's 3 × 3 layers at batch 1 inside the
+#: net, two workers / one (medians of 201, alternating): 1024 × 7 × 7 0.21 / 0.25,
+#: 512 × 14 × 14 0.16 / 0.20, 256 × 28 × 28 0.21 / 0.26; the whole batch-1 forward (median
+#: of 15 alternating rounds) 16.0 ms against 16.8 with the former threshold of 1 << 18,
+#: measured when hand-offs slept on locks (512 × 14 × 14 then 0.26 / 0.21).
+SPLIT_MIN = 1 << 15
 
 
 @_jit.helper
