@@ -115,10 +115,7 @@ class FusedRun:
         """Reshape the run's layers and apply them to the blob in one pass; False, with
         only the reshapes done, where the arrays are not numpy's (the caller then runs the
         layers)."""
-        for i in range(self.first, self.last + 1):
-            bottom = [net.blobs[name] for name in net.layer_bottoms[i]]
-            top = [net.blobs[name] for name in net.layer_tops[i]]
-            net.reshape_layer(i, bottom, top)
+        _reshape_layers(net, self.first, self.last)
         bn = self.batch_norm
         source = net.blobs[net.layer_bottoms[self.first][0]]
         target = net.blobs[net.layer_tops[self.first][0]]
@@ -185,28 +182,17 @@ class TrainingRun:
     #: the blob's number of axes when the run was planned
     axes: int
 
-    def _operands(self, net: Net, diff: bool) -> tuple[np.ndarray, ...] | None:
-        """(bottom, top, Scale's factors, bias) of the run, the blobs' data or diffs, as
-        (N, C, rest) arrays, or None where the compiled kernels cannot take them."""
-        bn = self.batch_norm
+    def _views(self, net: Net, diff: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The run's bottom and top, their data or diffs, as (N, C, rest) arrays: in place,
+        one array object twice, so that a kernel writes through the one name it reads."""
         source = net.blobs[net.layer_bottoms[self.first][0]]
         target = net.blobs[net.layer_tops[self.first][0]]
-        x = (source.diff if diff else source.data).reshape(source.shape[0], bn.channels, -1)
-        # In place, the same array object: the kernel then writes through one name.
-        top = target.diff if diff else target.data
-        y = x if target is source else top.reshape(x.shape)
-        factors = self.scale.blobs[0].data.reshape(-1)
-        bias = (
-            self.scale.blobs[1].data.reshape(-1)
-            if len(self.scale.blobs) > 1
-            else np.zeros(bn.channels, factors.dtype)
+        x = (source.diff if diff else source.data).reshape(
+            source.shape[0], self.batch_norm.channels, -1
         )
-        usable = (
-            _jit.usable(x, y, factors, bias)
-            and not bn.use_global_stats
-            and source.num_axes == self.axes
-        )
-        return (x, y, factors, bias) if usable else None
+        if target is source:
+            return x, x
+        return x, (target.diff if diff else target.data).reshape(x.shape)
 
     @property
     def _slope(self) -> float | None:
@@ -217,15 +203,19 @@ class TrainingRun:
         reshapes done, where the compiled kernels cannot take the arrays (the caller then
         runs the layers). The BatchNorm keeps what its own backward needs; the Scale's copy
         of its input is not written (``keep_scale_input`` writes it if needed)."""
-        for i in range(self.first, self.last + 1):
-            bottom = [net.blobs[name] for name in net.layer_bottoms[i]]
-            top = [net.blobs[name] for name in net.layer_tops[i]]
-            net.reshape_layer(i, bottom, top)
-        operands = self._operands(net, diff=False)
-        if operands is None:
-            return False
-        x, y, factors, bias = operands
+        _reshape_layers(net, self.first, self.last)
         bn = self.batch_norm
+        x, y = self._views(net, diff=False)
+        factors = self.scale.blobs[0].data.reshape(-1)
+        bias = (
+            self.scale.blobs[1].data.reshape(-1)
+            if len(self.scale.blobs) > 1
+            else np.zeros(bn.channels, factors.dtype)
+        )
+        # What the plan saw, unless the caller changed it since (as for ``FusedRun``).
+        axes = net.blobs[net.layer_bottoms[self.first][0]].num_axes
+        if bn.use_global_stats or axes != self.axes or not _jit.usable(x, y, factors, bias):
+            return False
         centered = bn.centered_buffer(x)
         mean, var = norm_kernels.batch_norm_scale_train_forward(
             x, y, centered, bn.eps, factors, bias, self._slope
@@ -246,19 +236,26 @@ class TrainingRun:
         """The run's backward in one call after its fused forward: the BatchNorm's bottom
         gradient and the Scale's parameter gradients (those it learns). False, having
         done nothing, where the compiled kernels cannot take the diffs."""
-        gradients, outputs = self._operands(net, diff=True), self._operands(net, diff=False)
-        if gradients is None or outputs is None:
-            return False
-        dx, dy, factors, _ = gradients
+        dx, dy = self._views(net, diff=True)
+        output = self._views(net, diff=False)[1]
         bn, scale = self.batch_norm, self.scale
+        factors = scale.blobs[0].data.reshape(-1)
+        if not _jit.usable(dx, dy, output, factors):
+            return False
         sums = norm_kernels.batch_norm_scale_train_backward(
-            dy, outputs[1], bn._centered, bn._std, factors, dx, self._slope
+            dy, output, bn._centered, bn._std, factors, dx, self._slope
         )
         learns = scale.param_propagate_down
         for k, blob in enumerate(scale.blobs):
             if learns[k]:
                 blob.diff += sums[:, k].reshape(blob.shape)
         return True
+
+
+def _reshape_layers(net: Net, first: int, last: int) -> None:
+    """Layers ``first`` … ``last``'s reshapes, as they would run one by one."""
+    for i in range(first, last + 1):
+        net.reshape_layer(i, net._blobs_of(net.layer_bottoms[i]), net._blobs_of(net.layer_tops[i]))
 
 
 def plan(net: Net) -> dict[int, FusedRun | TrainingRun]:

@@ -303,6 +303,8 @@ class Net(PycaffeNetMethods):
         self.params = {ly.name: list(ly.blobs) for ly in self.layers if ly.blobs}
         #: the runs forward fuses, planned at the first forward that may fuse
         self._fusion: dict[int, fusion.FusedRun | fusion.TrainingRun] | None = None
+        #: the plan's training runs that run backward, by their last layer's index
+        self._fused_backward: dict[int, fusion.TrainingRun] = {}
         #: training runs whose last forward was fused, by the index of each of their layers:
         #: the Scale's kept input is still to be written should a layer of the run run alone
         self._owed: dict[int, fusion.TrainingRun] = {}
@@ -535,6 +537,11 @@ class Net(PycaffeNetMethods):
             return {}
         if self._fusion is None:
             self._fusion = fusion.plan(self)
+            self._fused_backward = {
+                run.last: run
+                for run in self._fusion.values()
+                if isinstance(run, fusion.TrainingRun) and self.layer_need_backward[run.first]
+            }
         return self._fusion
 
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
@@ -545,11 +552,7 @@ class Net(PycaffeNetMethods):
         if not self._gradients_checked:
             self._check_gradient_memory()
         before, after = self._hooks["before_backward"], self._hooks["after_backward"]
-        runs = {
-            run.last: run
-            for run in self._fused_runs(bool(before or after)).values()
-            if isinstance(run, fusion.TrainingRun) and self.layer_need_backward[run.first]
-        }
+        runs = self._fused_backward if self._fused_runs(bool(before or after)) else {}
         i = start
         while i >= end:
             run = runs.get(i)
